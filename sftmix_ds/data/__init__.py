@@ -1,0 +1,3 @@
+from .formats import Conversation, DataError, load_conversations
+from .tokenize import IGNORE, Example, encode, load_examples
+from .batching import Batches, collate

@@ -1,0 +1,203 @@
+"""Read instruction data from local files and turn each record into chat messages.
+
+Files: .jsonl, .json (a list of records), .parquet, or a folder written by
+`datasets.Dataset.save_to_disk`. Record formats:
+- alpaca: {"instruction", "input"?, "output"}
+- chat: {"messages": [{"role": system|user|assistant, "content": str}, ...]}
+- prompt_completion: {"prompt", "completion"}
+Every problem is reported as a DataError naming the file, the line or record,
+and what is wrong.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Iterator, List, Tuple
+
+ROLES = ("system", "user", "assistant")
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, the line or record, and the problem."""
+
+
+@dataclass
+class Conversation:
+    id: str
+    messages: List[dict]
+    where: str  # "file:line" or "file[record N]", for error messages
+    record: dict  # the raw record, for stages that need its other fields
+
+
+def read_records(path: str) -> Iterator[Tuple[str, dict]]:
+    """Yield (location, record) pairs from one data file or folder."""
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such file or folder")
+    if os.path.isdir(path):
+        yield from _read_saved_dataset(path)
+    elif path.endswith(".jsonl"):
+        yield from _read_jsonl(path)
+    elif path.endswith(".json"):
+        yield from _read_json(path)
+    elif path.endswith(".parquet"):
+        yield from _read_parquet(path)
+    else:
+        raise DataError(f"{path}: unknown file type (expected .jsonl, .json, .parquet or a save_to_disk folder)")
+
+
+def _read_jsonl(path: str):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+            yield where, record
+
+
+def _read_json(path: str):
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            records = json.load(f)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(records, list):
+        raise DataError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+    for i, record in enumerate(records):
+        yield f"{path}[record {i}]", record
+
+
+def _read_parquet(path: str):
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for corrupt files
+        raise DataError(f"{path}: cannot read Parquet ({e})") from None
+    for i, record in enumerate(table.to_pylist()):
+        yield f"{path}[record {i}]", record
+
+
+def _read_saved_dataset(path: str):
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(path)
+    except Exception as e:
+        raise DataError(f"{path}: not a datasets.save_to_disk folder ({e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        raise DataError(f"{path}: holds a DatasetDict with splits {list(ds)}; point at one split's folder")
+    for i, record in enumerate(ds):
+        yield f"{path}[record {i}]", record
+
+
+def detect_format(record: dict) -> str:
+    if "messages" in record:
+        return "chat"
+    if "instruction" in record:
+        return "alpaca"
+    if "prompt" in record:
+        return "prompt_completion"
+    raise KeyError
+
+
+def _text(record: dict, key: str, where: str, required_nonempty: bool = True) -> str:
+    if key not in record or record[key] is None:
+        raise DataError(f"{where}: missing field {key!r}")
+    value = record[key]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
+    if required_nonempty and not value.strip():
+        raise DataError(f"{where}: field {key!r} is empty")
+    return value
+
+
+def to_messages(record: dict, fmt: str, where: str, system_prompt: str | None = None) -> List[dict]:
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if fmt == "auto":
+        try:
+            fmt = detect_format(record)
+        except KeyError:
+            raise DataError(f"{where}: unknown record format: expected 'messages' (chat), 'instruction' (alpaca) "
+                            f"or 'prompt' (prompt_completion); found keys {sorted(record)}") from None
+    if fmt == "alpaca":
+        prompt = _text(record, "instruction", where)
+        extra = record.get("input")
+        if extra is not None and not isinstance(extra, str):
+            raise DataError(f"{where}: field 'input' must be a string, got {type(extra).__name__}")
+        if extra and extra.strip():
+            prompt = f"{prompt}\n\n{extra}"
+        messages = [{"role": "user", "content": prompt},
+                    {"role": "assistant", "content": _text(record, "output", where)}]
+    elif fmt == "prompt_completion":
+        messages = [{"role": "user", "content": _text(record, "prompt", where)},
+                    {"role": "assistant", "content": _text(record, "completion", where)}]
+    else:
+        messages = _chat_messages(record, where)
+    if system_prompt and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt}] + messages
+    return messages
+
+
+def _chat_messages(record: dict, where: str) -> List[dict]:
+    messages = record.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: field 'messages' must be a non-empty list")
+    out = []
+    for i, m in enumerate(messages):
+        at = f"{where}: messages[{i}]"
+        if not isinstance(m, dict):
+            raise DataError(f"{at}: expected an object with 'role' and 'content'")
+        role = m.get("role")
+        if role not in ROLES:
+            raise DataError(f"{at}: unknown role {role!r} (expected one of {', '.join(ROLES)})")
+        content = _text(m, "content", at, required_nonempty=(role == "assistant"))
+        out.append({"role": role, "content": content})
+    if not any(m["role"] == "assistant" for m in out):
+        raise DataError(f"{where}: conversation has no assistant turn to train on")
+    return out
+
+
+def content_id(messages: List[dict]) -> str:
+    blob = json.dumps(messages, sort_keys=True, ensure_ascii=False).encode()
+    return hashlib.sha1(blob).hexdigest()[:16]
+
+
+def load_conversations(paths: List[str], fmt: str = "auto", system_prompt: str | None = None) -> List[Conversation]:
+    """All records of all files as conversations with stable, unique ids.
+
+    An `id` field in the data is used as is (duplicates are an error); otherwise
+    the id is a hash of the conversation, with `-2`, `-3`... for repeated content.
+    """
+    conversations, seen = [], {}
+    for path in paths:
+        n_before = len(conversations)
+        for where, record in read_records(path):
+            messages = to_messages(record, fmt, where, system_prompt)
+            if isinstance(record, dict) and record.get("id") is not None:
+                ex_id = str(record["id"])
+                if ex_id in seen:
+                    raise DataError(f"{where}: duplicate id {ex_id!r} (first at {seen[ex_id]})")
+            else:
+                base = ex_id = content_id(messages)
+                k = 1
+                while ex_id in seen:
+                    k += 1
+                    ex_id = f"{base}-{k}"
+            seen[ex_id] = where
+            conversations.append(Conversation(ex_id, messages, where, record))
+        if len(conversations) == n_before:
+            raise DataError(f"{path}: no records")
+    return conversations

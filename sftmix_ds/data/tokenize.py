@@ -1,0 +1,126 @@
+"""Chat template -> token ids + labels (-100 on every non-assistant token), cached."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+from filelock import FileLock
+
+from .formats import Conversation, DataError, load_conversations
+
+IGNORE = -100
+log = logging.getLogger(__name__)
+CACHE_VERSION = 1  # bump when the encoding below changes
+
+
+def assistant_spans(tokenizer, messages: List[dict], where: str) -> Tuple[str, List[Tuple[int, int]]]:
+    """The rendered conversation and the character spans of its assistant turns.
+
+    A turn's span runs from the end of the prompt rendered with the generation
+    prompt up to the end of the conversation rendered through that turn, so it
+    covers the answer and the template's end-of-turn marker, which the model
+    must learn to emit.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{where}: the tokenizer has no chat template; use a chat model or set one")
+    render = lambda msgs, gen: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+    text = render(messages, False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start, end = len(render(messages[:i], True)), len(render(messages[: i + 1], False))
+        if not (text.startswith(render(messages[: i + 1], False)) and start < end):
+            raise DataError(f"{where}: the chat template does not render conversations prefix by prefix, "
+                            "so assistant tokens cannot be located")
+        spans.append((start, end))
+    return text, spans
+
+
+def encode(tokenizer, messages: List[dict], where: str) -> Tuple[List[int], List[int]]:
+    """Token ids and labels; labels are the ids on assistant tokens and -100 elsewhere."""
+    text, spans = assistant_spans(tokenizer, messages, where)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, labels, k = enc["input_ids"], [], 0
+    for tok, (start, _) in zip(ids, enc["offset_mapping"]):
+        while k < len(spans) and start >= spans[k][1]:
+            k += 1
+        labels.append(tok if k < len(spans) and start >= spans[k][0] else IGNORE)
+    return ids, labels
+
+
+@dataclass
+class Example:
+    id: str
+    input_ids: List[int]
+    labels: List[int]
+
+    @property
+    def n_response(self) -> int:
+        return sum(label != IGNORE for label in self.labels)
+
+
+def _fingerprint(paths: List[str], tokenizer, **settings) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.encode())
+        files = sorted(os.path.join(r, f) for r, _, fs in os.walk(p) for f in fs) if os.path.isdir(p) else [p]
+        for f in files:
+            st = os.stat(f)
+            h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
+    h.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
+    h.update(str(tokenizer.chat_template).encode())
+    h.update(json.dumps({**settings, "version": CACHE_VERSION}, sort_keys=True).encode())
+    return h.hexdigest()[:20]
+
+
+def tokenize_conversations(conversations: List[Conversation], tokenizer, max_length: int,
+                           overlong: str) -> Tuple[List[Example], dict]:
+    examples, stats = [], {"truncated": 0, "dropped_overlong": 0, "dropped_no_response": 0}
+    for conv in conversations:
+        ids, labels = encode(tokenizer, conv.messages, conv.where)
+        if len(ids) > max_length:
+            if overlong == "drop":
+                stats["dropped_overlong"] += 1
+                continue
+            ids, labels = ids[:max_length], labels[:max_length]
+            stats["truncated"] += 1
+        # The label of the first token is never predicted; a response must start after it.
+        if all(label == IGNORE for label in labels[1:]):
+            stats["dropped_no_response"] += 1
+            continue
+        examples.append(Example(conv.id, ids, labels))
+    return examples, stats
+
+
+def load_examples(paths: List[str], tokenizer, *, fmt: str, max_length: int, overlong: str,
+                  system_prompt: Optional[str], cache_dir: str) -> List[Example]:
+    """Read, template and tokenize `paths`, reusing a cached result when nothing changed.
+
+    Safe to call from every rank at once before the process group starts: one
+    process builds the cache under a file lock, the others then read it.
+    """
+    key = _fingerprint(paths, tokenizer, fmt=fmt, max_length=max_length, overlong=overlong,
+                       system_prompt=system_prompt)
+    os.makedirs(cache_dir, exist_ok=True)
+    path = os.path.join(cache_dir, f"{key}.pt")
+    with FileLock(path + ".lock"):
+        if os.path.exists(path):
+            cached = torch.load(path)
+            examples, stats = [Example(*e) for e in cached["examples"]], cached["stats"]
+        else:
+            conversations = load_conversations(paths, fmt, system_prompt)
+            examples, stats = tokenize_conversations(conversations, tokenizer, max_length, overlong)
+            if not examples:
+                raise DataError(f"{', '.join(paths)}: no example left after tokenization ({stats})")
+            tmp = f"{path}.tmp{os.getpid()}"
+            torch.save({"examples": [(e.id, e.input_ids, e.labels) for e in examples], "stats": stats}, tmp)
+            os.replace(tmp, path)
+    log.info("%s: %d examples (max_length=%d; %s)", ", ".join(paths), len(examples), max_length,
+             ", ".join(f"{k} {v}" for k, v in stats.items()))
+    return examples

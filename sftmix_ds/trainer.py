@@ -1,0 +1,190 @@
+"""The training recipe: one explicit loop, assembled from config.
+
+Order matters: config checks, model conversion and tokenization all happen
+before the process group starts, so bad input fails fast and rank 0's
+preparation can never hit a collective timeout.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from .config import ConfigError, validate
+from .data import Batches, collate, load_examples
+from .engine import PREFIX, DeepSpeedStrategy, LossModule, complete_checkpoints, dist_env
+from .models import prepare_model
+
+log = logging.getLogger("sftmix_ds")
+
+
+def setup_logging(rank: int, output_dir: str) -> None:
+    handlers = [logging.StreamHandler(sys.stderr)]
+    if rank == 0:
+        os.makedirs(output_dir, exist_ok=True)
+        handlers.append(logging.FileHandler(os.path.join(output_dir, "train.log")))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, handlers=handlers, force=True,
+                        format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s")
+    for noisy in ("DeepSpeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # DeepSpeed still calls collectives that torch marks deprecated, on every step.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+
+
+class MetricsLog:
+    """metrics.jsonl in the run folder, and wandb when configured; rank 0 only."""
+
+    def __init__(self, cfg, enabled: bool, fresh: bool):
+        self.enabled = enabled
+        self.path = os.path.join(cfg.output_dir, "metrics.jsonl")
+        if enabled and fresh and os.path.exists(self.path):
+            os.remove(self.path)
+        self.wandb = None
+        if enabled and cfg.logger.kind == "wandb":
+            import wandb
+
+            lc = cfg.logger
+            self.wandb = wandb.init(project=lc.project, mode=lc.mode, group=lc.group, name=lc.run_name,
+                                    dir=cfg.output_dir, config=OmegaConf.to_container(cfg, resolve=True))
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def find_resume(cfg) -> str | None:
+    ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
+    if cfg.resume == "none":
+        if complete_checkpoints(ckpt_root):
+            raise ConfigError(f"resume=none but {ckpt_root} already holds checkpoints; pass resume=auto to "
+                              "continue, or choose another output_dir")
+        return None
+    if cfg.resume == "auto":
+        done = complete_checkpoints(ckpt_root)
+        return done[-1] if done else None
+    return cfg.resume
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+
+def evaluate(engine, strategy, method, examples, micro_batch_size: int, pad_id: int) -> float:
+    """Mean response-token CE over `examples`, split across ranks."""
+    batches = Batches(len(examples), micro_batch_size, 1, strategy.world_size, strategy.rank, seed=0, shuffle=False)
+    total = torch.zeros(2, dtype=torch.float64)
+    engine.eval()
+    with torch.no_grad():
+        for step in range(batches.steps_per_epoch):
+            (indices,) = batches.micro_batches(0, step)
+            batch = collate([examples[i] if i is not None else None for i in indices], pad_id)
+            terms = engine(**to_device(batch, strategy.device))
+            total += torch.tensor([float(terms["ntp"]), method.token_counts(batch)["ntp"]], dtype=torch.float64)
+    engine.train()
+    loss_sum, count = strategy.all_reduce_sum(total).tolist()
+    return loss_sum / max(count, 1)
+
+
+def run(cfg) -> dict:
+    """Train, evaluate, checkpoint and export as `cfg` says; returns the last metrics."""
+    validate(cfg)
+    rank, _, world_size = dist_env()
+    setup_logging(rank, cfg.output_dir)
+    t = cfg.train
+    resume_from = find_resume(cfg)
+    model_path = prepare_model(cfg.model, cfg.model_cache_dir)
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    data_kw = dict(fmt=cfg.data.format, max_length=cfg.data.max_length, overlong=cfg.data.overlong,
+                   system_prompt=cfg.data.system_prompt, cache_dir=cfg.data.cache_dir)
+    train_set = load_examples(list(cfg.data.train_files), tokenizer, **data_kw)
+    eval_set = load_examples(list(cfg.data.eval_files), tokenizer, **data_kw) if cfg.data.eval_files else []
+    method = instantiate(cfg.method, chunk_size=t.loss_chunk_size)
+
+    random.seed(t.seed)
+    np.random.seed(t.seed)
+    torch.manual_seed(t.seed)
+    strategy = DeepSpeedStrategy(cfg.deepspeed, t)
+    if rank == 0:
+        with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
+            f.write(OmegaConf.to_yaml(cfg, resolve=True))
+    batches = Batches(len(train_set), t.micro_batch_size, t.grad_accum, world_size, rank, t.seed)
+    total_steps = t.max_steps if t.max_steps > 0 else t.epochs * batches.steps_per_epoch
+    model = strategy.load_model(model_path)
+    engine = strategy.prepare(LossModule(model, method.loss_terms, strategy), total_steps)
+    log.info("%d train / %d eval examples, %d ranks, global batch %d, %d steps, %s, ZeRO-%d", len(train_set),
+             len(eval_set), world_size, batches.global_batch, total_steps, strategy.dtype, cfg.deepspeed.zero_stage)
+
+    step = 0
+    if resume_from:
+        step = strategy.load_checkpoint(resume_from)["step"]
+        log.info("resumed from %s at step %d", resume_from, step)
+    metrics = MetricsLog(cfg, enabled=rank == 0, fresh=resume_from is None)
+    ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
+    bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
+    record: dict = {}
+    while step < total_steps:
+        started = time.perf_counter()
+        epoch, in_epoch = divmod(step, batches.steps_per_epoch)
+        micro = [collate([train_set[i] if i is not None else None for i in mb], pad_id)
+                 for mb in batches.micro_batches(epoch, in_epoch)]
+        local_counts = [method.token_counts(b) for b in micro]
+        names = list(method.weights)
+        global_counts = strategy.all_reduce_sum([sum(c[n] for c in local_counts) for n in names]).tolist()
+        norms = dict(zip(names, global_counts))
+        term_sums = torch.zeros(len(names), dtype=torch.float64)
+        lr = strategy.lr()  # the rate this step uses; the scheduler advances inside the step
+        for b in micro:
+            terms = engine(**to_device(b, strategy.device))
+            loss = sum(method.weights[n] * terms[n] / max(norms[n], 1) for n in names)
+            strategy.backward_and_step(loss)
+            term_sums += torch.tensor([terms[n].item() for n in names], dtype=torch.float64)
+        step += 1
+        sums = strategy.all_reduce_sum(term_sums).tolist()
+        tokens = strategy.all_reduce_sum([sum(int(b["attention_mask"].sum()) for b in micro)]).item()
+        elapsed = time.perf_counter() - started
+        record = {"step": step, "epoch": epoch + (in_epoch + 1) / batches.steps_per_epoch, "lr": lr,
+                  "grad_norm": strategy.grad_norm(), "tokens_per_s": tokens / elapsed}
+        record.update({f"loss/{n}": s / max(norms[n], 1) for n, s in zip(names, sums)})
+        record["loss"] = sum(method.weights[n] * record[f"loss/{n}"] for n in names)
+        if eval_set and ((t.eval_every and step % t.eval_every == 0) or step == total_steps):
+            record["eval_loss"] = evaluate(engine, strategy, method, eval_set, t.micro_batch_size, pad_id)
+        if step % t.log_every == 0 or "eval_loss" in record or step == total_steps:
+            metrics.log(record)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        bar.update(1)
+        stopping = t.stop_after_steps and step >= t.stop_after_steps and step < total_steps
+        if (t.save_every and step % t.save_every == 0) or stopping:
+            strategy.save_checkpoint(ckpt_root, step, {"step": step}, t.keep_checkpoints)
+        if stopping:
+            log.info("stopping at step %d as train.stop_after_steps says; resume=auto continues", step)
+            bar.close()
+            metrics.close()
+            return record
+    bar.close()
+    export_dir = os.path.join(cfg.output_dir, "model")
+    strategy.export(export_dir, model, tokenizer, t.export_dtype, prefix=PREFIX)
+    log.info("exported %s model to %s; final metrics %s", t.export_dtype, export_dir, record)
+    metrics.close()
+    return record
