@@ -191,7 +191,8 @@ class DeepSpeedStrategy:
             state = self.engine.module.state_dict() if self.rank == 0 else None
         if self.rank == 0:
             torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-            state = {k[len(prefix):]: v.detach().to("cpu", torch_dtype).contiguous()
+            # clone: ZeRO-1/2 parameters are views into one flat buffer, which safetensors refuses
+            state = {k[len(prefix):]: v.detach().to("cpu", torch_dtype).clone()
                      for k, v in state.items() if k.startswith(prefix)}
             if getattr(model.config, "tie_word_embeddings", False):
                 state.pop("lm_head.weight", None)

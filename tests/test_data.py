@@ -1,0 +1,146 @@
+import json
+import os
+
+import pytest
+
+from sftmix_ds.data import DataError, encode, load_conversations, load_examples
+from sftmix_ds.data.batching import Batches, collate
+
+IGNORE = -100
+
+
+def write_jsonl(path, records):
+    with open(path, "w") as f:
+        for r in records:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return str(path)
+
+
+def assistant_text(tokenizer, ids, labels):
+    return tokenizer.decode([i for i, label in zip(ids, labels) if label != IGNORE])
+
+
+def test_labels_cover_exactly_the_assistant_turns(tokenizer):
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"},
+                {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    ids, labels = encode(tokenizer, messages, "x")
+    assert len(ids) == len(labels)
+    # Both assistant turns, each with its end-of-turn marker, and nothing else.
+    assert assistant_text(tokenizer, ids, labels) == "hello there<|im_end|>\n4<|im_end|>\n"
+    # Labels equal the ids where they are set (the shift happens in the loss).
+    assert all(label in (IGNORE, i) for i, label in zip(ids, labels))
+    # The whole text decodes back to the template's rendering.
+    assert tokenizer.decode(ids) == tokenizer.apply_chat_template(messages, tokenize=False)
+
+
+def test_three_formats_give_the_same_conversation(tmp_path):
+    alpaca = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Add", "input": "1 and 2", "output": "3"}])
+    pc = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Add\n\n1 and 2", "completion": "3"}])
+    chat = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "Add\n\n1 and 2"},
+                                                           {"role": "assistant", "content": "3"}]}])
+    convs = [load_conversations([p])[0] for p in (alpaca, pc, chat)]
+    assert convs[0].messages == convs[1].messages == convs[2].messages
+    assert convs[0].id == convs[1].id == convs[2].id  # derived from content
+
+
+def test_ids_stable_and_unique(tmp_path):
+    recs = [{"instruction": "q", "output": "a"}, {"instruction": "q", "output": "a"}, {"id": 7, "prompt": "x",
+                                                                                       "completion": "y"}]
+    path = write_jsonl(tmp_path / "d.jsonl", recs)
+    ids = [c.id for c in load_conversations([path])]
+    assert ids == [c.id for c in load_conversations([path])]
+    assert len(set(ids)) == 3 and ids[1] == ids[0] + "-2" and ids[2] == "7"
+
+
+def test_parquet_json_and_saved_dataset(tmp_path):
+    import datasets
+
+    records = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(3)]
+    ds = datasets.Dataset.from_list(records)
+    ds.to_parquet(str(tmp_path / "d.parquet"))
+    ds.save_to_disk(str(tmp_path / "saved"))
+    (tmp_path / "d.json").write_text(json.dumps(records))
+    jsonl = write_jsonl(tmp_path / "d.jsonl", records)
+    expected = [c.messages for c in load_conversations([jsonl])]
+    for p in ("d.parquet", "saved", "d.json"):
+        assert [c.messages for c in load_conversations([str(tmp_path / p)])] == expected
+
+
+BAD = [
+    ('{"instruction": "q", "output": "a"}\n{"instruction": "q2", "output": ', ":2: invalid JSON"),
+    ('{"instruction": "q"}', ":1: missing field 'output'"),
+    ('{"instruction": "q", "output": "   "}', ":1: field 'output' is empty"),
+    ('{"instruction": "q", "output": 5}', ":1: field 'output' must be a string"),
+    ('{"messages": [{"role": "user", "content": "q"}, {"role": "robot", "content": "a"}]}',
+     ":1: messages[1]: unknown role 'robot'"),
+    ('{"messages": [{"role": "user", "content": "q"}]}', ":1: conversation has no assistant turn"),
+    ('{"question": "q", "answer": "a"}', ":1: unknown record format"),
+    ('{"id": "a", "prompt": "q", "completion": "a"}\n{"id": "a", "prompt": "r", "completion": "b"}',
+     ":2: duplicate id 'a'"),
+]
+
+
+@pytest.mark.parametrize("content,message", BAD)
+def test_bad_input_names_file_line_and_problem(tmp_path, content, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(DataError) as e:
+        load_conversations([str(path)])
+    assert str(e.value).startswith(str(path)) and message in str(e.value)
+
+
+def test_missing_empty_and_non_utf8_files(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        load_conversations([str(tmp_path / "nope.jsonl")])
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataError, match="empty.jsonl: no records"):
+        load_conversations([str(tmp_path / "empty.jsonl")])
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"prompt": "caf\xe9", "completion": "x"}\n')
+    with pytest.raises(DataError, match=r"latin1.jsonl:1: not valid UTF-8"):
+        load_conversations([str(tmp_path / "latin1.jsonl")])
+
+
+def test_bom_is_accepted(tmp_path):
+    (tmp_path / "bom.jsonl").write_bytes(b'\xef\xbb\xbf{"prompt": "q", "completion": "a"}\n')
+    assert load_conversations([str(tmp_path / "bom.jsonl")])[0].messages[1]["content"] == "a"
+
+
+def test_overlong_truncate_or_drop_and_cache(tmp_path, tokenizer):
+    long = {"id": "long", "prompt": "q", "completion": " ".join(["word"] * 300)}
+    short = {"id": "short", "prompt": "q", "completion": "a"}
+    path = write_jsonl(tmp_path / "d.jsonl", [long, short])
+    kw = dict(fmt="auto", max_length=64, system_prompt=None, cache_dir=str(tmp_path / "cache"))
+    truncated = load_examples([path], tokenizer, overlong="truncate", **kw)
+    assert [e.id for e in truncated] == ["long", "short"] and len(truncated[0].input_ids) == 64
+    dropped = load_examples([path], tokenizer, overlong="drop", **kw)
+    assert [e.id for e in dropped] == ["short"]
+    assert len(os.listdir(tmp_path / "cache")) == 4  # two cache files + their locks
+    again = load_examples([path], tokenizer, overlong="drop", **kw)
+    assert [(e.id, e.input_ids, e.labels) for e in again] == [(e.id, e.input_ids, e.labels) for e in dropped]
+
+
+@pytest.mark.parametrize("n,mb,accum,world", [(10, 2, 1, 2), (13, 2, 2, 2), (8, 4, 1, 1), (5, 1, 3, 2)])
+def test_batches_use_every_example_once_per_epoch(n, mb, accum, world):
+    seen = []
+    for rank in range(world):
+        b = Batches(n, mb, accum, world, rank, seed=3)
+        for step in range(b.steps_per_epoch):
+            micro = b.micro_batches(1, step)
+            assert len(micro) == accum and all(len(m) == mb for m in micro)  # same shape on every rank
+            seen += [i for m in micro for i in m if i is not None]
+    assert sorted(seen) == list(range(n))
+    b = Batches(n, mb, accum, world, 0, seed=3)
+    assert b.order(0) != b.order(1) or n < 3  # reshuffled per epoch
+    assert Batches(n, mb, accum, world, 0, seed=3).order(1) == b.order(1)  # deterministic
+
+
+def test_collate_pads_and_padding_slots_carry_no_loss(tokenizer):
+    from sftmix_ds.data.tokenize import Example
+
+    ex = Example("a", [5, 6, 7], [IGNORE, 6, 7])
+    batch = collate([ex, None], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [0, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[IGNORE, 6, 7], [IGNORE] * 3]
+    assert batch["ids"] == ["a", None]
