@@ -165,7 +165,8 @@ def run(cfg) -> dict:
         tokens = strategy.all_reduce_sum([sum(int(b["attention_mask"].sum()) for b in micro)]).item()
         elapsed = time.perf_counter() - started
         record = {"step": step, "epoch": epoch + (in_epoch + 1) / batches.steps_per_epoch, "lr": lr,
-                  "grad_norm": strategy.grad_norm(), "tokens_per_s": tokens / elapsed}
+                  "grad_norm": strategy.grad_norm(), "tokens_per_s": tokens / elapsed,
+                  "peak_mem_gb": strategy.peak_memory_gb()}
         record.update({f"loss/{n}": s / max(norms[n], 1) for n, s in zip(names, sums)})
         record["loss"] = sum(method.weights[n] * record[f"loss/{n}"] for n in names)
         if eval_set and ((t.eval_every and step % t.eval_every == 0) or step == total_steps):

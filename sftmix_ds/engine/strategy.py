@@ -136,6 +136,14 @@ class DeepSpeedStrategy:
         norm = self.engine.get_global_grad_norm()
         return None if norm is None else float(norm)
 
+    def peak_memory_gb(self) -> float:
+        """Peak accelerator memory allocated (GPU), else this process's peak resident memory."""
+        if self.on_gpu:
+            return torch.cuda.max_memory_allocated() / 2**30
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
     def lr(self) -> float:
         return self.engine.get_lr()[0]
 
