@@ -6,7 +6,6 @@ import os
 import re
 import sys
 
-CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 
 
 def strip_local_rank(argv: list[str]) -> list[str]:
@@ -30,7 +29,7 @@ def hydra_entry(fn, config_name: str) -> None:
     """Run fn(cfg) under Hydra; bad config or data ends with one clear line, exit code 2."""
     import hydra
 
-    from .config import ConfigError, register_configs
+    from .config import CONF_DIR, ConfigError, register_configs
     from .data import DataError
 
     sys.argv = strip_local_rank(sys.argv)
@@ -38,6 +37,10 @@ def hydra_entry(fn, config_name: str) -> None:
 
     @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)
     def main(cfg):
+        from .engine import dist_env
+        from .trainer import setup_logging
+
+        setup_logging(dist_env()[0], cfg.output_dir)
         try:
             return fn(cfg)
         except (ConfigError, DataError) as e:

@@ -54,6 +54,22 @@ class MethodConfig:
 
 
 @dataclass
+class SFTMixConfig(MethodConfig):
+    name: str = "sftmix"
+    _target_: str = "sftmix_ds.methods.sftmix.SFTMix"
+    # Stage 1 (confidence). A file from an earlier run skips it.
+    confidence_file: Optional[str] = None
+    checkpoints: int = 4  # C reference checkpoints, evenly spaced over one epoch, the last at its end
+    # A model group option (conf/model/NAME.yaml) for the reference run; null: the target model.
+    reference_model: Optional[str] = None
+    score_batch_size: int = 8
+    # Where stage-1 outputs live, one folder per fingerprint; null: OUTPUT_DIR/confidence.
+    stage_dir: Optional[str] = None
+    # Score these model folders instead of training a reference run.
+    score_checkpoints: List[str] = field(default_factory=list)
+
+
+@dataclass
 class DeepSpeedConfig:
     zero_stage: int = 3
     offload_optimizer: bool = False
@@ -96,6 +112,9 @@ class TrainLoopConfig:
     stop_after_steps: int = 0
     loss_chunk_size: int = 1024
     export_dtype: str = "bf16"  # bf16 | fp16 | fp32
+    # Also export the model at this many evenly spaced steps, the last at the
+    # end, to OUTPUT_DIR/model_step_N (SFTMix's reference run uses this).
+    export_count: int = 0
     gradient_checkpointing: bool = False
 
 
@@ -118,6 +137,22 @@ class TrainConfig:
 BUILTIN_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "builtin_data")
 
 
+CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+
+
+def model_config_path(name: str) -> str:
+    return os.path.join(CONF_DIR, "model", f"{name}.yaml")
+
+
+def load_model_config(name: str):
+    """A model group option by name, checked against ModelConfig, outside Hydra's composition."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.load(model_config_path(name))
+    node.pop("defaults", None)
+    return OmegaConf.merge(OmegaConf.structured(ModelConfig), node)
+
+
 def register_configs() -> None:
     from omegaconf import OmegaConf
 
@@ -128,8 +163,18 @@ def register_configs() -> None:
     cs.store(group="model", name="model_schema", node=ModelConfig)
     cs.store(group="data", name="data_schema", node=DataConfig)
     cs.store(group="method", name="ntp_schema", node=MethodConfig)
+    cs.store(group="method", name="sftmix_schema", node=SFTMixConfig)
     cs.store(group="deepspeed", name="deepspeed_schema", node=DeepSpeedConfig)
     cs.store(group="logger", name="logger_schema", node=LoggerConfig)
+
+
+def resolve_precision(precision: str) -> str:
+    """auto: bf16 where CUDA is, fp32 on CPU."""
+    if precision != "auto":
+        return precision
+    import torch
+
+    return "bf16" if torch.cuda.is_available() else "fp32"
 
 
 def _one_of(key: str, value: Any, allowed: tuple) -> None:
@@ -166,12 +211,20 @@ def validate(cfg) -> None:
     _one_of("train.export_dtype", t.export_dtype, ("bf16", "fp16", "fp32"))
     for key in ("micro_batch_size", "grad_accum", "epochs", "loss_chunk_size", "lr"):
         _positive(f"train.{key}", getattr(t, key))
-    for key in ("eval_every", "save_every", "stop_after_steps", "keep_checkpoints", "max_grad_norm",
+    for key in ("eval_every", "save_every", "stop_after_steps", "keep_checkpoints", "max_grad_norm", "export_count",
                 "weight_decay", "warmup_ratio"):
         _positive(f"train.{key}", getattr(t, key), zero_ok=True)
     if t.warmup_ratio >= 1:
         raise ConfigError(f"train.warmup_ratio={t.warmup_ratio}: must be < 1")
     if len(t.betas) != 2:
         raise ConfigError(f"train.betas={list(t.betas)}: must be two numbers")
+    if cfg.method.name == "sftmix":
+        _positive("method.checkpoints", cfg.method.checkpoints)
+        _positive("method.score_batch_size", cfg.method.score_batch_size)
+        if cfg.method.confidence_file and not os.path.isfile(cfg.method.confidence_file):
+            raise ConfigError(f"method.confidence_file={cfg.method.confidence_file!r}: no such file")
+        if cfg.method.reference_model and not os.path.isfile(model_config_path(cfg.method.reference_model)):
+            raise ConfigError(f"method.reference_model={cfg.method.reference_model!r}: no conf/model/"
+                              f"{cfg.method.reference_model}.yaml")
     if cfg.resume not in ("auto", "none") and not os.path.isdir(cfg.resume):
         raise ConfigError(f"resume={cfg.resume!r}: must be auto, none, or an existing checkpoint folder")

@@ -80,3 +80,12 @@ def prepare_model(model_cfg, cache_dir: str) -> str:
                                   sort_keys=True).encode()).hexdigest()[:12]
     return _build_once(os.path.join(cache_dir, f"random-{model_cfg.name}-{key}"),
                        lambda out: _make_random(out, model_cfg, tokenizer))
+
+
+def load_tokenizer(model_path: str):
+    """The model folder's tokenizer and the id used for padding."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return tokenizer, pad_id

@@ -21,9 +21,9 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from .config import ConfigError, validate
-from .data import Batches, collate, load_examples
+from .data import Batches, collate, load_split
 from .engine import PREFIX, DeepSpeedStrategy, LossModule, complete_checkpoints, dist_env
-from .models import prepare_model
+from .models import load_tokenizer, prepare_model
 
 log = logging.getLogger("sftmix_ds")
 
@@ -95,7 +95,7 @@ def evaluate(engine, strategy, method, examples, micro_batch_size: int, pad_id: 
     with torch.no_grad():
         for step in range(batches.steps_per_epoch):
             (indices,) = batches.micro_batches(0, step)
-            batch = collate([examples[i] if i is not None else None for i in indices], pad_id)
+            batch = collate([examples[i] if i is not None else None for i in indices], pad_id)  # no pairs
             terms = engine(**to_device(batch, strategy.device))
             total += torch.tensor([float(terms["ntp"]), method.token_counts(batch)["ntp"]], dtype=torch.float64)
     engine.train()
@@ -103,38 +103,44 @@ def evaluate(engine, strategy, method, examples, micro_batch_size: int, pad_id: 
     return loss_sum / max(count, 1)
 
 
-def run(cfg) -> dict:
-    """Train, evaluate, checkpoint and export as `cfg` says; returns the last metrics."""
+def export_steps(total_steps: int, count: int) -> set:
+    """`count` evenly spaced steps, the last one at the end."""
+    return {round(total_steps * c / count) for c in range(1, count + 1)} if count else set()
+
+
+def train(cfg) -> dict:
+    """Train, evaluate, checkpoint and export as `cfg` says; returns the last metrics.
+
+    The method may run a stage first (SFTMix: confidence from a reference run)
+    and chooses the batches and the loss terms; the loop itself is the same for all.
+    """
     validate(cfg)
     rank, _, world_size = dist_env()
-    setup_logging(rank, cfg.output_dir)
     t = cfg.train
     resume_from = find_resume(cfg)
     model_path = prepare_model(cfg.model, cfg.model_cache_dir)
-
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    data_kw = dict(fmt=cfg.data.format, max_length=cfg.data.max_length, overlong=cfg.data.overlong,
-                   system_prompt=cfg.data.system_prompt, cache_dir=cfg.data.cache_dir)
-    train_set = load_examples(list(cfg.data.train_files), tokenizer, **data_kw)
-    eval_set = load_examples(list(cfg.data.eval_files), tokenizer, **data_kw) if cfg.data.eval_files else []
+    tokenizer, pad_id = load_tokenizer(model_path)
+    train_set = load_split(cfg.data, tokenizer, cfg.data.train_files)
+    eval_set = load_split(cfg.data, tokenizer, cfg.data.eval_files) if cfg.data.eval_files else []
     method = instantiate(cfg.method, chunk_size=t.loss_chunk_size)
+    method.before_training(cfg, train_set)
 
     random.seed(t.seed)
     np.random.seed(t.seed)
     torch.manual_seed(t.seed)
     strategy = DeepSpeedStrategy(cfg.deepspeed, t)
     if rank == 0:
+        os.makedirs(cfg.output_dir, exist_ok=True)
         with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
             f.write(OmegaConf.to_yaml(cfg, resolve=True))
-    batches = Batches(len(train_set), t.micro_batch_size, t.grad_accum, world_size, rank, t.seed)
+    batches = method.batches(train_set, t, world_size, rank)
     total_steps = t.max_steps if t.max_steps > 0 else t.epochs * batches.steps_per_epoch
+    exports = export_steps(total_steps, t.export_count)
     model = strategy.load_model(model_path)
     engine = strategy.prepare(LossModule(model, method.loss_terms, strategy), total_steps)
-    log.info("%d train / %d eval examples, %d ranks, global batch %d, %d steps, %s, ZeRO-%d", len(train_set),
-             len(eval_set), world_size, batches.global_batch, total_steps, strategy.dtype, cfg.deepspeed.zero_stage)
+    log.info("%s: %d train / %d eval examples, %d ranks, global batch %d, %d steps, %s, ZeRO-%d", cfg.method.name,
+             len(train_set), len(eval_set), world_size, batches.global_batch, total_steps, strategy.dtype,
+             cfg.deepspeed.zero_stage)
 
     step = 0
     if resume_from:
@@ -142,15 +148,16 @@ def run(cfg) -> dict:
         log.info("resumed from %s at step %d", resume_from, step)
     metrics = MetricsLog(cfg, enabled=rank == 0, fresh=resume_from is None)
     ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
-    bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc=f"train {cfg.method.name}",
+               dynamic_ncols=True)
+    names = list(method.weights)
     record: dict = {}
     while step < total_steps:
         started = time.perf_counter()
         epoch, in_epoch = divmod(step, batches.steps_per_epoch)
-        micro = [collate([train_set[i] if i is not None else None for i in mb], pad_id)
+        micro = [method.collate([train_set[i] if i is not None else None for i in mb], pad_id)
                  for mb in batches.micro_batches(epoch, in_epoch)]
         local_counts = [method.token_counts(b) for b in micro]
-        names = list(method.weights)
         global_counts = strategy.all_reduce_sum([sum(c[n] for c in local_counts) for n in names]).tolist()
         norms = dict(zip(names, global_counts))
         term_sums = torch.zeros(len(names), dtype=torch.float64)
@@ -168,24 +175,29 @@ def run(cfg) -> dict:
                   "grad_norm": strategy.grad_norm(), "tokens_per_s": tokens / elapsed,
                   "peak_mem_gb": strategy.peak_memory_gb()}
         record.update({f"loss/{n}": s / max(norms[n], 1) for n, s in zip(names, sums)})
+        record.update({f"tokens/{n}": int(norms[n]) for n in names})
         record["loss"] = sum(method.weights[n] * record[f"loss/{n}"] for n in names)
+        record.update(method.step_metrics(micro, strategy))
         if eval_set and ((t.eval_every and step % t.eval_every == 0) or step == total_steps):
             record["eval_loss"] = evaluate(engine, strategy, method, eval_set, t.micro_batch_size, pad_id)
         if step % t.log_every == 0 or "eval_loss" in record or step == total_steps:
             metrics.log(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
         bar.update(1)
+        if step in exports:
+            strategy.export(os.path.join(cfg.output_dir, f"model_step_{step}"), model, tokenizer, t.export_dtype,
+                            prefix=PREFIX)
         stopping = t.stop_after_steps and step >= t.stop_after_steps and step < total_steps
         if (t.save_every and step % t.save_every == 0) or stopping:
             strategy.save_checkpoint(ckpt_root, step, {"step": step}, t.keep_checkpoints)
         if stopping:
             log.info("stopping at step %d as train.stop_after_steps says; resume=auto continues", step)
-            bar.close()
-            metrics.close()
-            return record
+            break
     bar.close()
-    export_dir = os.path.join(cfg.output_dir, "model")
-    strategy.export(export_dir, model, tokenizer, t.export_dtype, prefix=PREFIX)
-    log.info("exported %s model to %s; final metrics %s", t.export_dtype, export_dir, record)
+    if step == total_steps:
+        export_dir = os.path.join(cfg.output_dir, "model")
+        strategy.export(export_dir, model, tokenizer, t.export_dtype, prefix=PREFIX)
+        log.info("exported %s model to %s; final metrics %s", t.export_dtype, export_dir, record)
     metrics.close()
+    strategy.release()
     return record

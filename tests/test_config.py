@@ -3,8 +3,8 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
-from sftmix_ds.cli import CONF_DIR, strip_local_rank
-from sftmix_ds.config import ConfigError, register_configs, validate
+from sftmix_ds.cli import strip_local_rank
+from sftmix_ds.config import CONF_DIR, ConfigError, register_configs, validate
 
 from .conftest import train_cli
 

@@ -124,3 +124,10 @@ def load_examples(paths: List[str], tokenizer, *, fmt: str, max_length: int, ove
     log.info("%s: %d examples (max_length=%d; %s)", ", ".join(paths), len(examples), max_length,
              ", ".join(f"{k} {v}" for k, v in stats.items()))
     return examples
+
+
+def load_split(data_cfg, tokenizer, files) -> List[Example]:
+    """load_examples with the settings of a DataConfig."""
+    return load_examples(list(files), tokenizer, fmt=data_cfg.format, max_length=data_cfg.max_length,
+                         overlong=data_cfg.overlong, system_prompt=data_cfg.system_prompt,
+                         cache_dir=data_cfg.cache_dir)

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..config import resolve_precision
+
 log = logging.getLogger(__name__)
 COMPLETE = "complete.json"
 
@@ -52,9 +54,7 @@ class DeepSpeedStrategy:
         if self.on_gpu:
             accel.set_device(self.local_rank)
         self.device = torch.device(accel.device_name(self.local_rank) if self.on_gpu else "cpu")
-        precision = train_cfg.precision
-        if precision == "auto":
-            precision = "bf16" if self.on_gpu else "fp32"
+        precision = resolve_precision(train_cfg.precision)
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
         deepspeed.init_distributed(timeout=timedelta(minutes=ds_cfg.timeout_minutes))
         self.ds_config = self._ds_config(precision)
@@ -126,6 +126,17 @@ class DeepSpeedStrategy:
                                                lr_scheduler=schedule)
         return self.engine
 
+    def prepare_inference(self, module):
+        """An engine for forward passes only: ZeRO-3 keeps weights partitioned; below
+        stage 3 the whole model sits on each device."""
+        import deepspeed
+
+        config = {k: v for k, v in self.ds_config.items() if k not in ("optimizer", "gradient_clipping")}
+        if self.cfg.zero_stage != 3:
+            config["zero_optimization"] = {"stage": 0}
+        self.engine, *_ = deepspeed.initialize(model=module, config=config)
+        return self.engine
+
     def backward_and_step(self, loss: torch.Tensor) -> None:
         """`loss` is already normalised by global token counts; DeepSpeed averages gradients
         over ranks and would divide by grad_accum, so undo both here."""
@@ -152,8 +163,27 @@ class DeepSpeedStrategy:
         dist.all_reduce(t)
         return t.cpu()
 
+    def all_gather_object(self, obj) -> list:
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def release(self) -> None:
+        """Drop the engine (and with it model, optimizer and ZeRO state) before the next stage."""
+        if self.engine is not None:
+            self.engine.destroy()
+        self.engine, self._hf_ds_config = None, None
+        import gc
+
+        gc.collect()
+
     def barrier(self) -> None:
         dist.barrier()
+
+    @staticmethod
+    def barrier_if_initialized() -> None:
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
 
     # -- checkpoints: collective; every rank calls these ------------------------------------------
 

@@ -1,8 +1,9 @@
-"""Plain SFT: next-token cross-entropy on response tokens."""
+"""Plain SFT: next-token cross-entropy on response tokens. The base of the other methods."""
 from __future__ import annotations
 
 import torch
 
+from ..data import Batches, collate
 from ..data.batching import response_tokens
 from ..data.tokenize import IGNORE
 from ..losses import fused_sftmix_loss
@@ -16,14 +17,25 @@ def response_rows(hidden: torch.Tensor, labels: torch.Tensor):
 
 
 class NTP:
-    """A method tells the trainer which loss terms it sums, over how many tokens each
-    is normalised, and with what weight the normalised terms are added."""
+    """What a method tells the trainer: a stage to run first, how examples are
+    batched, which loss terms it sums, over how many tokens each is normalised
+    (globally, by the trainer) and with what weight the normalised terms add up."""
 
-    name = "ntp"
     weights = {"ntp": 1.0}
 
-    def __init__(self, name: str = "ntp", chunk_size: int = 1024):
+    def __init__(self, name: str = "ntp", chunk_size: int = 1024, **_stage_options):
+        self.name = name
         self.chunk_size = chunk_size
+
+    def before_training(self, cfg, train_set) -> None:
+        pass
+
+    def batches(self, train_set, train_cfg, world_size: int, rank: int) -> Batches:
+        return Batches(len(train_set), train_cfg.micro_batch_size, train_cfg.grad_accum, world_size, rank,
+                       train_cfg.seed)
+
+    def collate(self, examples, pad_id: int) -> dict:
+        return collate(examples, pad_id)
 
     def token_counts(self, batch: dict) -> dict:
         return {"ntp": response_tokens(batch["labels"])}
@@ -33,3 +45,6 @@ class NTP:
         empty = torch.zeros(0, dtype=torch.long, device=rows.device)
         ntp_sum, _ = fused_sftmix_loss(rows, weight, targets, empty, empty, empty.to(rows.dtype), self.chunk_size)
         return {"ntp": ntp_sum}
+
+    def step_metrics(self, micro_batches, strategy) -> dict:
+        return {}

@@ -1,0 +1,63 @@
+"""Scoring pass: per-example response perplexity, inference only.
+
+No gradients, no [tokens, vocab] logits kept: per-token log-probabilities are
+computed chunk by chunk from the final hidden states and the LM head. Batches
+are sorted by length to cut padding and dealt round-robin to the ranks, so
+every example is scored exactly once; results are gathered to every rank.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Sequence
+
+import torch
+
+from ..data import IGNORE, Example, collate
+
+
+def token_nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """-log p(target) for each row of hidden [M, d], in fp32, one [chunk, V] block at a time."""
+    out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    for s in range(0, hidden.shape[0], chunk_size):
+        z = (hidden[s:s + chunk_size] @ weight.t()).float()
+        out[s:s + chunk_size] = torch.logsumexp(z, -1) - z.gather(1, targets[s:s + chunk_size, None]).squeeze(1)
+    return out
+
+
+def example_nll(hidden: torch.Tensor, weight: torch.Tensor, batch: dict, chunk_size: int = 1024) -> dict:
+    """Per-example sum of response-token NLL and response-token count; runs inside the engine's forward."""
+    target = batch["labels"][:, 1:]
+    mask = target != IGNORE
+    nll = token_nll(hidden[:, :-1][mask], weight, target[mask], chunk_size)
+    row_example = mask.nonzero()[:, 0]
+    sums = torch.zeros(target.shape[0], dtype=torch.float32, device=hidden.device).index_add_(0, row_example, nll)
+    return {"nll_sum": sums, "count": mask.sum(1)}
+
+
+def scoring_plan(examples: Sequence[Example], batch_size: int, world_size: int, rank: int) -> List[List[int]]:
+    """This rank's batches of example indices, longest first; every rank gets the same
+    number of batches (short ranks get empty ones) so ZeRO-3's collectives line up."""
+    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i].input_ids), examples[i].id))
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    mine = batches[rank::world_size]
+    return mine + [[] for _ in range(math.ceil(len(batches) / world_size) - len(mine))]
+
+
+def score(engine, strategy, examples: Sequence[Example], batch_size: int, pad_id: int, progress=None) -> Dict[str, float]:
+    """{id: perplexity} for every example, gathered from all ranks."""
+    results = []
+    engine.eval()
+    with torch.no_grad():
+        for indices in scoring_plan(examples, batch_size, strategy.world_size, strategy.rank):
+            batch = collate([examples[i] for i in indices] or [None], pad_id)
+            out = engine(**{k: v.to(strategy.device) for k, v in batch.items() if isinstance(v, torch.Tensor)})
+            for i, s, c in zip(indices, out["nll_sum"].tolist(), out["count"].tolist()):
+                results.append((examples[i].id, math.exp(s / c)))
+            if progress is not None:
+                progress.update(1)
+    gathered = strategy.all_gather_object(results)
+    perplexity = dict(r for part in gathered for r in part)
+    n_scored = sum(len(part) for part in gathered)
+    if n_scored != len(examples) or len(perplexity) != len(examples):
+        raise RuntimeError(f"scoring covered {len(perplexity)} ids in {n_scored} results for {len(examples)} examples")
+    return perplexity

@@ -1,0 +1,148 @@
+"""SFTMix stage 1: reference run -> C checkpoints -> scoring passes -> median split.
+
+Outputs live in STAGE_DIR/<fingerprint>/ (STAGE_DIR defaults to
+OUTPUT_DIR/confidence): reference/ (the run, with model_step_N exports),
+scores_<checkpoint>.json per checkpoint, confidence.jsonl, confidence.png and
+summary.json. The fingerprint covers the tokenized data, the reference model,
+C, the training settings and the rank count, so a re-run with the same inputs
+finds every finished piece and redoes nothing.
+"""
+from __future__ import annotations
+
+import copy
+import glob
+import hashlib
+import json
+import logging
+import os
+from functools import partial
+
+from omegaconf import OmegaConf, open_dict
+from tqdm import tqdm
+
+from ..config import load_model_config, resolve_precision
+from ..data import load_split
+from ..engine import DeepSpeedStrategy, LossModule, dist_env
+from ..models import load_tokenizer, prepare_model
+from .scoring import example_nll, score, scoring_plan
+from .split import confidence_records, plot_confidence, summarize, write_confidence_file
+
+log = logging.getLogger(__name__)
+CONFIDENCE_FILE = "confidence.jsonl"
+
+
+def reference_model_config(cfg):
+    m = cfg.method
+    return load_model_config(m.reference_model) if m.reference_model else cfg.model
+
+
+def fingerprint(cfg, ref_model_cfg, examples, world_size: int) -> str:
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(json.dumps([e.id, e.input_ids, e.labels]).encode())
+    settings = {"model": OmegaConf.to_container(ref_model_cfg, resolve=True),
+                "checkpoints": cfg.method.checkpoints, "score_checkpoints": list(cfg.method.score_checkpoints),
+                "train": OmegaConf.to_container(cfg.train, resolve=True), "world_size": world_size,
+                "precision": resolve_precision(cfg.train.precision)}
+    for volatile in ("log_every", "eval_every", "save_every", "keep_checkpoints", "stop_after_steps",
+                     "export_dtype", "export_count", "epochs", "max_steps"):
+        settings["train"].pop(volatile, None)
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def reference_run_config(cfg, ref_model_cfg, out_dir: str):
+    """Plain SFT of the reference model for one epoch, exporting C evenly spaced checkpoints."""
+    ref = copy.deepcopy(cfg)
+    with open_dict(ref):
+        ref.method = OmegaConf.create({"name": "ntp", "_target_": "sftmix_ds.methods.ntp.NTP"})
+        ref.model = ref_model_cfg
+        ref.output_dir = out_dir
+        ref.resume = "auto"
+        ref.data.eval_files = []
+        ref.train.epochs, ref.train.max_steps, ref.train.stop_after_steps = 1, -1, 0
+        ref.train.export_count = cfg.method.checkpoints
+        # Score in the precision the reference trained in (fp32 on CPU).
+        ref.train.export_dtype = "fp32" if resolve_precision(cfg.train.precision) == "fp32" else "bf16"
+    return ref
+
+
+def _step_of(path: str) -> int:
+    return int(path.rsplit("_", 1)[1])
+
+
+def run_confidence_stage(cfg) -> str:
+    """The confidence file for cfg's training data: the given one, a finished one, or a new one."""
+    from ..trainer import train  # the reference run is an ordinary training run
+
+    if cfg.method.confidence_file:
+        return cfg.method.confidence_file
+    rank, _, world_size = dist_env()
+    ref_model_cfg = reference_model_config(cfg)
+    ref_path = prepare_model(ref_model_cfg, cfg.model_cache_dir)
+    tokenizer, pad_id = load_tokenizer(ref_path)
+    examples = load_split(cfg.data, tokenizer, cfg.data.train_files)
+    fp = fingerprint(cfg, ref_model_cfg, examples, world_size)
+    stage_dir = os.path.join(cfg.method.stage_dir or os.path.join(cfg.output_dir, "confidence"), fp)
+    out_path = os.path.join(stage_dir, CONFIDENCE_FILE)
+    if os.path.exists(out_path):
+        log.info("stage 1: reusing %s", out_path)
+        return out_path
+
+    checkpoints = list(cfg.method.score_checkpoints)
+    if not checkpoints:
+        ref_dir = os.path.join(stage_dir, "reference")
+        exports = sorted(glob.glob(os.path.join(ref_dir, "model_step_*")), key=_step_of)
+        if not (os.path.isdir(os.path.join(ref_dir, "model")) and len(exports) == cfg.method.checkpoints):
+            log.info("stage 1: reference run (%s, 1 epoch, %d checkpoints) in %s", ref_model_cfg.name,
+                     cfg.method.checkpoints, ref_dir)
+            train(reference_run_config(cfg, ref_model_cfg, ref_dir))
+            exports = sorted(glob.glob(os.path.join(ref_dir, "model_step_*")), key=_step_of)
+        checkpoints = exports
+
+    perplexities = [score_checkpoint(cfg, path, examples, pad_id, stage_dir) for path in checkpoints]
+    records = confidence_records(perplexities)
+    summary = summarize(records)
+    if rank == 0:
+        write_confidence_file(out_path, records, fp)
+        plot_confidence(records, os.path.join(stage_dir, "confidence.png"))
+        with open(os.path.join(stage_dir, "summary.json"), "w") as f:
+            json.dump({**summary, "checkpoints": checkpoints}, f, indent=1)
+        _log_to_wandb(cfg, summary, stage_dir)
+    log.info("stage 1: %s -> %s", summary, out_path)
+    DeepSpeedStrategy.barrier_if_initialized()
+    return out_path
+
+
+def score_checkpoint(cfg, model_path: str, examples, pad_id: int, stage_dir: str) -> dict:
+    """{id: perplexity} under one checkpoint; cached in stage_dir."""
+    cache = os.path.join(stage_dir, f"scores_{os.path.basename(os.path.normpath(model_path))}.json")
+    if os.path.exists(cache):
+        with open(cache) as f:
+            return json.load(f)
+    strategy = DeepSpeedStrategy(cfg.deepspeed, cfg.train)
+    model = strategy.load_model(model_path)
+    fn = partial(example_nll, chunk_size=cfg.train.loss_chunk_size)
+    engine = strategy.prepare_inference(LossModule(model, fn, strategy))
+    n_batches = len(scoring_plan(examples, cfg.method.score_batch_size, strategy.world_size, strategy.rank))
+    with tqdm(total=n_batches, desc=f"score {os.path.basename(model_path)}", disable=strategy.rank != 0) as bar:
+        perplexity = score(engine, strategy, examples, cfg.method.score_batch_size, pad_id, progress=bar)
+    strategy.release()
+    if strategy.rank == 0:
+        os.makedirs(stage_dir, exist_ok=True)
+        with open(cache + ".tmp", "w") as f:
+            json.dump(perplexity, f)
+        os.replace(cache + ".tmp", cache)
+    return perplexity
+
+
+def _log_to_wandb(cfg, summary: dict, stage_dir: str) -> None:
+    if cfg.logger.kind != "wandb":
+        return
+    import wandb
+
+    run = wandb.init(project=cfg.logger.project, mode=cfg.logger.mode, group=cfg.logger.group,
+                     name=f"{cfg.logger.run_name or 'sftmix'}-confidence", dir=stage_dir, job_type="confidence")
+    run.summary.update({f"confidence/{k}": v for k, v in summary.items()})
+    run.log({"confidence/histogram": wandb.Image(os.path.join(stage_dir, "confidence.png"))})
+    run.finish()

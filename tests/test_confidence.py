@@ -1,0 +1,151 @@
+"""SFTMix stage 1: perplexity scoring, the median split, the confidence file, and the stage end to end."""
+import glob
+import json
+import math
+import os
+import random
+
+import pytest
+import torch
+
+from sftmix_ds.confidence import (CONFIDENT, UNCONFIDENT, ConfidenceFileError, confidence_records, example_nll,
+                                  read_confidence_file, scoring_plan, write_confidence_file)
+from sftmix_ds.data import collate, encode
+from sftmix_ds.data.tokenize import Example
+
+from .conftest import ROOT, PY, train_cli
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": "2+3 = 5"}],
+    [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."},
+     {"role": "user", "content": "Another?"}, {"role": "assistant", "content": "Green, or maybe red."}],
+    [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}],
+]
+
+
+def test_perplexity_equals_naive_full_logits(smollm2_path, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32).eval()
+    examples = [Example(str(i), *encode(tokenizer, m, "t")) for i, m in enumerate(CONVERSATIONS)]
+    batch = collate(examples, tokenizer.pad_token_id)
+    with torch.no_grad():
+        hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        got = example_nll(hidden, model.lm_head.weight, batch, chunk_size=7)
+        for i, ex in enumerate(examples):  # naive: one example at a time, full logits, plain cross-entropy
+            logits = model(input_ids=torch.tensor([ex.input_ids])).logits[0, :-1]
+            nll = torch.nn.functional.cross_entropy(logits, torch.tensor(ex.labels[1:]), ignore_index=-100)
+            assert got["count"][i].item() == ex.n_response - (ex.labels[0] != -100)
+            assert math.exp(got["nll_sum"][i].item() / got["count"][i].item()) == pytest.approx(
+                math.exp(nll.item()), rel=1e-4)
+
+
+@pytest.mark.parametrize("n,bs,world", [(13, 4, 2), (5, 2, 3), (1, 8, 2), (16, 4, 4)])
+def test_scoring_plan_covers_every_example_once(n, bs, world):
+    examples = [Example(f"e{i}", [0] * random.Random(i).randint(1, 50), [0]) for i in range(n)]
+    plans = [scoring_plan(examples, bs, world, r) for r in range(world)]
+    assert len({len(p) for p in plans}) == 1  # same number of forward passes on every rank
+    flat = [i for p in plans for b in p for i in b]
+    assert sorted(flat) == list(range(n))
+    lengths = [len(examples[i].input_ids) for b in plans[0] for i in b]
+    assert lengths == sorted(lengths, reverse=True)
+
+
+def test_median_split_invariants_and_determinism():
+    rng = random.Random(0)
+    ids = [f"x{i}" for i in range(101)]
+    ppl = [{i: rng.choice([1.5, 2.0, 3.0, rng.uniform(1, 9)]) for i in ids} for _ in range(3)]  # many ties
+    records = confidence_records(ppl)
+    assert records == confidence_records([dict(reversed(list(p.items()))) for p in ppl])  # order-independent
+    conf = [r for r in records if r["split"] == CONFIDENT]
+    unconf = [r for r in records if r["split"] == UNCONFIDENT]
+    assert abs(len(conf) - len(unconf)) <= 1 and len(conf) + len(unconf) == 101
+    assert min(r["confidence"] for r in conf) >= max(r["confidence"] for r in unconf)
+    for r in records:
+        assert r["confidence"] == pytest.approx(-sum(p[r["id"]] for p in ppl) / 3)
+        assert r["perplexities"] == [p[r["id"]] for p in ppl]
+
+
+def test_bad_confidence_files_are_rejected(tmp_path):
+    records = confidence_records([{"a": 1.0, "b": 2.0, "c": 3.0}])
+    path = str(tmp_path / "c.jsonl")
+    write_confidence_file(path, records, "fp")
+    assert len(read_confidence_file(path, ["a", "b", "c"])) == 3
+    with pytest.raises(ConfidenceFileError, match="1 dataset ids missing.*1 ids not in the dataset"):
+        read_confidence_file(path, ["a", "b", "d"])
+    bad = records[:2] + [{**records[2], "confidence": float("nan")}]
+    write_confidence_file(path, bad, "fp")
+    with pytest.raises(ConfidenceFileError, match=r"c.jsonl:4: confidence must be a finite number"):
+        read_confidence_file(path)
+    (tmp_path / "t.jsonl").write_text('{"id": "a", "confidence": -1, "split": "confident"}\n{"id": ')
+    with pytest.raises(ConfidenceFileError, match=r"t.jsonl:2: invalid JSON"):
+        read_confidence_file(str(tmp_path / "t.jsonl"))
+
+
+def _confidence(run_dir):
+    (path,) = glob.glob(os.path.join(run_dir, "confidence", "*", "confidence.jsonl"))
+    with open(path) as f:
+        return {r["id"]: r for r in map(json.loads, list(f)[1:])}
+
+
+def score_cli(overrides, nproc=0):
+    import subprocess
+    import sys
+
+    from .conftest import DEEPSPEED
+
+    script = os.path.join(ROOT, "launch", "score.py")
+    cmd = ([DEEPSPEED, "--num_gpus", str(nproc), script] if nproc else [PY, script]) + overrides
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory):
+    """A full stage 1 (reference run with C=2 checkpoints) of the tiny model on 13 examples."""
+    root = tmp_path_factory.mktemp("stage1")
+    data = root / "d.jsonl"
+    with open(os.path.join(ROOT, "sftmix_ds", "builtin_data", "arith_train.jsonl")) as f:
+        data.write_text("".join(f.readlines()[:13]))
+    common = ["model=tiny", "data=jsonl", f"data.train_files=[{data}]", "train.micro_batch_size=2",
+              "train.lr=1e-3", "method.checkpoints=2", "method.score_batch_size=4"]
+    run = str(root / "ref")
+    first = score_cli(common + [f"output_dir={run}"])
+    return {"root": root, "common": common, "run": run, "first": first}
+
+
+def test_stage1_outputs(stage1):
+    (stage_dir,) = glob.glob(os.path.join(stage1["run"], "confidence", "*"))
+    exports = {os.path.basename(p) for p in glob.glob(os.path.join(stage_dir, "reference", "model_step_*"))}
+    assert exports == {"model_step_4", "model_step_7"}  # 13 examples / global batch 2 = 7 steps; C=2, last at end
+    records = _confidence(stage1["run"])
+    assert len(records) == 13 and all(len(r["perplexities"]) == 2 for r in records.values())
+    assert os.path.getsize(os.path.join(stage_dir, "confidence.png")) > 1000
+    with open(os.path.join(stage_dir, "summary.json")) as f:
+        summary = json.load(f)
+    assert (summary["confident"], summary["unconfident"]) == (6, 7)
+
+
+def test_stage1_rerun_reuses_everything(stage1):
+    again = score_cli(stage1["common"] + [f"output_dir={stage1['run']}"])
+    assert "stage 1: reusing" in again.stderr and "reference run" not in again.stderr
+
+
+def test_two_ranks_zero3_score_like_one_process(stage1):
+    (stage_dir,) = glob.glob(os.path.join(stage1["run"], "confidence", "*"))
+    ckpts = sorted(glob.glob(os.path.join(stage_dir, "reference", "model_step_*")))
+    given = [f"method.score_checkpoints=[{','.join(ckpts)}]"]
+    one, two = str(stage1["root"] / "one"), str(stage1["root"] / "two")
+    score_cli(stage1["common"] + given + [f"output_dir={one}"])
+    score_cli(stage1["common"] + given + [f"output_dir={two}", "deepspeed=zero3"], nproc=2)
+    a, b = _confidence(one), _confidence(two)
+    assert a.keys() == b.keys() and len(a) == 13  # every id exactly once
+    for i in a:
+        assert b[i]["perplexities"] == pytest.approx(a[i]["perplexities"], rel=1e-5)
+        assert b[i]["split"] == a[i]["split"]
+    # The given checkpoints are the reference run's, so the scores match stage 1's own.
+    ref = _confidence(stage1["run"])
+    for i in a:
+        assert a[i]["perplexities"] == pytest.approx(ref[i]["perplexities"], rel=1e-6)
