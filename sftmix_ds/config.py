@@ -67,6 +67,10 @@ class SFTMixConfig(MethodConfig):
     stage_dir: Optional[str] = None
     # Score these model folders instead of training a reference run.
     score_checkpoints: List[str] = field(default_factory=list)
+    # Stage 2 (mixup). Paper defaults; lam_per=batch draws one lam per optimizer step.
+    mu: float = 0.2
+    alpha: float = 0.5
+    lam_per: str = "pair"  # pair | batch
 
 
 @dataclass
@@ -221,6 +225,12 @@ def validate(cfg) -> None:
     if cfg.method.name == "sftmix":
         _positive("method.checkpoints", cfg.method.checkpoints)
         _positive("method.score_batch_size", cfg.method.score_batch_size)
+        _positive("method.alpha", cfg.method.alpha)
+        _positive("method.mu", cfg.method.mu, zero_ok=True)
+        _one_of("method.lam_per", cfg.method.lam_per, ("pair", "batch"))
+        if t.micro_batch_size % 2:
+            raise ConfigError(f"train.micro_batch_size={t.micro_batch_size}: must be even for method=sftmix "
+                              "(each micro-batch holds k confident + k unconfident examples)")
         if cfg.method.confidence_file and not os.path.isfile(cfg.method.confidence_file):
             raise ConfigError(f"method.confidence_file={cfg.method.confidence_file!r}: no such file")
         if cfg.method.reference_model and not os.path.isfile(model_config_path(cfg.method.reference_model)):

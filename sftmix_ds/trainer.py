@@ -155,7 +155,7 @@ def train(cfg) -> dict:
     while step < total_steps:
         started = time.perf_counter()
         epoch, in_epoch = divmod(step, batches.steps_per_epoch)
-        micro = [method.collate([train_set[i] if i is not None else None for i in mb], pad_id)
+        micro = [method.collate([train_set[i] if i is not None else None for i in mb], pad_id, key=(epoch, in_epoch))
                  for mb in batches.micro_batches(epoch, in_epoch)]
         local_counts = [method.token_counts(b) for b in micro]
         global_counts = strategy.all_reduce_sum([sum(c[n] for c in local_counts) for n in names]).tolist()

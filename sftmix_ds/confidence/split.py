@@ -6,10 +6,12 @@ import math
 import os
 from typing import Dict, List, Sequence
 
+from ..data import DataError
+
 CONFIDENT, UNCONFIDENT = "confident", "unconfident"
 
 
-class ConfidenceFileError(ValueError):
+class ConfidenceFileError(DataError):
     """A confidence file that does not fit the dataset; the message names the file and the problem."""
 
 

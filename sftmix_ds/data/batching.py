@@ -23,8 +23,9 @@ class Batches:
                  seed: int, shuffle: bool = True):
         self.n, self.mb, self.accum, self.world, self.rank = n_examples, micro_batch_size, grad_accum, world_size, rank
         self.seed, self.shuffle = seed, shuffle
-        self.global_batch = micro_batch_size * grad_accum * world_size
-        self.steps_per_epoch = math.ceil(n_examples / self.global_batch)
+        self.step_size = micro_batch_size * grad_accum * world_size  # items dealt per optimizer step
+        self.global_batch = self.step_size  # examples per optimizer step
+        self.steps_per_epoch = math.ceil(n_examples / self.step_size)
         self._epoch, self._order = None, None
 
     def order(self, epoch: int) -> List[int]:
@@ -39,8 +40,8 @@ class Batches:
 
     def global_step_indices(self, epoch: int, step: int) -> List[Optional[int]]:
         """All example indices of one optimizer step, padded with None to the global batch size."""
-        chunk = self.order(epoch)[step * self.global_batch:(step + 1) * self.global_batch]
-        return chunk + [None] * (self.global_batch - len(chunk))
+        chunk = self.order(epoch)[step * self.step_size:(step + 1) * self.step_size]
+        return chunk + [None] * (self.step_size - len(chunk))
 
     def micro_batches(self, epoch: int, step: int) -> List[List[Optional[int]]]:
         """This rank's grad_accum micro-batches for one optimizer step."""
@@ -67,3 +68,67 @@ def collate(examples: Sequence[Optional[Example]], pad_id: int) -> dict:
 def response_tokens(labels: torch.Tensor) -> int:
     """Tokens that carry loss: a label at position t is predicted from position t-1."""
     return int((labels[:, 1:] != IGNORE).sum())
+
+
+class PairBatches(Batches):
+    """SFTMix batches: every micro-batch holds k = micro_batch_size / 2 confident examples
+    followed by k unconfident ones, pair j = (confident j, unconfident j).
+
+    Each epoch both halves are reshuffled (seeded by seed and epoch) and zipped
+    into pairs, so pairs are random, never cross ranks and every example is
+    used once per epoch. When the halves differ in size, the extra examples
+    become units with no partner: they train with the NTP loss only (their
+    count is in `leftovers`). Units are dealt to micro-batches exactly as
+    Batches deals examples, so resume needs only (epoch, step) here too.
+    """
+
+    def __init__(self, confident: List[int], unconfident: List[int], micro_batch_size: int, grad_accum: int,
+                 world_size: int, rank: int, seed: int):
+        if micro_batch_size % 2:
+            raise ValueError(f"micro_batch_size={micro_batch_size} must be even to hold confident/unconfident pairs")
+        self.confident, self.unconfident = list(confident), list(unconfident)
+        n_units = max(len(self.confident), len(self.unconfident))
+        super().__init__(n_units, micro_batch_size // 2, grad_accum, world_size, rank, seed)
+        self.leftovers = abs(len(self.confident) - len(self.unconfident))
+        self.global_batch = 2 * self.step_size  # two examples per unit
+        self._pair_epoch, self._units = None, None
+
+    def units(self, epoch: int) -> List[tuple]:
+        if self._pair_epoch != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + 500_009)  # not order()'s stream
+            conf = [self.confident[i] for i in torch.randperm(len(self.confident), generator=g).tolist()]
+            unconf = [self.unconfident[i] for i in torch.randperm(len(self.unconfident), generator=g).tolist()]
+            n = min(len(conf), len(unconf))
+            units = list(zip(conf[:n], unconf[:n])) + [(i, None) for i in conf[n:] + unconf[n:]]
+            self._units = [units[i] for i in self.order(epoch)]
+            self._pair_epoch = epoch
+        return self._units
+
+    def micro_batches(self, epoch: int, step: int) -> List[List[Optional[int]]]:
+        units = self.units(epoch)
+        out = []
+        for unit_slots in super().micro_batches(epoch, step):
+            chosen = [units[u] if u is not None else (None, None) for u in unit_slots]
+            out.append([a for a, _ in chosen] + [b for _, b in chosen])
+        return out
+
+
+def aligned_pairs(labels: torch.Tensor, n_pairs: int):
+    """Row indices of the mixed response tokens of a pair batch laid out [a_1..a_k, b_1..b_k].
+
+    Rows are numbered as the loss flattens them: the response positions (those
+    whose next token is a response token) of each example in order. For pair j
+    the n-th response token of a_j is matched with the n-th of b_j, for
+    n < min of the two response lengths. Returns (pair_a, pair_b, pair_of_row),
+    the last giving for each mixed row the pair it belongs to.
+    """
+    counts = (labels[:, 1:] != IGNORE).sum(1)
+    offsets = torch.cumsum(counts, 0) - counts
+    pair_a, pair_b, pair_of_row = [], [], []
+    for j in range(n_pairs):
+        n = int(min(counts[j], counts[n_pairs + j]))
+        pair_a.append(offsets[j] + torch.arange(n))
+        pair_b.append(offsets[n_pairs + j] + torch.arange(n))
+        pair_of_row.append(torch.full((n,), j))
+    cat = lambda parts: torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+    return cat(pair_a), cat(pair_b), cat(pair_of_row)

@@ -34,7 +34,8 @@ class NTP:
         return Batches(len(train_set), train_cfg.micro_batch_size, train_cfg.grad_accum, world_size, rank,
                        train_cfg.seed)
 
-    def collate(self, examples, pad_id: int) -> dict:
+    def collate(self, examples, pad_id: int, key: tuple = (0, 0)) -> dict:
+        """key = (epoch, step): a stable handle for per-step randomness."""
         return collate(examples, pad_id)
 
     def token_counts(self, batch: dict) -> dict:

@@ -1,22 +1,89 @@
 """SFTMix (Xiao et al., arXiv 2410.05248): confidence from a reference run's training
-dynamics (stage 1), then cross-confidence Mixup on last-layer hidden states (stage 2)."""
+dynamics (stage 1), then cross-confidence Mixup on last-layer hidden states (stage 2).
+
+    loss = L_NTP(all response tokens) + mu * L_mix
+    L_mix = mean over mixed tokens of lam CE(W z_mix, y_c) + (1 - lam) CE(W z_mix, y_u),
+    z_mix = lam z_c + (1 - lam) z_u on aligned response tokens of a (confident, unconfident) pair,
+    lam ~ Beta(alpha, alpha) per pair (or per batch).
+Both normalisers are global token counts (all ranks, whole accumulation window).
+"""
 from __future__ import annotations
 
 import logging
+import zlib
 
-from ..confidence import read_confidence_file, run_confidence_stage
-from .ntp import NTP
+import numpy as np
+import torch
+
+from ..confidence import CONFIDENT, read_confidence_file, run_confidence_stage
+from ..data.batching import PairBatches, aligned_pairs, collate
+from ..losses import fused_sftmix_loss
+from .ntp import NTP, response_rows
 
 log = logging.getLogger(__name__)
 
 
 class SFTMix(NTP):
-    def __init__(self, name: str = "sftmix", chunk_size: int = 1024, **options):
+    def __init__(self, name: str = "sftmix", chunk_size: int = 1024, mu: float = 0.2, alpha: float = 0.5,
+                 lam_per: str = "pair", **stage1_options):
         super().__init__(name, chunk_size)
-        self.options = options
+        self.weights = {"ntp": 1.0, "mix": mu}
+        self.alpha, self.lam_per = alpha, lam_per
         self.split = None  # id -> confident | unconfident
+        self.seed = 0
 
     def before_training(self, cfg, train_set) -> None:
         path = run_confidence_stage(cfg)
         records = read_confidence_file(path, expected_ids=[e.id for e in train_set])
         self.split = {r["id"]: r["split"] for r in records}
+        self.seed = cfg.train.seed
+
+    def batches(self, train_set, train_cfg, world_size: int, rank: int) -> PairBatches:
+        confident = [i for i, e in enumerate(train_set) if self.split[e.id] == CONFIDENT]
+        unconfident = [i for i, e in enumerate(train_set) if self.split[e.id] != CONFIDENT]
+        batches = PairBatches(confident, unconfident, train_cfg.micro_batch_size, train_cfg.grad_accum, world_size,
+                              rank, train_cfg.seed)
+        if batches.leftovers:
+            log.info("sftmix: %d confident / %d unconfident examples: %d without a partner train with NTP only "
+                     "each epoch", len(confident), len(unconfident), batches.leftovers)
+        return batches
+
+    def draw_lam(self, pairs: list, key: tuple) -> torch.Tensor:
+        """lam ~ Beta(alpha, alpha) for each (id_a, id_b) pair, from a generator keyed by the
+        seed, the epoch and the pair's ids (or the step, for lam_per=batch): the same
+        whatever the micro-batch size, accumulation or rank count, and exact on resume."""
+        epoch, step = key
+        if self.lam_per == "batch":
+            lam = np.random.default_rng([self.seed, epoch, step]).beta(self.alpha, self.alpha)
+            return torch.full((len(pairs),), float(lam))
+        return torch.tensor([np.random.default_rng([self.seed, epoch, zlib.crc32(a.encode()), zlib.crc32(b.encode())])
+                             .beta(self.alpha, self.alpha) for a, b in pairs], dtype=torch.float32)
+
+    def collate(self, examples, pad_id: int, key: tuple = (0, 0)) -> dict:
+        batch = collate(examples, pad_id)
+        k = len(examples) // 2
+        pair_a, pair_b, pair_of_row = aligned_pairs(batch["labels"], k)
+        ids = [(e.id if e is not None else "") for e in examples]
+        lam = self.draw_lam(list(zip(ids[:k], ids[k:])), key)
+        present = torch.tensor([examples[j] is not None and examples[k + j] is not None for j in range(k)],
+                               dtype=torch.bool)
+        batch.update(pair_a=pair_a, pair_b=pair_b, lam=lam[pair_of_row], pair_lam=lam[present])
+        return batch
+
+    def token_counts(self, batch: dict) -> dict:
+        counts = super().token_counts(batch)
+        counts["mix"] = int(batch["pair_a"].numel()) if "pair_a" in batch else 0
+        return counts
+
+    def loss_terms(self, hidden: torch.Tensor, weight: torch.Tensor, batch: dict) -> dict:
+        if "pair_a" not in batch:  # evaluation batches: plain NTP
+            return super().loss_terms(hidden, weight, batch)
+        rows, targets = response_rows(hidden, batch["labels"])
+        ntp_sum, mix_sum = fused_sftmix_loss(rows, weight, targets, batch["pair_a"], batch["pair_b"],
+                                             batch["lam"].to(rows.dtype), self.chunk_size)
+        return {"ntp": ntp_sum, "mix": mix_sum}
+
+    def step_metrics(self, micro_batches, strategy) -> dict:
+        lam_sum, pairs = strategy.all_reduce_sum([sum(float(b["pair_lam"].sum()) for b in micro_batches),
+                                                  sum(b["pair_lam"].numel() for b in micro_batches)]).tolist()
+        return {"pairs": int(pairs), "lam_mean": lam_sum / max(pairs, 1)}

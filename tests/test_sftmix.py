@@ -1,0 +1,207 @@
+"""SFTMix stage 2: pair batching, response-token alignment, the method's loss, and real training runs."""
+import json
+import os
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sftmix_ds.confidence import CONFIDENT, confidence_records, write_confidence_file
+from sftmix_ds.data import encode
+from sftmix_ds.data.batching import PairBatches, aligned_pairs
+from sftmix_ds.data.tokenize import Example
+from sftmix_ds.methods.ntp import response_rows
+from sftmix_ds.methods.sftmix import SFTMix
+
+from .conftest import ROOT, train_cli
+
+CONF = list(range(0, 11))
+UNCONF = list(range(11, 21))  # one fewer: one leftover per epoch
+
+
+@pytest.mark.parametrize("mb,accum,world", [(2, 1, 1), (4, 2, 2), (2, 3, 2), (6, 1, 3)])
+def test_pair_batches_balanced_and_each_example_once_per_epoch(mb, accum, world):
+    k = mb // 2
+    for epoch in range(2):
+        seen = []
+        for rank in range(world):
+            b = PairBatches(CONF, UNCONF, mb, accum, world, rank, seed=5)
+            assert b.leftovers == 1
+            for step in range(b.steps_per_epoch):
+                micro = b.micro_batches(epoch, step)
+                assert len(micro) == accum
+                for m in micro:
+                    assert len(m) == mb
+                    for a, u in zip(m[:k], m[k:]):  # pair j = (confident j, unconfident j)
+                        if a is not None and u is not None:
+                            assert a in CONF and u in UNCONF
+                        else:
+                            assert u is None  # a leftover (no partner) or padding
+                    seen += [i for i in m if i is not None]
+        assert sorted(seen) == CONF + UNCONF
+
+
+def test_pair_batches_deterministic_reshuffled_and_resumable():
+    plan = lambda seed, epoch: [PairBatches(CONF, UNCONF, 4, 1, 2, r, seed).micro_batches(epoch, s)
+                                for s in range(3) for r in range(2)]
+    assert plan(1, 0) == plan(1, 0)  # by seed; and a fresh instance (a resumed run) continues the same sequence
+    assert plan(1, 0) != plan(2, 0)
+    assert plan(1, 0) != plan(1, 1)  # re-paired each epoch
+    b = PairBatches(CONF, UNCONF, 4, 1, 2, 0, seed=1)
+    resumed = PairBatches(CONF, UNCONF, 4, 1, 2, 0, seed=1)
+    assert [b.micro_batches(0, s) for s in range(3)][2] == resumed.micro_batches(0, 2)
+
+
+def test_odd_micro_batch_rejected():
+    with pytest.raises(ValueError, match="must be even"):
+        PairBatches(CONF, UNCONF, 3, 1, 1, 0, seed=1)
+
+
+def pair_examples(tokenizer):
+    convs = [("What is 2+2?", "4"), ("Tell me a fact.", "Water boils at 100 degrees Celsius at sea level."),
+             ("Hi", "Hello! How can I help you today?"), ("Count to three", "1, 2, 3")]
+    return [Example(f"e{i}", *encode(tokenizer, [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+                                      "t")) for i, (q, a) in enumerate(convs)]
+
+
+def test_alignment_pairs_nth_response_token_with_nth(tokenizer):
+    exs = pair_examples(tokenizer)
+    method = SFTMix(chunk_size=4)
+    method.seed = 0
+    batch = method.collate(exs, tokenizer.pad_token_id, key=(0, 0))
+    # Tag every position with (example, position) and flatten as the loss does.
+    B, T = batch["input_ids"].shape
+    tags = torch.stack(torch.meshgrid(torch.arange(B), torch.arange(T), indexing="ij"), -1).double()
+    rows, targets = response_rows(tags, batch["labels"])
+    for j in range(2):
+        resp = lambda e: [t for t in range(len(exs[e].labels) - 1) if exs[e].labels[t + 1] != -100]
+        ra, rb = resp(j), resp(2 + j)
+        n = min(len(ra), len(rb))
+        expected = [((j, ra[i]), (2 + j, rb[i])) for i in range(n)]
+        mask = torch.isin(batch["pair_a"], torch.tensor([r for r in range(len(rows)) if rows[r, 0] == j]))
+        got = [(tuple(rows[a].long().tolist()), tuple(rows[b].long().tolist()))
+               for a, b in zip(batch["pair_a"][mask], batch["pair_b"][mask])]
+        assert got == expected
+        # only response tokens are mixed: the target of every mixed row is a response token
+        assert all(exs[j].labels[p + 1] != -100 for (_, p), _ in got)
+
+
+def test_sftmix_loss_equals_naive_mixup_on_a_model(smollm2_path, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)).double()
+    exs = pair_examples(tokenizer)
+    method = SFTMix(chunk_size=5, alpha=0.5)
+    method.seed = 3
+    batch = method.collate(exs, tokenizer.pad_token_id, key=(0, 0))
+    hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    W = model.lm_head.weight
+    terms = method.loss_terms(hidden, W, batch)
+    # naive: full logits; mix the hidden states of aligned response tokens explicitly
+    labels = batch["labels"]
+    ntp = torch.nn.functional.cross_entropy((hidden[:, :-1] @ W.t()).reshape(-1, W.shape[0]),
+                                            labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
+    mix, n_mixed = 0.0, 0
+    for j in range(2):
+        lam = method.draw_lam([(exs[j].id, exs[2 + j].id)], (0, 0))[0].double()
+        pa = (labels[j, 1:] != -100).nonzero().flatten()
+        pb = (labels[2 + j, 1:] != -100).nonzero().flatten()
+        n = min(len(pa), len(pb))
+        h = lam * hidden[j, pa[:n]] + (1 - lam) * hidden[2 + j, pb[:n]]
+        logits = h @ W.t()
+        mix = mix + (lam * torch.nn.functional.cross_entropy(logits, labels[j, pa[:n] + 1], reduction="sum")
+                     + (1 - lam) * torch.nn.functional.cross_entropy(logits, labels[2 + j, pb[:n] + 1], reduction="sum"))
+        n_mixed += n
+    torch.testing.assert_close(terms["ntp"], ntp)
+    torch.testing.assert_close(terms["mix"], mix)
+    assert method.token_counts(batch) == {"ntp": int((labels[:, 1:] != -100).sum()), "mix": n_mixed}
+    # gradients too, through the whole model
+    g_fused = torch.autograd.grad(terms["ntp"] + 0.2 * terms["mix"], W, retain_graph=True)[0]
+    g_naive = torch.autograd.grad(ntp + 0.2 * mix, W)[0]
+    torch.testing.assert_close(g_fused, g_naive)
+
+
+def test_lam_per_batch_and_per_pair():
+    m = SFTMix(lam_per="batch")
+    lam = m.draw_lam([("a", "b"), ("c", "d")], (0, 3))
+    assert lam[0] == lam[1] and torch.equal(lam, m.draw_lam([("x", "y"), ("z", "w")], (0, 3)))
+    p = SFTMix(lam_per="pair", alpha=0.5)
+    many = p.draw_lam([(str(i), str(i + 1)) for i in range(2000)], (0, 0))
+    assert 0.45 < many.mean().item() < 0.55 and ((many < 0.1) | (many > 0.9)).float().mean() > 0.3  # U-shaped Beta(.5,.5)
+    assert torch.equal(many[:5], p.draw_lam([(str(i), str(i + 1)) for i in range(5)], (0, 0)))
+
+
+# --- real runs: ZeRO-3 on 2 ranks against ZeRO-2 and one process, and resume -------------------------------
+
+
+@pytest.fixture(scope="module")
+def confidence_file(tmp_path_factory):
+    with open(os.path.join(ROOT, "sftmix_ds", "builtin_data", "arith_train.jsonl")) as f:
+        ids = [json.loads(line)["id"] for line in f]
+    rng = random.Random(0)
+    path = str(tmp_path_factory.mktemp("conf") / "confidence.jsonl")
+    write_confidence_file(path, confidence_records([{i: rng.uniform(1, 5) for i in ids}]), "test")
+    return path
+
+
+BASE = ["model=tiny", "method=sftmix", "train.max_steps=2", "train.lr=1e-3", "train.warmup_ratio=0",
+        "train.export_dtype=fp32", "train.eval_every=0", "method.mu=0.5"]
+LAYOUTS = {"m8a1r1z3": (8, 1, 0, 3), "m2a2r2z3": (2, 2, 2, 3), "m4a1r2z2": (4, 1, 2, 2)}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, confidence_file):
+    root = tmp_path_factory.mktemp("sftmix_runs")
+    out = {}
+    for name, (mb, accum, nproc, zero) in LAYOUTS.items():
+        out[name] = str(root / name)
+        train_cli(BASE + [f"method.confidence_file={confidence_file}", f"train.micro_batch_size={mb}",
+                          f"train.grad_accum={accum}", f"deepspeed=zero{zero}", f"output_dir={out[name]}"],
+                  nproc=nproc)
+    return out
+
+
+def _metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_sftmix_same_step_under_zero3_zero2_and_one_process(runs):
+    ref = _metrics(runs["m8a1r1z3"])
+    assert all(r["pairs"] == 4 and r["tokens/mix"] > 0 and r["loss/mix"] > 0 for r in ref)
+    ref_w = load_file(os.path.join(runs["m8a1r1z3"], "model", "model.safetensors"))
+    for name, run_dir in runs.items():
+        for r, g in zip(ref, _metrics(run_dir)):
+            for key in ("loss/ntp", "loss/mix", "lam_mean", "tokens/mix"):
+                assert g[key] == pytest.approx(r[key], rel=1e-5), (name, key)
+            assert g["grad_norm"] == pytest.approx(r["grad_norm"], rel=1e-4), name
+        w = load_file(os.path.join(run_dir, "model", "model.safetensors"))
+        for k in ref_w:
+            torch.testing.assert_close(w[k], ref_w[k], rtol=1e-4, atol=1e-6, msg=f"{name}: {k}")
+
+
+def test_sftmix_resume_mid_epoch_continues_the_same_sequence(runs, confidence_file, tmp_path):
+    run_dir = str(tmp_path / "resumed")
+    overrides = BASE + [f"method.confidence_file={confidence_file}", "train.micro_batch_size=2",
+                        "train.grad_accum=2", "deepspeed=zero3", f"output_dir={run_dir}"]
+    train_cli(overrides + ["train.stop_after_steps=1"], nproc=2)
+    train_cli(overrides, nproc=2)
+    ref = runs["m2a2r2z3"]
+    assert _metrics(run_dir) == [{**m, "tokens_per_s": r["tokens_per_s"], "peak_mem_gb": r["peak_mem_gb"]}
+                                 for m, r in zip(_metrics(ref), _metrics(run_dir))]
+    w, ref_w = (load_file(os.path.join(d, "model", "model.safetensors")) for d in (run_dir, ref))
+    assert all(torch.equal(w[k], ref_w[k]) for k in ref_w)
+
+
+def test_confidence_file_for_other_data_is_rejected(tmp_path):
+    path = str(tmp_path / "c.jsonl")
+    write_confidence_file(path, confidence_records([{"not-an-id": 1.0, "other": 2.0}]), "x")
+    proc = train_cli(["model=tiny", "method=sftmix", f"method.confidence_file={path}", f"output_dir={tmp_path}/o"],
+                     check=False)
+    assert proc.returncode == 2 and "does not match the dataset: 192 dataset ids missing" in proc.stderr
+    proc = train_cli(["model=tiny", "method=sftmix", "train.micro_batch_size=3", f"output_dir={tmp_path}/p"],
+                     check=False)
+    assert proc.returncode == 2 and "train.micro_batch_size=3: must be even" in proc.stderr
