@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def run(model: str, steps: int, nproc: int, extra: list) -> dict:
     out = tempfile.mkdtemp(prefix=f"bench-{model}-")
     script = os.path.join(ROOT, "launch", "train.py")
-    overrides = [f"model={model}", f"train.max_steps={steps}", "train.eval_every=0", "train.save_every=0",
+    overrides = [f"model={model}", "method=ntp", f"train.max_steps={steps}", "train.eval_every=0", "train.save_every=0",
                  f"output_dir={out}", "data.eval_files=[]", *extra]
     launcher = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(nproc)] if nproc \
         else [sys.executable]

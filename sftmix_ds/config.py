@@ -114,7 +114,7 @@ class TrainLoopConfig:
     # Stop cleanly (after a checkpoint) at this step, e.g. before a Slurm time
     # limit; a later run with resume=auto continues. 0: run to the end.
     stop_after_steps: int = 0
-    loss_chunk_size: int = 1024
+    loss_chunk_size: int = 0  # rows per LM-head chunk; 0: about 2^25 logits a chunk
     export_dtype: str = "bf16"  # bf16 | fp16 | fp32
     # Also export the model at this many evenly spaced steps, the last at the
     # end, to OUTPUT_DIR/model_step_N (SFTMix's reference run uses this).
@@ -213,9 +213,10 @@ def validate(cfg) -> None:
     _one_of("logger.kind", cfg.logger.kind, ("none", "wandb"))
     _one_of("train.precision", t.precision, ("auto", "bf16", "fp16", "fp32"))
     _one_of("train.export_dtype", t.export_dtype, ("bf16", "fp16", "fp32"))
-    for key in ("micro_batch_size", "grad_accum", "epochs", "loss_chunk_size", "lr"):
+    for key in ("micro_batch_size", "grad_accum", "epochs", "lr"):
         _positive(f"train.{key}", getattr(t, key))
     for key in ("eval_every", "save_every", "stop_after_steps", "keep_checkpoints", "max_grad_norm", "export_count",
+                "loss_chunk_size",
                 "weight_decay", "warmup_ratio"):
         _positive(f"train.{key}", getattr(t, key), zero_ok=True)
     if t.warmup_ratio >= 1:

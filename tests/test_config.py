@@ -18,7 +18,7 @@ def cfg_with(*overrides):
 def test_default_config_composes_and_validates():
     cfg = cfg_with()
     validate(cfg)
-    assert cfg.method.name == "ntp" and cfg.deepspeed.zero_stage == 3 and cfg.model.source == "smollm2"
+    assert cfg.method.name == "sftmix" and cfg.deepspeed.zero_stage == 3 and cfg.model.source == "smollm2"
     assert cfg.data.train_files[0].endswith("sftmix_ds/builtin_data/arith_train.jsonl")
 
 
@@ -57,11 +57,11 @@ def test_local_rank_argument_is_stripped(monkeypatch):
 
 
 def test_cli_rejects_bad_config_and_bad_data_before_training(tmp_path):
-    proc = train_cli(["model=tiny", "train.lrr=1", f"output_dir={tmp_path}/a"], check=False)
+    proc = train_cli(["model=tiny", "method=ntp", "train.lrr=1", f"output_dir={tmp_path}/a"], check=False)
     assert proc.returncode != 0 and "lrr" in proc.stderr
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "q", "output": "a"}\n{"instruction": "q"}\n')
-    proc = train_cli(["model=tiny", "data=jsonl", f"data.train_files=[{bad}]", f"output_dir={tmp_path}/b"],
+    proc = train_cli(["model=tiny", "method=ntp", "data=jsonl", f"data.train_files=[{bad}]", f"output_dir={tmp_path}/b"],
                      check=False)
     assert proc.returncode == 2
     assert f"error: {bad}:2: missing field 'output'" in proc.stderr

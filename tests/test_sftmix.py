@@ -201,7 +201,7 @@ def test_confidence_file_for_other_data_is_rejected(tmp_path):
     write_confidence_file(path, confidence_records([{"not-an-id": 1.0, "other": 2.0}]), "x")
     proc = train_cli(["model=tiny", "method=sftmix", f"method.confidence_file={path}", f"output_dir={tmp_path}/o"],
                      check=False)
-    assert proc.returncode == 2 and "does not match the dataset: 192 dataset ids missing" in proc.stderr
+    assert proc.returncode == 2 and "does not match the dataset: 128 dataset ids missing" in proc.stderr
     proc = train_cli(["model=tiny", "method=sftmix", "train.micro_batch_size=3", f"output_dir={tmp_path}/p"],
                      check=False)
     assert proc.returncode == 2 and "train.micro_batch_size=3: must be even" in proc.stderr

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from .conftest import train_cli
 
-BASE = ["model=tiny", "train.max_steps=2", "train.lr=1e-3", "train.warmup_ratio=0", "train.save_every=0",
+BASE = ["model=tiny", "method=ntp", "train.max_steps=2", "train.lr=1e-3", "train.warmup_ratio=0", "train.save_every=0",
         "train.eval_every=0", "train.export_dtype=fp32", "train.seed=7"]
 # The same global batch of 4 split four ways: (micro, accum, ranks, zero stage).
 LAYOUTS = {"m4a1r1z3": (4, 1, 0, 3), "m2a2r1z2": (2, 2, 0, 2), "m1a2r2z3": (1, 2, 2, 3), "m2a1r2z2": (2, 1, 2, 2)}
@@ -95,9 +95,9 @@ def test_stop_then_resume_equals_uninterrupted(runs, tmp_path):
 
 def test_bf16_export_and_no_resume_over_existing_checkpoints(tmp_path):
     run_dir = str(tmp_path / "bf16")
-    train_cli(["model=tiny", "train.max_steps=1", "train.save_every=1", "train.micro_batch_size=2",
+    train_cli(["model=tiny", "method=ntp", "train.max_steps=1", "train.save_every=1", "train.micro_batch_size=2",
                f"output_dir={run_dir}"], nproc=2)
     w = weights(run_dir)
     assert all(v.dtype == torch.bfloat16 and v.numel() > 0 for v in w.values())
-    proc = train_cli(["model=tiny", "train.max_steps=1", "resume=none", f"output_dir={run_dir}"], check=False)
+    proc = train_cli(["model=tiny", "method=ntp", "train.max_steps=1", "resume=none", f"output_dir={run_dir}"], check=False)
     assert proc.returncode == 2 and "resume=none but" in proc.stderr

@@ -11,7 +11,7 @@ import os
 import reasoning_gym
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SPLITS = {"arith_train.jsonl": (192, 1234), "arith_eval.jsonl": (48, 5678)}
+SPLITS = {"arith_train.jsonl": (128, 1234), "arith_eval.jsonl": (32, 5678)}
 
 
 def solution(entry: dict, task: str) -> str:

@@ -13,10 +13,12 @@ from typing import Dict, List, Sequence
 import torch
 
 from ..data import IGNORE, Example, collate
+from ..losses import auto_chunk_rows
 
 
 def token_nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
     """-log p(target) for each row of hidden [M, d], in fp32, one [chunk, V] block at a time."""
+    chunk_size = chunk_size or auto_chunk_rows(weight.shape[0])
     out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     for s in range(0, hidden.shape[0], chunk_size):
         z = (hidden[s:s + chunk_size] @ weight.t()).float()
@@ -24,7 +26,7 @@ def token_nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     return out
 
 
-def example_nll(hidden: torch.Tensor, weight: torch.Tensor, batch: dict, chunk_size: int = 1024) -> dict:
+def example_nll(hidden: torch.Tensor, weight: torch.Tensor, batch: dict, chunk_size: int = 0) -> dict:
     """Per-example sum of response-token NLL and response-token count; runs inside the engine's forward."""
     target = batch["labels"][:, 1:]
     mask = target != IGNORE

@@ -23,6 +23,14 @@ import torch.nn.functional as F
 IGNORE = -100
 
 
+CHUNK_ELEMENTS = 1 << 25  # logits per chunk in auto mode: 128 MiB in fp32
+
+
+def auto_chunk_rows(vocab_size: int) -> int:
+    """Rows per chunk so one chunk's [rows, V] logits hold about CHUNK_ELEMENTS values."""
+    return max(1, CHUNK_ELEMENTS // vocab_size)
+
+
 def _acc(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype: fp32 for 16-bit inputs, else the input's own."""
     return torch.promote_types(dtype, torch.float32)
@@ -134,15 +142,17 @@ class _FusedSFTMixLoss(torch.autograd.Function):
 
 
 def fused_sftmix_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, pair_a: torch.Tensor,
-                      pair_b: torch.Tensor, lam: torch.Tensor, chunk_size: int = 1024):
+                      pair_b: torch.Tensor, lam: torch.Tensor, chunk_size: int = 0):
     """(ntp_sum, mix_sum) as fp32 scalars (fp64 for fp64 inputs); see the module docstring. Gradients to hidden and weight are exact.
 
     hidden [M, d], weight [V, d], labels [M] (may hold -100), pair_a/pair_b [P]
     row indices into hidden, lam [P]. P = 0 gives plain next-token CE.
+    chunk_size: rows per chunk; 0 picks auto_chunk_rows(V).
     """
     if pair_a.shape != pair_b.shape or pair_a.shape != lam.shape:
         raise ValueError(f"pair_a {tuple(pair_a.shape)}, pair_b {tuple(pair_b.shape)} and lam {tuple(lam.shape)} "
                          "must have the same shape")
+    chunk_size = chunk_size or auto_chunk_rows(weight.shape[0])
     return _FusedSFTMixLoss.apply(hidden, weight, labels, pair_a.long(), pair_b.long(), lam, chunk_size)
 
 

@@ -23,7 +23,7 @@ class NTP:
 
     weights = {"ntp": 1.0}
 
-    def __init__(self, name: str = "ntp", chunk_size: int = 1024, **_stage_options):
+    def __init__(self, name: str = "ntp", chunk_size: int = 0, **_stage_options):
         self.name = name
         self.chunk_size = chunk_size
 

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 class SFTMix(NTP):
-    def __init__(self, name: str = "sftmix", chunk_size: int = 1024, mu: float = 0.2, alpha: float = 0.5,
+    def __init__(self, name: str = "sftmix", chunk_size: int = 0, mu: float = 0.2, alpha: float = 0.5,
                  lam_per: str = "pair", **stage1_options):
         super().__init__(name, chunk_size)
         self.weights = {"ntp": 1.0, "mix": mu}
