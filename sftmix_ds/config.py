@@ -103,6 +103,7 @@ class TrainLoopConfig:
     lr: float = 2e-5
     weight_decay: float = 0.0
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    adam_eps: float = 1e-8
     warmup_ratio: float = 0.1
     min_lr_ratio: float = 0.0
     max_grad_norm: float = 1.0
@@ -217,7 +218,7 @@ def validate(cfg) -> None:
         _positive(f"train.{key}", getattr(t, key))
     for key in ("eval_every", "save_every", "stop_after_steps", "keep_checkpoints", "max_grad_norm", "export_count",
                 "loss_chunk_size",
-                "weight_decay", "warmup_ratio"):
+                "weight_decay", "warmup_ratio", "adam_eps"):
         _positive(f"train.{key}", getattr(t, key), zero_ok=True)
     if t.warmup_ratio >= 1:
         raise ConfigError(f"train.warmup_ratio={t.warmup_ratio}: must be < 1")

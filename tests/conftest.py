@@ -27,20 +27,24 @@ def tokenizer(smollm2_path):
     return AutoTokenizer.from_pretrained(smollm2_path)
 
 
-def train_cli(overrides, nproc=0, timeout=600, check=True):
-    """Run launch/train.py for real: nproc=0 as plain python, else through the deepspeed launcher."""
+def launch_cli(script, overrides, nproc=0, timeout=600, check=True):
+    """Run launch/<script> for real: nproc=0 as plain python, else through the deepspeed launcher."""
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    script = os.path.join(ROOT, "launch", "train.py")
+    path = os.path.join(ROOT, "launch", script)
     if nproc:
         import socket
 
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        cmd = [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(port), script, *overrides]
+        cmd = [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(port), path, *overrides]
     else:
-        cmd = [PY, script, *overrides]
+        cmd = [PY, path, *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def train_cli(overrides, nproc=0, timeout=600, check=True):
+    return launch_cli("train.py", overrides, nproc, timeout, check)

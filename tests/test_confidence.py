@@ -13,7 +13,7 @@ from sftmix_ds.confidence import (CONFIDENT, UNCONFIDENT, ConfidenceFileError, c
 from sftmix_ds.data import collate, encode
 from sftmix_ds.data.tokenize import Example
 
-from .conftest import ROOT, PY, train_cli
+from .conftest import ROOT, launch_cli
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": "2+3 = 5"}],
@@ -89,17 +89,7 @@ def _confidence(run_dir):
 
 
 def score_cli(overrides, nproc=0):
-    import subprocess
-    import sys
-
-    from .conftest import DEEPSPEED
-
-    script = os.path.join(ROOT, "launch", "score.py")
-    cmd = ([DEEPSPEED, "--num_gpus", str(nproc), script] if nproc else [PY, script]) + overrides
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
+    return launch_cli("score.py", overrides, nproc)
 
 
 @pytest.fixture(scope="module")
@@ -139,13 +129,38 @@ def test_two_ranks_zero3_score_like_one_process(stage1):
     given = [f"method.score_checkpoints=[{','.join(ckpts)}]"]
     one, two = str(stage1["root"] / "one"), str(stage1["root"] / "two")
     score_cli(stage1["common"] + given + [f"output_dir={one}"])
+    whole = str(stage1["root"] / "whole")  # below ZeRO-3 the model sits whole on each rank
     score_cli(stage1["common"] + given + [f"output_dir={two}", "deepspeed=zero3"], nproc=2)
-    a, b = _confidence(one), _confidence(two)
-    assert a.keys() == b.keys() and len(a) == 13  # every id exactly once
-    for i in a:
-        assert b[i]["perplexities"] == pytest.approx(a[i]["perplexities"], rel=1e-5)
-        assert b[i]["split"] == a[i]["split"]
+    score_cli(stage1["common"] + given + [f"output_dir={whole}", "deepspeed=zero2"], nproc=2)
+    a = _confidence(one)
+    assert len(a) == 13
+    for b in (_confidence(two), _confidence(whole)):
+        assert a.keys() == b.keys()  # every id exactly once
+        for i in a:
+            assert b[i]["perplexities"] == pytest.approx(a[i]["perplexities"], rel=1e-5)
+            assert b[i]["split"] == a[i]["split"]
     # The given checkpoints are the reference run's, so the scores match stage 1's own.
     ref = _confidence(stage1["run"])
     for i in a:
         assert a[i]["perplexities"] == pytest.approx(ref[i]["perplexities"], rel=1e-6)
+
+
+def test_reference_run_config_uses_the_reference_model():
+    from hydra import compose, initialize_config_dir
+
+    from sftmix_ds.config import CONF_DIR, register_configs, validate
+    from sftmix_ds.confidence.stage import reference_model_config, reference_run_config
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["method=sftmix", "method.reference_model=tiny",
+                                                      "method.checkpoints=3", "train.epochs=3"])
+    validate(cfg)
+    ref = reference_run_config(cfg, reference_model_config(cfg), "/tmp/ref")
+    assert cfg.model.name == "smollm2_135m" and ref.model.name == "tiny" and ref.model.arch.hidden_size == 64
+    assert ref.method.name == "ntp" and ref.train.epochs == 1 and ref.train.export_count == 3
+    assert ref.data.eval_files == [] and ref.output_dir == "/tmp/ref"
+    bad = cfg.copy()
+    bad.method.reference_model = "nope"
+    with pytest.raises(Exception, match="method.reference_model='nope'"):
+        validate(bad)

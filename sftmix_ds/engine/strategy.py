@@ -77,7 +77,7 @@ class DeepSpeedStrategy:
             "bf16": {"enabled": precision == "bf16"},
             "fp16": {"enabled": precision == "fp16"},
             "optimizer": {"type": "AdamW", "params": {
-                "lr": t.lr, "betas": list(t.betas), "eps": 1e-8, "weight_decay": t.weight_decay,
+                "lr": t.lr, "betas": list(t.betas), "eps": t.adam_eps, "weight_decay": t.weight_decay,
                 # DeepSpeed's fused Adam needs CUDA; offload uses DeepSpeedCPUAdam.
                 "torch_adam": not self.on_gpu and not ds.offload_optimizer}},
             "zero_allow_untested_optimizer": True,
