@@ -115,7 +115,7 @@ class TrainLoopConfig:
     # Stop cleanly (after a checkpoint) at this step, e.g. before a Slurm time
     # limit; a later run with resume=auto continues. 0: run to the end.
     stop_after_steps: int = 0
-    loss_chunk_size: int = 0  # rows per LM-head chunk; 0: about 2^25 logits a chunk
+    loss_chunk_size: int = 0  # rows per LM-head chunk; 0: about 2^24 logits a chunk
     export_dtype: str = "bf16"  # bf16 | fp16 | fp32
     # Also export the model at this many evenly spaced steps, the last at the
     # end, to OUTPUT_DIR/model_step_N (SFTMix's reference run uses this).

@@ -70,12 +70,16 @@ class MetricsLog:
             self.wandb.finish()
 
 
+def finished(cfg) -> bool:
+    return os.path.exists(os.path.join(cfg.output_dir, "model", "config.json"))
+
+
 def find_resume(cfg) -> str | None:
     ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
     if cfg.resume == "none":
-        if complete_checkpoints(ckpt_root):
-            raise ConfigError(f"resume=none but {ckpt_root} already holds checkpoints; pass resume=auto to "
-                              "continue, or choose another output_dir")
+        if complete_checkpoints(ckpt_root) or finished(cfg):
+            raise ConfigError(f"resume=none but {cfg.output_dir} already holds checkpoints or a finished model; "
+                              "pass resume=auto to continue, or choose another output_dir")
         return None
     if cfg.resume == "auto":
         done = complete_checkpoints(ckpt_root)
@@ -118,6 +122,10 @@ def train(cfg) -> dict:
     rank, _, world_size = dist_env()
     t = cfg.train
     resume_from = find_resume(cfg)
+    if cfg.resume == "auto" and finished(cfg):
+        log.info("%s/model exists: this run is finished (resume=none with a new output_dir trains again)",
+                 cfg.output_dir)
+        return {}
     model_path = prepare_model(cfg.model, cfg.model_cache_dir)
     tokenizer, pad_id = load_tokenizer(model_path)
     train_set = load_split(cfg.data, tokenizer, cfg.data.train_files)

@@ -102,5 +102,10 @@ def test_bf16_export_and_no_resume_over_existing_checkpoints(tmp_path):
                f"output_dir={run_dir}"], nproc=2)
     w = weights(run_dir)
     assert all(v.dtype == torch.bfloat16 and v.numel() > 0 for v in w.values())
-    proc = train_cli(["model=tiny", "method=ntp", "train.max_steps=1", "resume=none", f"output_dir={run_dir}"], check=False)
+    proc = train_cli(["model=tiny", "method=ntp", "train.max_steps=1", "resume=none", f"output_dir={run_dir}"],
+                     check=False)
     assert proc.returncode == 2 and "resume=none but" in proc.stderr
+    before = os.path.getmtime(os.path.join(run_dir, "model", "model.safetensors"))
+    proc = train_cli(["model=tiny", "method=ntp", "train.max_steps=1", f"output_dir={run_dir}"])
+    assert "this run is finished" in proc.stderr  # resume=auto after the end: nothing redone, nothing lost
+    assert os.path.getmtime(os.path.join(run_dir, "model", "model.safetensors")) == before

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 IGNORE = -100
 
 
-CHUNK_ELEMENTS = 1 << 25  # logits per chunk in auto mode: 128 MiB in fp32
+CHUNK_ELEMENTS = 1 << 24  # logits per chunk in auto mode: 64 MiB in fp32
 
 
 def auto_chunk_rows(vocab_size: int) -> int:
