@@ -15,6 +15,21 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 
+JUDGE_PROMPT = """You are grading an answer against a gold answer.
+
+Question:
+{question}
+
+Gold answer:
+{gold}
+
+Candidate answer:
+{candidate}
+
+Does the candidate answer reach the same final answer as the gold answer? \
+Reply with one line: VERDICT: yes or VERDICT: no."""
+
+
 class ConfigError(ValueError):
     """A config value is wrong; the message names the key."""
 
@@ -45,6 +60,11 @@ class DataConfig:
     # What to do with an example longer than max_length: truncate | drop.
     overlong: str = "truncate"
     cache_dir: str = "${oc.env:SFTMIX_CACHE,${oc.env:HOME}/.cache/sftmix_ds}/tokenized"
+    # S3FT: how a generated answer is checked (numeric | exact | python_tests | llm | a dotted
+    # path to judge(record, candidate) -> bool), and the record field holding the gold answer
+    # (the gold response when the field is absent).
+    judge: str = "exact"
+    answer_field: str = "answer"
 
 
 @dataclass
@@ -71,6 +91,36 @@ class SFTMixConfig(MethodConfig):
     mu: float = 0.2
     alpha: float = 0.5
     lam_per: str = "pair"  # pair | batch
+
+
+PARAPHRASE_PROMPT = """Here is a question and its answer.
+
+Question:
+{question}
+
+Answer:
+{gold}
+
+Write the same answer again in your own style, keeping every step and the final answer exactly as they are. \
+Reply with the answer only."""
+
+
+@dataclass
+class S3FTConfig(MethodConfig):
+    name: str = "s3ft"
+    _target_: str = "sftmix_ds.methods.s3ft.S3FT"
+    # A targets file from an earlier build (launch/s3ft_build.py) skips the build.
+    targets_file: Optional[str] = None
+    generation_prompt: str = "{question}"
+    paraphrase_prompt: str = PARAPHRASE_PROMPT
+    judge_prompt: str = JUDGE_PROMPT
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop_strings: List[str] = field(default_factory=list)
+    generate_batch_size: int = 16
+    write_every: int = 64  # examples per appended chunk of the targets file
 
 
 @dataclass
@@ -169,6 +219,7 @@ def register_configs() -> None:
     cs.store(group="data", name="data_schema", node=DataConfig)
     cs.store(group="method", name="ntp_schema", node=MethodConfig)
     cs.store(group="method", name="sftmix_schema", node=SFTMixConfig)
+    cs.store(group="method", name="s3ft_schema", node=S3FTConfig)
     cs.store(group="deepspeed", name="deepspeed_schema", node=DeepSpeedConfig)
     cs.store(group="logger", name="logger_schema", node=LoggerConfig)
 
@@ -238,5 +289,16 @@ def validate(cfg) -> None:
         if cfg.method.reference_model and not os.path.isfile(model_config_path(cfg.method.reference_model)):
             raise ConfigError(f"method.reference_model={cfg.method.reference_model!r}: no conf/model/"
                               f"{cfg.method.reference_model}.yaml")
+    if cfg.method.name == "s3ft":
+        _positive("method.max_new_tokens", cfg.method.max_new_tokens)
+        _positive("method.generate_batch_size", cfg.method.generate_batch_size)
+        _positive("method.write_every", cfg.method.write_every)
+        if d.judge not in ("numeric", "exact", "python_tests", "llm") and "." not in d.judge:
+            raise ConfigError(f"data.judge={d.judge!r}: use numeric, exact, python_tests, llm or a dotted path")
+        for key, fields in (("paraphrase_prompt", ("{question}", "{gold}")), ("generation_prompt", ("{question}",)),
+                            ("judge_prompt", ("{question}", "{gold}", "{candidate}"))):
+            missing = [f for f in fields if f not in cfg.method[key]]
+            if missing:
+                raise ConfigError(f"method.{key}: must contain {', '.join(missing)}")
     if cfg.resume not in ("auto", "none") and not os.path.isdir(cfg.resume):
         raise ConfigError(f"resume={cfg.resume!r}: must be auto, none, or an existing checkpoint folder")

@@ -131,7 +131,7 @@ def train(cfg) -> dict:
     train_set = load_split(cfg.data, tokenizer, cfg.data.train_files)
     eval_set = load_split(cfg.data, tokenizer, cfg.data.eval_files) if cfg.data.eval_files else []
     method = instantiate(cfg.method, chunk_size=t.loss_chunk_size)
-    method.before_training(cfg, train_set)
+    train_set = method.before_training(cfg, train_set, tokenizer)
 
     random.seed(t.seed)
     np.random.seed(t.seed)

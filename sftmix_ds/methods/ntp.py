@@ -27,8 +27,9 @@ class NTP:
         self.name = name
         self.chunk_size = chunk_size
 
-    def before_training(self, cfg, train_set) -> None:
-        pass
+    def before_training(self, cfg, train_set, tokenizer):
+        """A stage before training; returns the examples to train on."""
+        return train_set
 
     def batches(self, train_set, train_cfg, world_size: int, rank: int) -> Batches:
         return Batches(len(train_set), train_cfg.micro_batch_size, train_cfg.grad_accum, world_size, rank,

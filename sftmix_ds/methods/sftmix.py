@@ -32,11 +32,12 @@ class SFTMix(NTP):
         self.split = None  # id -> confident | unconfident
         self.seed = 0
 
-    def before_training(self, cfg, train_set) -> None:
+    def before_training(self, cfg, train_set, tokenizer):
         path = run_confidence_stage(cfg)
         records = read_confidence_file(path, expected_ids=[e.id for e in train_set])
         self.split = {r["id"]: r["split"] for r in records}
         self.seed = cfg.train.seed
+        return train_set
 
     def batches(self, train_set, train_cfg, world_size: int, rank: int) -> PairBatches:
         confident = [i for i, e in enumerate(train_set) if self.split[e.id] == CONFIDENT]

@@ -1,0 +1,141 @@
+"""S3FT: the sandbox, the judges, the leak filter, and the target build end to end."""
+import json
+import os
+
+import pytest
+
+from sftmix_ds.s3ft import (LLMJudge, exact, leaks_prompt, numeric, parse_verdict, python_tests, read_done,
+                            resolve_judge, run_python)
+
+from .conftest import ROOT, launch_cli, train_cli
+
+HOSTILE = {
+    "infinite loop": "while True:\n    pass",
+    "memory hog": "x = bytearray(8 << 30)",
+    "fork bomb": "import os\nwhile True:\n    os.fork()",
+    "writes outside its directory": "open({target!r}, 'w').write('pwned')",
+    "opens a socket": "import socket\nsocket.create_connection(('127.0.0.1', 9))",
+    "raw socket module": "import _socket\ns = _socket.socket()\ns.connect(('127.0.0.1', 9))",
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_sandbox_contains_hostile_code(name, tmp_path):
+    target = str(tmp_path / "outside.txt")
+    result = run_python(HOSTILE[name].format(target=target), timeout_s=3, memory_mb=512)
+    assert not result.passed
+    assert not os.path.exists(target)
+    assert run_python("assert sum(range(4)) == 6").passed  # the next check runs normally
+
+
+def test_sandbox_environment_is_empty(monkeypatch):
+    monkeypatch.setenv("SECRET_TOKEN", "x")
+    assert run_python("import os\nassert 'SECRET_TOKEN' not in os.environ\nassert os.getcwd().startswith('/tmp')").passed
+
+
+def humaneval(n):
+    with open(os.path.join(ROOT, "sftmix_ds", "builtin_data", "humaneval.jsonl")) as f:
+        return [json.loads(line) for line in f][:n]
+
+
+def test_python_tests_judge_on_humaneval():
+    problems = humaneval(4)
+    assert all(python_tests(p, p["completion"]) for p in problems)  # gold solutions pass
+    body_only = problems[0]["completion"].split('"""\n', 2)[-1].replace("```", "")
+    assert python_tests(problems[0], body_only)  # a bare body gets the stub prepended
+    wrong = f"```python\ndef {problems[0]['entry_point']}(*args):\n    return None\n```"
+    assert not python_tests(problems[0], wrong)
+    assert not python_tests(problems[0], "```python\nwhile True: pass\n```", timeout_s=2)
+
+
+@pytest.mark.parametrize("gold,candidate,expected", [
+    ("1234", "First 1000 + 234.\nThe answer is 1,234.", True), ("-4", "so x = -4", True),
+    ("0.5", "The answer is 0.50", True), ("12", "The answer is 13.", False), ("7", "no idea", False)])
+def test_numeric_judge(gold, candidate, expected):
+    assert numeric({"answer": gold}, candidate) is expected
+
+
+def test_exact_judge_normalises():
+    assert exact({"answer": "New Delhi"}, "Let me think.\nnew delhi.")
+    assert exact({"answer": "The Hague"}, "hague")
+    assert not exact({"answer": "Paris"}, "Lyon")
+
+
+def test_llm_judge_parses_a_verdict_and_counts_anything_else_as_no():
+    prompts_seen = []
+
+    def scripted(prompts):
+        prompts_seen.extend(prompts)
+        return ["Reasoning...\nVERDICT: yes", "VERDICT: NO", "I think it is right", "verdict: Yes."]
+
+    verdicts = LLMJudge(scripted).judge_many([("q1", "g1", "c1"), ("q2", "g2", "c2"), ("q3", "g3", "c3"),
+                                               ("q4", "g4", "c4")])
+    assert verdicts == [True, False, False, True]
+    assert "q2" in prompts_seen[1] and "g2" in prompts_seen[1] and "c2" in prompts_seen[1]
+    assert not parse_verdict("") and parse_verdict("VERDICT: no ... VERDICT: yes")
+
+
+def test_leak_filter_and_judge_resolution():
+    assert leaks_prompt("Here is the reference answer rewritten: 5")
+    assert leaks_prompt("Your response was correct, the answer is 5")
+    assert not leaks_prompt("First add 2 and 3, which gives 5. The answer is 5.")
+    assert resolve_judge("sftmix_ds.s3ft.judges.numeric") is numeric
+    with pytest.raises(ValueError, match="unknown judge"):
+        resolve_judge("fuzzy")
+
+
+def _data(tmp_path, n):
+    path = tmp_path / "d.jsonl"
+    with open(os.path.join(ROOT, "sftmix_ds", "builtin_data", "arith_train.jsonl")) as f:
+        lines = f.readlines()
+    path.write_text("".join(lines[:n // 2] + lines[64:64 + n - n // 2]))  # arithmetic and leg counting
+    return str(path)
+
+
+def test_build_with_smollm2_routes_every_example_correctly(tmp_path):
+    out = tmp_path / "run"
+    launch_cli("s3ft_build.py", ["data=jsonl", "data.judge=numeric", f"data.train_files=[{_data(tmp_path, 6)}]",
+                                 "method.max_new_tokens=32", f"output_dir={out}"])
+    records = read_done(str(out / "s3ft" / "targets.jsonl"))
+    assert len(records) == 6
+    for r in records.values():
+        target = r["messages"][-1]["content"]
+        assert r["messages"][-1]["role"] == "assistant" and r["source"] in ("own", "paraphrase", "gold")
+        judged = numeric({"answer": r["answer"]}, r["own"])
+        assert r["own_correct"] == judged
+        if r["source"] == "own":
+            assert target == r["own"]
+        elif r["source"] == "paraphrase":
+            assert target == r["paraphrase"] and not leaks_prompt(target)
+            assert numeric({"answer": r["answer"]}, target) and not r["own_correct"]
+        else:
+            assert target == r["gold"] and not r["own_correct"] and not r["paraphrase_correct"]
+    with open(out / "s3ft" / "mix.json") as f:
+        mix = json.load(f)
+    assert sum(mix["counts"].values()) == 6
+
+
+def test_build_on_two_ranks_once_each_and_resume_after_a_crash(tmp_path):
+    out = tmp_path / "run"
+    args = ["model=tiny", "data=jsonl", "data.judge=numeric", f"data.train_files=[{_data(tmp_path, 7)}]",
+            "method.max_new_tokens=4", "method.write_every=3", f"output_dir={out}"]
+    launch_cli("s3ft_build.py", args, nproc=2)
+    path = out / "s3ft" / "targets.jsonl"
+    lines = path.read_text().splitlines()
+    assert len(lines) == 7 and len({json.loads(line)["id"] for line in lines}) == 7
+    # A crash mid-write: two records and a torn third line remain.
+    path.write_text("\n".join(lines[:2]) + "\n" + lines[2][:25])
+    proc = launch_cli("s3ft_build.py", args)
+    assert "2 already built, 5 pending" in proc.stderr
+    assert sorted(read_done(str(path))) == sorted(json.loads(line)["id"] for line in lines)
+
+
+def test_method_s3ft_trains_on_the_built_targets(tmp_path):
+    out = tmp_path / "run"
+    train_cli(["model=tiny", "method=s3ft", "data=jsonl", "data.judge=numeric",
+               f"data.train_files=[{_data(tmp_path, 8)}]", "method.max_new_tokens=4", "train.micro_batch_size=4",
+               f"output_dir={out}"])
+    assert len(read_done(str(out / "s3ft" / "targets.jsonl"))) == 8
+    with open(out / "metrics.jsonl") as f:
+        assert len(f.readlines()) == 2  # 8 targets / global batch 4
+    assert (out / "model" / "model.safetensors").exists()
