@@ -6,7 +6,6 @@ preparation can never hit a collective timeout.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -24,6 +23,7 @@ from .config import ConfigError, validate
 from .data import Batches, collate, load_split
 from .engine import PREFIX, DeepSpeedStrategy, LossModule, complete_checkpoints, dist_env
 from .models import load_tokenizer, prepare_model
+from .tracking import MetricsLog
 
 log = logging.getLogger("sftmix_ds")
 
@@ -39,35 +39,6 @@ def setup_logging(rank: int, output_dir: str) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # DeepSpeed still calls collectives that torch marks deprecated, on every step.
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-
-
-class MetricsLog:
-    """metrics.jsonl in the run folder, and wandb when configured; rank 0 only."""
-
-    def __init__(self, cfg, enabled: bool, fresh: bool):
-        self.enabled = enabled
-        self.path = os.path.join(cfg.output_dir, "metrics.jsonl")
-        if enabled and fresh and os.path.exists(self.path):
-            os.remove(self.path)
-        self.wandb = None
-        if enabled and cfg.logger.kind == "wandb":
-            import wandb
-
-            lc = cfg.logger
-            self.wandb = wandb.init(project=lc.project, mode=lc.mode, group=lc.group, name=lc.run_name,
-                                    dir=cfg.output_dir, config=OmegaConf.to_container(cfg, resolve=True))
-
-    def log(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
-
-    def close(self) -> None:
-        if self.wandb is not None:
-            self.wandb.finish()
 
 
 def finished(cfg) -> bool:

@@ -50,7 +50,9 @@ def test_python_tests_judge_on_humaneval():
 
 @pytest.mark.parametrize("gold,candidate,expected", [
     ("1234", "First 1000 + 234.\nThe answer is 1,234.", True), ("-4", "so x = -4", True),
-    ("0.5", "The answer is 0.50", True), ("12", "The answer is 13.", False), ("7", "no idea", False)])
+    ("0.5", "The answer is 0.50", True), ("12", "The answer is 13.", False), ("7", "no idea", False),
+    ("40", "She pays $40 in total.", True), ("1500", "It weighs 1,500 kg", True), ("3", "3 apples and 2 pears", False),
+    ("-12", "The temperature drops to -12 degrees.", True)])
 def test_numeric_judge(gold, candidate, expected):
     assert numeric({"answer": gold}, candidate) is expected
 
@@ -118,11 +120,18 @@ def test_build_with_smollm2_routes_every_example_correctly(tmp_path):
 def test_build_on_two_ranks_once_each_and_resume_after_a_crash(tmp_path):
     out = tmp_path / "run"
     args = ["model=tiny", "data=jsonl", "data.judge=numeric", f"data.train_files=[{_data(tmp_path, 7)}]",
-            "method.max_new_tokens=4", "method.write_every=3", f"output_dir={out}"]
+            "method.max_new_tokens=4", "method.write_every=3", "method.generate_batch_size=1", f"output_dir={out}"]
     launch_cli("s3ft_build.py", args, nproc=2)
     path = out / "s3ft" / "targets.jsonl"
     lines = path.read_text().splitlines()
     assert len(lines) == 7 and len({json.loads(line)["id"] for line in lines}) == 7
+    # Greedy generation one prompt at a time gives the same text however prompts are dealt to ranks.
+    single = tmp_path / "single"
+    launch_cli("s3ft_build.py", args[:-1] + [f"output_dir={single}"])
+    one = read_done(str(single / "s3ft" / "targets.jsonl"))
+    two = {json.loads(line)["id"]: json.loads(line) for line in lines}
+    assert {i: (r["own"], r["paraphrase"]) for i, r in one.items()} == {i: (r["own"], r["paraphrase"])
+                                                                       for i, r in two.items()}
     # A crash mid-write: two records and a torn third line remain.
     path.write_text("\n".join(lines[:2]) + "\n" + lines[2][:25])
     proc = launch_cli("s3ft_build.py", args)
@@ -134,8 +143,45 @@ def test_method_s3ft_trains_on_the_built_targets(tmp_path):
     out = tmp_path / "run"
     train_cli(["model=tiny", "method=s3ft", "data=jsonl", "data.judge=numeric",
                f"data.train_files=[{_data(tmp_path, 8)}]", "method.max_new_tokens=4", "train.micro_batch_size=4",
-               f"output_dir={out}"])
+               "logger=wandb", f"output_dir={out}"])
+    assert list((out / "s3ft" / "wandb").glob("offline-run-*"))  # the target mix, as its own wandb run
     assert len(read_done(str(out / "s3ft" / "targets.jsonl"))) == 8
     with open(out / "metrics.jsonl") as f:
         assert len(f.readlines()) == 2  # 8 targets / global batch 4
     assert (out / "model" / "model.safetensors").exists()
+
+
+def test_target_selection_on_a_scripted_model():
+    from omegaconf import OmegaConf
+
+    from sftmix_ds.config import S3FTConfig
+    from sftmix_ds.data.formats import Conversation
+    from sftmix_ds.s3ft.build import build_chunk, make_judge
+
+    # question -> (own answer, paraphrase); gold answers are all 7
+    script = {"own right": ("The answer is 7.", None),
+              "paraphrase right": ("The answer is 8.", "Adding up gives 7. The answer is 7."),
+              "both wrong": ("The answer is 8.", "The answer is 9."),
+              "paraphrase leaks": ("no idea", "The reference answer says 7, so the answer is 7.")}
+
+    def scripted(prompts, desc=""):
+        out = []
+        for messages in prompts:
+            text = messages[-1]["content"]
+            question = next(q for q in script if q in text)
+            out.append(script[question][0] if text == question else script[question][1])
+        return out
+
+    convs = [Conversation(q, [{"role": "user", "content": q}, {"role": "assistant", "content": "It is 7."}], "t",
+                          {"answer": "7"}) for q in script]
+    m = OmegaConf.structured(S3FTConfig)
+    d = OmegaConf.create({"answer_field": "answer"})
+    same_rank = lambda items, fn: fn(items)
+    records = build_chunk(convs, m, d, scripted, make_judge("numeric", scripted, m.judge_prompt, same_rank),
+                          same_rank)
+    got = {r["id"]: (r["source"], r["messages"][-1]["content"]) for r in records}
+    assert got == {"own right": ("own", "The answer is 7."),
+                   "paraphrase right": ("paraphrase", "Adding up gives 7. The answer is 7."),
+                   "both wrong": ("gold", "It is 7."), "paraphrase leaks": ("gold", "It is 7.")}
+    leaked = next(r for r in records if r["id"] == "paraphrase leaks")
+    assert leaked["paraphrase_leaked"] and not leaked["paraphrase_correct"]

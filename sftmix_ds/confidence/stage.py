@@ -24,6 +24,7 @@ from ..config import load_model_config, resolve_precision
 from ..data import load_split
 from ..engine import DeepSpeedStrategy, LossModule, dist_env
 from ..models import load_tokenizer, prepare_model
+from ..tracking import log_stage_summary
 from .scoring import example_nll, score, scoring_plan
 from .split import confidence_records, plot_confidence, summarize, write_confidence_file
 
@@ -108,7 +109,7 @@ def run_confidence_stage(cfg) -> str:
         plot_confidence(records, os.path.join(stage_dir, "confidence.png"))
         with open(os.path.join(stage_dir, "summary.json"), "w") as f:
             json.dump({**summary, "checkpoints": checkpoints}, f, indent=1)
-        _log_to_wandb(cfg, summary, stage_dir)
+        log_stage_summary(cfg, "confidence", summary, stage_dir, os.path.join(stage_dir, "confidence.png"))
     log.info("stage 1: %s -> %s", summary, out_path)
     DeepSpeedStrategy.barrier_if_initialized()
     return out_path
@@ -134,15 +135,3 @@ def score_checkpoint(cfg, model_path: str, examples, pad_id: int, stage_dir: str
             json.dump(perplexity, f)
         os.replace(cache + ".tmp", cache)
     return perplexity
-
-
-def _log_to_wandb(cfg, summary: dict, stage_dir: str) -> None:
-    if cfg.logger.kind != "wandb":
-        return
-    import wandb
-
-    run = wandb.init(project=cfg.logger.project, mode=cfg.logger.mode, group=cfg.logger.group,
-                     name=f"{cfg.logger.run_name or 'sftmix'}-confidence", dir=stage_dir, job_type="confidence")
-    run.summary.update({f"confidence/{k}": v for k, v in summary.items()})
-    run.log({"confidence/histogram": wandb.Image(os.path.join(stage_dir, "confidence.png"))})
-    run.finish()

@@ -20,6 +20,7 @@ from typing import List
 from ..data import load_conversations
 from ..engine import DeepSpeedStrategy, dist_env
 from ..models import prepare_model
+from ..tracking import log_stage_summary
 from .generate import Generator, across_ranks
 from .judges import LLMJudge, resolve_judge
 
@@ -89,8 +90,11 @@ def build_targets(cfg) -> str:
     share = {s: mix[s] / max(len(done), 1) for s in SOURCES}
     log.info("s3ft targets: %s", ", ".join(f"{s} {mix[s]} ({100 * share[s]:.1f}%)" for s in SOURCES))
     if rank == 0:
-        with open(os.path.join(os.path.dirname(os.path.abspath(path)), "mix.json"), "w") as f:
+        folder = os.path.dirname(os.path.abspath(path))
+        with open(os.path.join(folder, "mix.json"), "w") as f:
             json.dump({"counts": {s: mix[s] for s in SOURCES}, "share": share}, f, indent=1)
+        log_stage_summary(cfg, "s3ft", {**{f"count_{s}": mix[s] for s in SOURCES},
+                                        **{f"share_{s}": share[s] for s in SOURCES}}, folder)
     return path
 
 

@@ -1,0 +1,93 @@
+"""S3FT stage costs and the target mix on SmolLM2-135M-Instruct, in one run:
+
+  (a) generation throughput (new tokens/s): the stage's batched, length-sorted, KV-cached
+      generation against a naive loop that generates one example at a time, same prompts
+  (b) the target mix (own / paraphrase / gold) of a real build on the embedded arith data
+
+    python benchmarks/s3ft.py [--prompts 32] [--max-new-tokens 64] [--mix-examples 128]
+
+Writes benchmarks/results/s3ft_<cpu|gpu>.md.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--mix-examples", type=int, default=128)
+    args = ap.parse_args()
+    import torch
+    from omegaconf import OmegaConf
+
+    from sftmix_ds.data import load_conversations
+    from sftmix_ds.models import prepare_model
+    from sftmix_ds.s3ft.generate import Generator
+
+    gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if gpu else "cpu")
+    cache = os.path.join(os.environ.get("SFTMIX_CACHE", os.path.expanduser("~/.cache/sftmix_ds")), "models")
+    path = prepare_model(OmegaConf.create({"name": "smollm2_135m", "source": "smollm2"}), cache)
+    data = os.path.join(ROOT, "sftmix_ds", "builtin_data", "arith_train.jsonl")
+    convs = load_conversations([data])
+    prompts = [c.messages[:-1] for c in convs[::max(1, len(convs) // args.prompts)][:args.prompts]]
+    gen = Generator(path, device, torch.bfloat16 if gpu else torch.float32, max_new_tokens=args.max_new_tokens,
+                    batch_size=args.batch_size)
+    count = lambda texts: sum(len(gen.tokenizer(t, add_special_tokens=False).input_ids) + 1 for t in texts)
+    gen(prompts[:2], progress=False)  # warm-up
+    start = time.perf_counter()
+    batched = gen(prompts, progress=False)
+    t_batched = time.perf_counter() - start
+    naive, start = [], time.perf_counter()
+    with torch.no_grad():
+        for p in prompts:  # the naive loop: one prompt at a time, as a first script would
+            ids = gen.tokenizer(gen.render(p), return_tensors="pt", add_special_tokens=False).to(device)
+            out = gen.model.generate(**ids, **gen.kwargs)
+            naive.append(gen.tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    t_naive = time.perf_counter() - start
+    same = sum(a == b for a, b in zip(batched, naive))
+    tok_b, tok_n = count(batched), count(naive)
+
+    out_dir = tempfile.mkdtemp(prefix="bench-s3ft-")
+    subset = os.path.join(out_dir, "data.jsonl")
+    with open(data) as f:
+        lines = f.readlines()
+    with open(subset, "w") as f:  # both tasks: the first half arithmetic, the second leg counting
+        f.writelines(lines[:args.mix_examples // 2] + lines[64:64 + args.mix_examples - args.mix_examples // 2])
+    subprocess.run([sys.executable, os.path.join(ROOT, "launch", "s3ft_build.py"), "data=jsonl", "data.judge=numeric",
+                    f"data.train_files=[{subset}]", f"method.max_new_tokens={args.max_new_tokens}",
+                    f"output_dir={out_dir}"], check=True, cwd=ROOT, capture_output=True)
+    with open(os.path.join(out_dir, "s3ft", "mix.json")) as f:
+        mix = json.load(f)
+
+    name = torch.cuda.get_device_name() if gpu else f"CPU ({os.cpu_count()} cores)"
+    text = "\n".join([
+        f"# S3FT stage: {name}", "",
+        f"`python benchmarks/s3ft.py --prompts {args.prompts} --max-new-tokens {args.max_new_tokens} "
+        f"--batch-size {args.batch_size} --mix-examples {args.mix_examples}`; SmolLM2-135M-Instruct, greedy, "
+        f"torch {torch.__version__}.", "",
+        "## (a) generation throughput, same prompts", "",
+        "| stage (batched) new tok/s | naive loop new tok/s | speed-up | identical outputs |", "|---|---|---|---|",
+        f"| {tok_b / t_batched:.0f} | {tok_n / t_naive:.0f} | {(tok_b / t_batched) / (tok_n / t_naive):.1f}x | "
+        f"{same}/{len(prompts)} |", "",
+        f"## (b) target mix on {sum(mix['counts'].values())} embedded arith examples (numeric judge)", "",
+        "| own | paraphrase | gold |", "|---|---|---|",
+        "| " + " | ".join(f"{mix['counts'][s]} ({100 * mix['share'][s]:.1f}%)" for s in ("own", "paraphrase", "gold"))
+        + " |", ""])
+    print(text)
+    with open(os.path.join(ROOT, "benchmarks", "results", f"s3ft_{'gpu' if gpu else 'cpu'}.md"), "w") as f:
+        f.write(text)
+
+
+if __name__ == "__main__":
+    main()
