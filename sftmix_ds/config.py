@@ -165,6 +165,9 @@ class TrainLoopConfig:
     # Stop cleanly (after a checkpoint) at this step, e.g. before a Slurm time
     # limit; a later run with resume=auto continues. 0: run to the end.
     stop_after_steps: int = 0
+    # A NaN/inf loss: stop, or skip the step (needs grad_accum=1); too many in a row stops.
+    nonfinite: str = "stop"  # stop | skip
+    max_nonfinite_steps: int = 3
     loss_chunk_size: int = 0  # rows per LM-head chunk; 0: about 2^24 logits a chunk
     export_dtype: str = "bf16"  # bf16 | fp16 | fp32
     # Also export the model at this many evenly spaced steps, the last at the
@@ -271,6 +274,10 @@ def validate(cfg) -> None:
                 "loss_chunk_size",
                 "weight_decay", "warmup_ratio", "adam_eps"):
         _positive(f"train.{key}", getattr(t, key), zero_ok=True)
+    _one_of("train.nonfinite", t.nonfinite, ("stop", "skip"))
+    if t.nonfinite == "skip" and t.grad_accum != 1:
+        raise ConfigError("train.nonfinite=skip: needs train.grad_accum=1 (a half-accumulated step cannot be "
+                          "taken back); use train.nonfinite=stop")
     if t.warmup_ratio >= 1:
         raise ConfigError(f"train.warmup_ratio={t.warmup_ratio}: must be < 1")
     if len(t.betas) != 2:

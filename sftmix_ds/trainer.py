@@ -10,6 +10,7 @@ import logging
 import os
 import random
 import sys
+import math
 import time
 import warnings
 
@@ -23,7 +24,8 @@ from .config import ConfigError, validate
 from .data import Batches, collate, load_split
 from .engine import PREFIX, DeepSpeedStrategy, LossModule, complete_checkpoints, dist_env
 from .models import load_tokenizer, prepare_model
-from .tracking import MetricsLog
+from .faults import maybe_die, maybe_poison
+from .tracking import MetricsLog, append_jsonl, keep_steps_up_to
 
 log = logging.getLogger("sftmix_ds")
 
@@ -39,6 +41,39 @@ def setup_logging(rank: int, output_dir: str) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # DeepSpeed still calls collectives that torch marks deprecated, on every step.
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+
+
+class NumericalError(RuntimeError):
+    """A non-finite loss or gradient norm; the message names the step, the examples and the values."""
+
+
+class NonFiniteGuard:
+    """What to do about a NaN/inf loss (seen on any rank before backward, so the weights are
+    untouched): `stop`, or `skip` the step (grad_accum=1) until `max_bursts` come in a row."""
+
+    def __init__(self, policy: str, max_in_a_row: int, grad_accum: int):
+        self.policy, self.max_in_a_row, self.grad_accum, self.in_a_row = policy, max_in_a_row, grad_accum, 0
+
+    def non_finite_loss(self, step: int, bad: list) -> bool:
+        """bad: (rank, example ids, loss values) of each rank whose micro-batch went non-finite."""
+        where = f"step {step}: non-finite loss " + "; ".join(f"on rank {r}: {v}, examples {ids}" for r, ids, v in bad)
+        if self.policy == "stop":
+            raise NumericalError(f"{where}; stopping before the update (train.nonfinite=stop)")
+        self.in_a_row += 1
+        if self.in_a_row > self.max_in_a_row:
+            raise NumericalError(f"{where}; {self.in_a_row} steps in a row, more than "
+                                 f"train.max_nonfinite_steps={self.max_in_a_row}: stopping")
+        log.warning("%s; step skipped (%d in a row)", where, self.in_a_row)
+        return True
+
+    def check_grad_norm(self, step: int, grad_norm, skipped: bool, checkpoints) -> None:
+        if skipped:
+            return
+        self.in_a_row = 0
+        if grad_norm is not None and not math.isfinite(grad_norm):
+            last = checkpoints[-1] if checkpoints else "none"
+            raise NumericalError(f"step {step}: gradient norm {grad_norm} after the update; the weights are "
+                                 f"suspect, resume from the last checkpoint ({last}) with a lower lr")
 
 
 def finished(cfg) -> bool:
@@ -126,7 +161,12 @@ def train(cfg) -> dict:
         step = strategy.load_checkpoint(resume_from)["step"]
         log.info("resumed from %s at step %d", resume_from, step)
     metrics = MetricsLog(cfg, enabled=rank == 0, fresh=resume_from is None)
+    samples_path = os.path.join(cfg.output_dir, "samples.jsonl")  # the example ids of every step
+    if rank == 0:
+        for path in (metrics.path, samples_path):  # steps after the checkpoint run again: drop their old lines
+            keep_steps_up_to(path, step)
     ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
+    guard = NonFiniteGuard(t.nonfinite, t.max_nonfinite_steps, t.grad_accum)
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc=f"train {cfg.method.name}",
                dynamic_ncols=True)
     names = list(method.weights)
@@ -141,12 +181,25 @@ def train(cfg) -> dict:
         norms = dict(zip(names, global_counts))
         term_sums = torch.zeros(len(names), dtype=torch.float64)
         lr = strategy.lr()  # the rate this step uses; the scheduler advances inside the step
+        skipped = False
         for b in micro:
             terms = engine(**to_device(b, strategy.device))
+            values = maybe_poison([terms[n].item() for n in names], rank, step + 1)
+            if strategy.any_rank(not all(math.isfinite(v) for v in values)):
+                bad = [(r, [i for i in ids if i], dict(zip(names, v)))
+                       for r, (ids, v) in enumerate(strategy.all_gather_object((b["ids"], values)))
+                       if not all(math.isfinite(x) for x in v)]
+                skipped = guard.non_finite_loss(step + 1, bad)
+                break  # skip policy: no backward and no optimizer step for this step
             loss = sum(method.weights[n] * terms[n] / max(norms[n], 1) for n in names)
             strategy.backward_and_step(loss)
-            term_sums += torch.tensor([terms[n].item() for n in names], dtype=torch.float64)
+            term_sums += torch.tensor(values, dtype=torch.float64)
         step += 1
+        if rank == 0:
+            append_jsonl(samples_path, {"step": step, "ids": [train_set[i].id for i in batches.step_examples(
+                epoch, in_epoch)], **({"skipped": True} if skipped else {})})
+        guard.check_grad_norm(step, strategy.grad_norm(), skipped, complete_checkpoints(ckpt_root))
+        maybe_die("after_step", rank, step)
         sums = strategy.all_reduce_sum(term_sums).tolist()
         tokens = strategy.all_reduce_sum([sum(int(b["attention_mask"].sum()) for b in micro)]).item()
         elapsed = time.perf_counter() - started
@@ -157,6 +210,8 @@ def train(cfg) -> dict:
         record.update({f"tokens/{n}": int(norms[n]) for n in names})
         record["loss"] = sum(method.weights[n] * record[f"loss/{n}"] for n in names)
         record.update(method.step_metrics(micro, strategy))
+        if skipped:
+            record["skipped"] = True
         if eval_set and ((t.eval_every and step % t.eval_every == 0) or step == total_steps):
             record["eval_loss"] = evaluate(engine, strategy, method, eval_set, t.micro_batch_size, pad_id)
         if step % t.log_every == 0 or "eval_loss" in record or step == total_steps:

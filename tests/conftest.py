@@ -27,9 +27,9 @@ def tokenizer(smollm2_path):
     return AutoTokenizer.from_pretrained(smollm2_path)
 
 
-def launch_cli(script, overrides, nproc=0, timeout=600, check=True):
+def launch_cli(script, overrides, nproc=0, timeout=600, check=True, env=None):
     """Run launch/<script> for real: nproc=0 as plain python, else through the deepspeed launcher."""
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
     path = os.path.join(ROOT, "launch", script)
     if nproc:
         import socket
@@ -46,5 +46,5 @@ def launch_cli(script, overrides, nproc=0, timeout=600, check=True):
     return proc
 
 
-def train_cli(overrides, nproc=0, timeout=600, check=True):
-    return launch_cli("train.py", overrides, nproc, timeout, check)
+def train_cli(overrides, nproc=0, timeout=600, check=True, env=None):
+    return launch_cli("train.py", overrides, nproc, timeout, check, env)

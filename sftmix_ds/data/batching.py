@@ -43,6 +43,10 @@ class Batches:
         chunk = self.order(epoch)[step * self.step_size:(step + 1) * self.step_size]
         return chunk + [None] * (self.step_size - len(chunk))
 
+    def step_examples(self, epoch: int, step: int) -> List[int]:
+        """Every example index the whole step (all ranks) trains on."""
+        return [i for i in self.global_step_indices(epoch, step) if i is not None]
+
     def micro_batches(self, epoch: int, step: int) -> List[List[Optional[int]]]:
         """This rank's grad_accum micro-batches for one optimizer step."""
         g = self.global_step_indices(epoch, step)
@@ -103,6 +107,10 @@ class PairBatches(Batches):
             self._units = [units[i] for i in self.order(epoch)]
             self._pair_epoch = epoch
         return self._units
+
+    def step_examples(self, epoch: int, step: int) -> List[int]:
+        units = self.units(epoch)
+        return [i for u in super().step_examples(epoch, step) for i in units[u] if i is not None]
 
     def micro_batches(self, epoch: int, step: int) -> List[List[Optional[int]]]:
         units = self.units(epoch)

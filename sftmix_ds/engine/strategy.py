@@ -19,9 +19,14 @@ import torch
 import torch.distributed as dist
 
 from ..config import resolve_precision
+from ..faults import maybe_die, maybe_disk_full
 
 log = logging.getLogger(__name__)
 COMPLETE = "complete.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read; the message says what is intact."""
 
 
 def dist_env() -> tuple[int, int, int]:
@@ -163,6 +168,10 @@ class DeepSpeedStrategy:
         dist.all_reduce(t)
         return t.cpu()
 
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when `flag` is true on any (so all ranks take the same branch)."""
+        return bool(self.all_reduce_sum([float(flag)]).item() > 0)
+
     def all_gather_object(self, obj) -> list:
         out = [None] * self.world_size
         dist.all_gather_object(out, obj)
@@ -193,9 +202,21 @@ class DeepSpeedStrategy:
         if self.rank == 0:
             shutil.rmtree(folder, ignore_errors=True)  # a partial save from an interrupted run
         self.barrier()
-        self.engine.save_checkpoint(ckpt_root, tag=tag, client_state=client_state)
-        torch.save(_rng_state(), os.path.join(folder, f"rng_rank{self.rank}.pt"))
-        self.barrier()
+        error = None
+        try:
+            self.engine.save_checkpoint(ckpt_root, tag=tag, client_state=client_state)
+            maybe_disk_full(self.rank, step)
+            torch.save(_rng_state(), os.path.join(folder, f"rng_rank{self.rank}.pt"))
+        except OSError as e:  # disk full, quota, lost mount: every rank must learn of it, or the rest hang
+            error = e
+        maybe_die("in_save", self.rank, step)
+        if self.any_rank(error is not None):
+            if self.rank == 0:
+                shutil.rmtree(folder, ignore_errors=True)
+            done = complete_checkpoints(ckpt_root)
+            raise CheckpointError(f"saving checkpoint {folder} failed ({error or 'on another rank'}); the "
+                                  f"partial one was removed, the newest complete one is "
+                                  f"{done[-1] if done else 'none'}; free space and run again with resume=auto")
         if self.rank == 0:
             _write_json_atomic(os.path.join(folder, COMPLETE), {"step": step, "world_size": self.world_size})
             for old in complete_checkpoints(ckpt_root)[:-keep] if keep else []:
@@ -207,7 +228,7 @@ class DeepSpeedStrategy:
         with open(os.path.join(folder, COMPLETE)) as f:
             meta = json.load(f)
         if meta["world_size"] != self.world_size:
-            raise RuntimeError(f"{folder}: written by {meta['world_size']} ranks, resuming with {self.world_size}; "
+            raise CheckpointError(f"{folder}: written by {meta['world_size']} ranks, resuming with {self.world_size}; "
                                "resume with the same number of ranks (changing it needs a universal checkpoint)")
         root, tag = os.path.split(os.path.normpath(folder))
         _, client_state = self.engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,

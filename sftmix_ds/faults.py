@@ -1,0 +1,34 @@
+"""Fault injection for the reliability tests, through SFTMIX_FAULT=POINT:RANK:STEP.
+
+after_step and in_save (checkpoint files written, not yet marked complete) make that
+rank die by SIGKILL (no clean-up, as under the OOM killer or a node failure);
+nan_loss makes its loss NaN; enospc fails its checkpoint write. Unset, this does nothing."""
+import errno
+import os
+import signal
+
+
+def _armed(point: str, rank: int, step: int) -> bool:
+    """SFTMIX_FAULT=POINT:RANK:STEP, or POINT:RANK:FIRST-LAST for a run of steps."""
+    spec = os.environ.get("SFTMIX_FAULT", "")
+    parts = spec.split(":")
+    if len(parts) != 3 or parts[0] != point or parts[1] != str(rank):
+        return False
+    first, _, last = parts[2].partition("-")
+    return int(first) <= step <= int(last or first)
+
+
+def maybe_die(point: str, rank: int, step: int) -> None:
+    if _armed(point, rank, step):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def maybe_disk_full(rank: int, step: int) -> None:
+    """enospc: the checkpoint write fails as on a full disk."""
+    if _armed("enospc", rank, step):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def maybe_poison(values: list, rank: int, step: int) -> list:
+    """SFTMIX_FAULT=nan_loss:RANK:STEP turns that rank's loss values at STEP into NaN."""
+    return [float("nan")] * len(values) if _armed("nan_loss", rank, step) else values

@@ -1,0 +1,111 @@
+"""Faults cost minutes, not the run: killed ranks, interrupted and failed saves, NaN losses,
+resuming on another rank count. Faults are injected with SFTMIX_FAULT (sftmix_ds/faults.py)."""
+import json
+import os
+import random
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sftmix_ds.confidence import confidence_records, write_confidence_file
+
+from .conftest import ROOT, train_cli
+
+COMMON = ["model=tiny", "train.max_steps=6", "train.save_every=2", "train.lr=1e-3", "train.micro_batch_size=2",
+          "train.grad_accum=2", "train.export_dtype=fp32", "train.eval_every=0", "deepspeed=zero3"]
+
+
+def lines(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def same_weights(a, b):
+    wa, wb = (load_file(os.path.join(d, "model", "model.safetensors")) for d in (a, b))
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def same_history(a, b):
+    """Same losses and the same examples at every step (nothing skipped or repeated)."""
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "peak_mem_gb")} for r in rs]
+    return (strip(lines(os.path.join(a, "metrics.jsonl"))) == strip(lines(os.path.join(b, "metrics.jsonl")))
+            and lines(os.path.join(a, "samples.jsonl")) == lines(os.path.join(b, "samples.jsonl")))
+
+
+@pytest.fixture(scope="module")
+def confidence_file(tmp_path_factory):
+    with open(os.path.join(ROOT, "sftmix_ds", "builtin_data", "arith_train.jsonl")) as f:
+        ids = [json.loads(line)["id"] for line in f]
+    path = str(tmp_path_factory.mktemp("conf") / "confidence.jsonl")
+    rng = random.Random(1)
+    write_confidence_file(path, confidence_records([{i: rng.uniform(1, 5) for i in ids}]), "test")
+    return path
+
+
+@pytest.mark.parametrize("method", ["ntp", "sftmix"])
+def test_kill_9_one_rank_then_resume_equals_uninterrupted(method, tmp_path, confidence_file):
+    args = COMMON + [f"method={method}"] + ([f"method.confidence_file={confidence_file}"] if method == "sftmix" else [])
+    clean, crashed = str(tmp_path / "clean"), str(tmp_path / "crashed")
+    train_cli(args + [f"output_dir={clean}"], nproc=2)
+    started = time.time()
+    proc = train_cli(args + [f"output_dir={crashed}"], nproc=2, check=False, env={"SFTMIX_FAULT": "after_step:1:3"})
+    assert proc.returncode != 0 and time.time() - started < 120  # the job stops; nothing hangs
+    assert not os.path.exists(os.path.join(crashed, "model"))
+    proc = train_cli(args + [f"output_dir={crashed}"], nproc=2)  # resume=auto is the default
+    assert "resumed from" in proc.stderr and "step_2" in proc.stderr
+    assert same_weights(clean, crashed)  # bitwise, fp32 on CPU
+    assert same_history(clean, crashed)
+
+
+def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path):
+    args = COMMON + ["method=ntp"]
+    clean, crashed = str(tmp_path / "clean"), str(tmp_path / "crashed")
+    train_cli(args + [f"output_dir={clean}"])
+    proc = train_cli(args + [f"output_dir={crashed}"], check=False, env={"SFTMIX_FAULT": "in_save:0:4"})
+    assert proc.returncode != 0
+    ckpts = os.path.join(crashed, "checkpoints")
+    assert os.path.exists(os.path.join(ckpts, "step_4")) and not os.path.exists(os.path.join(ckpts, "step_4",
+                                                                                              "complete.json"))
+    proc = train_cli(args + [f"output_dir={crashed}"])
+    assert "checkpoints/step_2 at step 2" in proc.stderr  # the partial step_4 was never picked
+    assert same_weights(clean, crashed) and same_history(clean, crashed)
+
+
+def test_disk_full_while_saving_stops_cleanly_and_keeps_the_previous_checkpoint(tmp_path):
+    run = str(tmp_path / "run")
+    proc = train_cli(COMMON + ["method=ntp", f"output_dir={run}"], nproc=2, check=False,
+                     env={"SFTMIX_FAULT": "enospc:1:4"})
+    assert proc.returncode == 2
+    assert "saving checkpoint" in proc.stderr and "No space left on device" in proc.stderr
+    assert "newest complete one is" in proc.stderr and "step_2" in proc.stderr
+    ckpts = os.path.join(run, "checkpoints")
+    assert not os.path.exists(os.path.join(ckpts, "step_4"))  # the partial write is gone
+    assert os.path.exists(os.path.join(ckpts, "step_2", "complete.json"))
+
+
+def test_resume_on_fewer_ranks_is_refused_clearly(tmp_path):
+    run = str(tmp_path / "run")
+    train_cli(COMMON + ["method=ntp", "train.stop_after_steps=2", f"output_dir={run}"], nproc=2)
+    proc = train_cli(COMMON + ["method=ntp", f"output_dir={run}"], check=False)
+    assert proc.returncode == 2
+    assert "written by 2 ranks, resuming with 1" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_nan_loss_stop_and_skip_policies(tmp_path):
+    args = ["model=tiny", "method=ntp", "train.max_steps=6", "train.micro_batch_size=2", "train.save_every=2"]
+    stop = str(tmp_path / "stop")
+    proc = train_cli(args + [f"output_dir={stop}"], nproc=2, check=False, env={"SFTMIX_FAULT": "nan_loss:1:3"})
+    assert proc.returncode == 2
+    assert "step 3: non-finite loss on rank 1: {'ntp': nan}, examples [" in proc.stderr
+    assert os.path.exists(os.path.join(stop, "checkpoints", "step_2", "complete.json"))
+    skip = str(tmp_path / "skip")
+    proc = train_cli(args + ["train.nonfinite=skip", f"output_dir={skip}"], nproc=2,
+                     env={"SFTMIX_FAULT": "nan_loss:0:3"})
+    samples = lines(os.path.join(skip, "samples.jsonl"))
+    assert [s["step"] for s in samples if s.get("skipped")] == [3] and len(samples) == 6
+    burst = str(tmp_path / "burst")
+    proc = train_cli(args + ["train.nonfinite=skip", "train.max_nonfinite_steps=2", f"output_dir={burst}"], nproc=2,
+                     check=False, env={"SFTMIX_FAULT": "nan_loss:1:2-6"})
+    assert proc.returncode == 2 and "step 4: non-finite loss" in proc.stderr and "3 steps in a row" in proc.stderr
