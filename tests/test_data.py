@@ -144,3 +144,62 @@ def test_collate_pads_and_padding_slots_carry_no_loss(tokenizer):
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[IGNORE, 6, 7], [IGNORE] * 3]
     assert batch["ids"] == ["a", None]
+
+
+MORE_BAD = [
+    ('{"instruction": null, "output": "a"}', ":1: missing field 'instruction'"),
+    ('{"prompt": "q", "completion": " \\t\\n "}', ":1: field 'completion' is empty"),
+    ('42', ":1: expected a JSON object, got int"),
+    ('{"messages": "hello"}', ":1: field 'messages' must be a non-empty list"),
+    ('{"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]}', ":1: messages[0]: missing field"),
+]
+
+
+@pytest.mark.parametrize("content,message", MORE_BAD)
+def test_more_bad_records(tmp_path, content, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(DataError) as e:
+        load_conversations([str(path)])
+    assert str(e.value).startswith(str(path)) and message in str(e.value)
+
+
+def test_bad_containers(tmp_path):
+    (tmp_path / "obj.json").write_text('{"instruction": "q", "output": "a"}')
+    with pytest.raises(DataError, match=r"obj.json: expected a JSON list of records, got dict"):
+        load_conversations([str(tmp_path / "obj.json")])
+    (tmp_path / "somedir").mkdir()
+    with pytest.raises(DataError, match=r"somedir: not a datasets.save_to_disk folder"):
+        load_conversations([str(tmp_path / "somedir")])
+    (tmp_path / "data.csv").write_text("a,b\n")
+    with pytest.raises(DataError, match=r"data.csv: unknown file type"):
+        load_conversations([str(tmp_path / "data.csv")])
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"question": ["q"], "answer": ["a"]}), str(tmp_path / "wrong.parquet"))
+    with pytest.raises(DataError, match=r"wrong.parquet\[record 0\]: unknown record format.*\['answer', 'question'\]"):
+        load_conversations([str(tmp_path / "wrong.parquet")])
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match=r"broken.parquet: cannot read Parquet"):
+        load_conversations([str(tmp_path / "broken.parquet")])
+
+
+def test_tokenizer_without_chat_template_is_named(tmp_path, tokenizer):
+    import copy
+
+    bare = copy.deepcopy(tokenizer)
+    bare.chat_template = None
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "q", "completion": "a"}])
+    with pytest.raises(DataError, match=r"d.jsonl:1: the tokenizer has no chat template"):
+        load_examples([path], bare, fmt="auto", max_length=64, overlong="truncate", system_prompt=None,
+                      cache_dir=str(tmp_path / "cache"))
+
+
+def test_a_10_mb_field_is_truncated_by_policy(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "big.jsonl", [{"id": "big", "prompt": "Summarise.", "completion": "word " * 2_000_000},
+                                                {"id": "small", "prompt": "q", "completion": "a"}])
+    assert os.path.getsize(path) > 10_000_000
+    examples = load_examples([path], tokenizer, fmt="auto", max_length=128, overlong="truncate", system_prompt=None,
+                             cache_dir=str(tmp_path / "cache"))
+    assert [len(e.input_ids) for e in examples][0] == 128 and examples[0].n_response > 0
