@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test bench
+.PHONY: install train test bench slurm
 
 install: $(STAMP)
 
@@ -25,3 +25,7 @@ test: install
 
 bench: install
 	$(PY) benchmarks/throughput.py $(ARGS)
+
+# Debian's Slurm, for the tests that run a one-node cluster (needs root; .ci/run does this).
+slurm:
+	command -v slurmctld >/dev/null || (apt-get update -qq && apt-get install -y -qq slurmctld slurmd slurm-client)

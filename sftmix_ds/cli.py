@@ -25,6 +25,29 @@ def strip_local_rank(argv: list[str]) -> list[str]:
     return out
 
 
+def in_sweep(cfg) -> None:
+    """In a Hydra multirun (-m), each point writes to its own sweep folder (hydra.sweep.dir/N),
+    with its overrides beside it; its wandb run joins the sweep's group; SFTMix points share
+    stage-1 outputs in hydra.sweep.dir/confidence."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf, open_dict
+
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return
+    with open_dict(cfg):
+        cfg.output_dir = hc.runtime.output_dir
+        if cfg.logger.group is None:
+            cfg.logger.group = os.path.basename(os.path.normpath(hc.sweep.dir))
+        if "stage_dir" in cfg.method and cfg.method.stage_dir is None:
+            # SFTMix's stage 1 is keyed by its own fingerprint: points that share it compute it once.
+            cfg.method.stage_dir = os.path.join(hc.sweep.dir, "confidence")
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    with open(os.path.join(cfg.output_dir, "overrides.yaml"), "w") as f:
+        f.write(OmegaConf.to_yaml(list(hc.overrides.task)))
+
+
 def hydra_entry(fn, config_name: str) -> None:
     """Run fn(cfg) under Hydra; bad config or data ends with one clear line, exit code 2."""
     import hydra
@@ -42,6 +65,7 @@ def hydra_entry(fn, config_name: str) -> None:
         from .engine import dist_env
         from .trainer import setup_logging
 
+        in_sweep(cfg)
         setup_logging(dist_env()[0], cfg.output_dir)
         try:
             return fn(cfg)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import signal
 import sys
 import math
 import time
@@ -74,6 +75,18 @@ class NonFiniteGuard:
             last = checkpoints[-1] if checkpoints else "none"
             raise NumericalError(f"step {step}: gradient norm {grad_norm} after the update; the weights are "
                                  f"suspect, resume from the last checkpoint ({last}) with a lower lr")
+
+
+class PreemptionFlag:
+    """Set by SIGUSR1 (Slurm's --signal before a time limit, or scancel --signal=USR1): the
+    loop then saves a checkpoint at the end of the step and returns, for a requeue."""
+
+    def __init__(self):
+        self.raised = False
+        signal.signal(signal.SIGUSR1, self._set)
+
+    def _set(self, *_):
+        self.raised = True
 
 
 def finished(cfg) -> bool:
@@ -167,6 +180,7 @@ def train(cfg) -> dict:
             keep_steps_up_to(path, step)
     ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
     guard = NonFiniteGuard(t.nonfinite, t.max_nonfinite_steps, t.grad_accum)
+    preempted = PreemptionFlag()
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc=f"train {cfg.method.name}",
                dynamic_ncols=True)
     names = list(method.weights)
@@ -221,11 +235,13 @@ def train(cfg) -> dict:
         if step in exports:
             strategy.export(os.path.join(cfg.output_dir, f"model_step_{step}"), model, tokenizer, t.export_dtype,
                             prefix=PREFIX)
-        stopping = t.stop_after_steps and step >= t.stop_after_steps and step < total_steps
+        signalled = strategy.any_rank(preempted.raised)
+        stopping = step < total_steps and (signalled or (t.stop_after_steps and step >= t.stop_after_steps))
         if (t.save_every and step % t.save_every == 0) or stopping:
             strategy.save_checkpoint(ckpt_root, step, {"step": step}, t.keep_checkpoints)
         if stopping:
-            log.info("stopping at step %d as train.stop_after_steps says; resume=auto continues", step)
+            why = "SIGUSR1 (preemption or time limit)" if signalled else "train.stop_after_steps"
+            log.info("stopping at step %d after a checkpoint, for %s; resume=auto continues", step, why)
             break
     bar.close()
     if step == total_steps:

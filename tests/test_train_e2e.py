@@ -109,3 +109,22 @@ def test_bf16_export_and_no_resume_over_existing_checkpoints(tmp_path):
     proc = train_cli(["model=tiny", "method=ntp", "train.max_steps=1", f"output_dir={run_dir}"])
     assert "this run is finished" in proc.stderr  # resume=auto after the end: nothing redone, nothing lost
     assert os.path.getmtime(os.path.join(run_dir, "model", "model.safetensors")) == before
+
+
+def test_local_multirun_gives_each_point_its_folder_and_shares_stage1(tmp_path):
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "train.py"), "-m", f"hydra.sweep.dir={sweep}",
+                           "model=tiny", "method=sftmix", "method.checkpoints=1", "train.max_steps=1",
+                           "method.mu=0.1,0.5"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for point, mu in (("0", "0.1"), ("1", "0.5")):
+        assert (sweep / point / "model" / "model.safetensors").exists()
+        assert f"method.mu={mu}" in (sweep / point / "overrides.yaml").read_text()
+    assert len(list((sweep / "confidence").glob("*/confidence.jsonl"))) == 1  # computed once, reused
+    assert proc.stderr.count("stage 1: reusing") == 1

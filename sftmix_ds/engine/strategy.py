@@ -30,8 +30,13 @@ class CheckpointError(RuntimeError):
 
 
 def dist_env() -> tuple[int, int, int]:
-    """(rank, local_rank, world_size) from the launcher's environment; a plain
-    `python launch/train.py` becomes a one-process group."""
+    """(rank, local_rank, world_size) from the launcher's environment: the deepspeed or
+    torchrun launcher (RANK...), Slurm's srun (SLURM_PROCID...), or a plain
+    `python launch/train.py`, which becomes a one-process group."""
+    if "RANK" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ:
+        # srun: one task per device; MASTER_ADDR/MASTER_PORT come from launch/slurm/train.sbatch.
+        os.environ.update(RANK=os.environ["SLURM_PROCID"], LOCAL_RANK=os.environ["SLURM_LOCALID"],
+                          WORLD_SIZE=os.environ["SLURM_NTASKS"])
     if "RANK" not in os.environ:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))

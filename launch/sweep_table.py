@@ -1,0 +1,38 @@
+"""A sweep's final metrics as one markdown table: `python launch/sweep_table.py multirun/DATE_TIME`.
+
+Reads each point's overrides.yaml and the last record of its metrics.jsonl.
+"""
+import glob
+import json
+import os
+import sys
+
+import yaml
+
+METRICS = ("loss", "loss/ntp", "loss/mix", "eval_loss")
+
+
+def main(sweep_dir: str) -> None:
+    rows = []
+    for point in sorted(glob.glob(os.path.join(sweep_dir, "*", "metrics.jsonl")), key=os.path.getmtime):
+        folder = os.path.dirname(point)
+        with open(point) as f:
+            last = [json.loads(line) for line in f][-1]
+        overrides = []
+        if os.path.exists(os.path.join(folder, "overrides.yaml")):
+            with open(os.path.join(folder, "overrides.yaml")) as f:
+                overrides = yaml.safe_load(f) or []
+        evals = [json.loads(line) for line in open(point) if "eval_loss" in line]
+        last.setdefault("eval_loss", evals[-1]["eval_loss"] if evals else None)
+        rows.append((os.path.basename(folder), " ".join(overrides), last))
+    if not rows:
+        sys.exit(f"{sweep_dir}: no */metrics.jsonl found")
+    print("| point | overrides | step | " + " | ".join(METRICS) + " |")
+    print("|---|---|---|" + "---|" * len(METRICS))
+    for name, overrides, last in rows:
+        cells = [f"{last[m]:.4f}" if isinstance(last.get(m), float) else "" for m in METRICS]
+        print(f"| {name} | {overrides} | {last['step']} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
