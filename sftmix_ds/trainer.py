@@ -50,7 +50,8 @@ class NumericalError(RuntimeError):
 
 class NonFiniteGuard:
     """What to do about a NaN/inf loss (seen on any rank before backward, so the weights are
-    untouched): `stop`, or `skip` the step (grad_accum=1) until `max_bursts` come in a row."""
+    untouched): `stop`, or `skip` the step (grad_accum=1) until more than `max_in_a_row` come
+    in a row; and a non-finite gradient norm after an update always stops."""
 
     def __init__(self, policy: str, max_in_a_row: int, grad_accum: int):
         self.policy, self.max_in_a_row, self.grad_accum, self.in_a_row = policy, max_in_a_row, grad_accum, 0
@@ -67,11 +68,12 @@ class NonFiniteGuard:
         log.warning("%s; step skipped (%d in a row)", where, self.in_a_row)
         return True
 
-    def check_grad_norm(self, step: int, grad_norm, skipped: bool, checkpoints) -> None:
+    def check_grad_norm(self, step: int, grad_norm, skipped: bool, ckpt_root: str) -> None:
         if skipped:
             return
         self.in_a_row = 0
         if grad_norm is not None and not math.isfinite(grad_norm):
+            checkpoints = complete_checkpoints(ckpt_root)
             last = checkpoints[-1] if checkpoints else "none"
             raise NumericalError(f"step {step}: gradient norm {grad_norm} after the update; the weights are "
                                  f"suspect, resume from the last checkpoint ({last}) with a lower lr")
@@ -212,7 +214,7 @@ def train(cfg) -> dict:
         if rank == 0:
             append_jsonl(samples_path, {"step": step, "ids": [train_set[i].id for i in batches.step_examples(
                 epoch, in_epoch)], **({"skipped": True} if skipped else {})})
-        guard.check_grad_norm(step, strategy.grad_norm(), skipped, complete_checkpoints(ckpt_root))
+        guard.check_grad_norm(step, strategy.grad_norm(), skipped, ckpt_root)
         maybe_die("after_step", rank, step)
         sums = strategy.all_reduce_sum(term_sums).tolist()
         tokens = strategy.all_reduce_sum([sum(int(b["attention_mask"].sum()) for b in micro)]).item()
