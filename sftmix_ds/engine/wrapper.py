@@ -7,7 +7,6 @@ it is gathered for the forward and its gradient is reduced like any other.
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 
