@@ -177,6 +177,28 @@ class TrainLoopConfig:
 
 
 @dataclass
+class EvalTask:
+    name: str = MISSING
+    files: List[str] = MISSING
+    judge: str = "numeric"  # numeric | exact | contains | python_tests | a dotted path
+    format: str = "auto"
+    answer_field: str = "answer"
+    limit: int = 0  # the first N examples; 0: all
+
+
+@dataclass
+class EvalConfig:
+    # The model to evaluate: a transformers folder; null: the run's export (at the end of
+    # training) or the configured base model (launch/eval.py).
+    model_path: Optional[str] = None
+    tasks: List[EvalTask] = field(default_factory=list)  # in-domain accuracy
+    general: List[EvalTask] = field(default_factory=list)  # general ability: forgetting
+    perplexity_files: List[str] = field(default_factory=list)  # held-out response perplexity
+    max_new_tokens: int = 64
+    batch_size: int = 16
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = MISSING
     data: DataConfig = MISSING
@@ -190,6 +212,8 @@ class TrainConfig:
     # or the path of one checkpoint folder.
     resume: str = "auto"
     model_cache_dir: str = "${oc.env:SFTMIX_CACHE,${oc.env:HOME}/.cache/sftmix_ds}/models"
+    # Evaluate the exported model at the end of training (eval=NAME picks conf/eval/NAME.yaml).
+    eval: Optional[EvalConfig] = None
 
 
 BUILTIN_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "builtin_data")
@@ -225,6 +249,7 @@ def register_configs() -> None:
     cs.store(group="method", name="s3ft_schema", node=S3FTConfig)
     cs.store(group="deepspeed", name="deepspeed_schema", node=DeepSpeedConfig)
     cs.store(group="logger", name="logger_schema", node=LoggerConfig)
+    cs.store(group="eval", name="eval_schema", node=EvalConfig)
 
 
 def resolve_precision(precision: str) -> str:
@@ -300,8 +325,8 @@ def validate(cfg) -> None:
         _positive("method.max_new_tokens", cfg.method.max_new_tokens)
         _positive("method.generate_batch_size", cfg.method.generate_batch_size)
         _positive("method.write_every", cfg.method.write_every)
-        if d.judge not in ("numeric", "exact", "python_tests", "llm") and "." not in d.judge:
-            raise ConfigError(f"data.judge={d.judge!r}: use numeric, exact, python_tests, llm or a dotted path")
+        if d.judge not in ("numeric", "exact", "contains", "python_tests", "llm") and "." not in d.judge:
+            raise ConfigError(f"data.judge={d.judge!r}: use numeric, exact, contains, python_tests, llm or a dotted path")
         for key, fields in (("paraphrase_prompt", ("{question}", "{gold}")), ("generation_prompt", ("{question}",)),
                             ("judge_prompt", ("{question}", "{gold}", "{candidate}"))):
             missing = [f for f in fields if f not in cfg.method[key]]

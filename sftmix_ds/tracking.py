@@ -31,6 +31,15 @@ class MetricsLog:
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
+    def log_summary(self, values: dict) -> None:
+        """Final figures: eval_summary.json beside metrics.jsonl, and the wandb run's summary."""
+        if not self.enabled:
+            return
+        with open(os.path.join(os.path.dirname(self.path), "eval_summary.json"), "w") as f:
+            json.dump(values, f, indent=1)
+        if self.wandb is not None:
+            self.wandb.summary.update(values)
+
     def close(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()

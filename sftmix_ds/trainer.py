@@ -25,6 +25,7 @@ from .config import ConfigError, validate
 from .data import Batches, collate, load_split
 from .engine import PREFIX, DeepSpeedStrategy, LossModule, complete_checkpoints, dist_env
 from .models import load_tokenizer, prepare_model
+from .eval import evaluate_model
 from .faults import maybe_die, maybe_poison
 from .tracking import MetricsLog, append_jsonl, keep_steps_up_to
 
@@ -250,6 +251,12 @@ def train(cfg) -> dict:
         export_dir = os.path.join(cfg.output_dir, "model")
         strategy.export(export_dir, model, tokenizer, t.export_dtype, prefix=PREFIX)
         log.info("exported %s model to %s; final metrics %s", t.export_dtype, export_dir, record)
-    metrics.close()
     strategy.release()
+    if step == total_steps and cfg.eval is not None:
+        results = evaluate_model(cfg, cfg.eval.model_path or export_dir, os.path.join(cfg.output_dir, "eval"))
+        summary = {f"eval/{g}/{n}": r["accuracy"] for g in ("tasks", "general") for n, r in results[g].items()}
+        if "perplexity" in results:
+            summary["eval/perplexity"] = results["perplexity"]["perplexity"]
+        metrics.log_summary(summary)
+    metrics.close()
     return record

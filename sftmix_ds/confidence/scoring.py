@@ -47,6 +47,13 @@ def scoring_plan(examples: Sequence[Example], batch_size: int, world_size: int, 
 
 def score(engine, strategy, examples: Sequence[Example], batch_size: int, pad_id: int, progress=None) -> Dict[str, float]:
     """{id: perplexity} for every example, gathered from all ranks."""
+    return {i: math.exp(s / c) for i, (s, c) in score_nll(engine, strategy, examples, batch_size, pad_id,
+                                                           progress).items()}
+
+
+def score_nll(engine, strategy, examples: Sequence[Example], batch_size: int, pad_id: int,
+              progress=None) -> Dict[str, tuple]:
+    """{id: (summed response-token NLL, response-token count)} for every example, from all ranks."""
     results = []
     engine.eval()
     with torch.no_grad():
@@ -54,12 +61,12 @@ def score(engine, strategy, examples: Sequence[Example], batch_size: int, pad_id
             batch = collate([examples[i] for i in indices] or [None], pad_id)
             out = engine(**{k: v.to(strategy.device) for k, v in batch.items() if isinstance(v, torch.Tensor)})
             for i, s, c in zip(indices, out["nll_sum"].tolist(), out["count"].tolist()):
-                results.append((examples[i].id, math.exp(s / c)))
+                results.append((examples[i].id, (s, c)))
             if progress is not None:
                 progress.update(1)
     gathered = strategy.all_gather_object(results)
-    perplexity = dict(r for part in gathered for r in part)
+    nll = dict(r for part in gathered for r in part)
     n_scored = sum(len(part) for part in gathered)
-    if n_scored != len(examples) or len(perplexity) != len(examples):
-        raise RuntimeError(f"scoring covered {len(perplexity)} ids in {n_scored} results for {len(examples)} examples")
-    return perplexity
+    if n_scored != len(examples) or len(nll) != len(examples):
+        raise RuntimeError(f"scoring covered {len(nll)} ids in {n_scored} results for {len(examples)} examples")
+    return nll

@@ -47,6 +47,12 @@ def exact(record: dict, candidate: str, field: str = "answer") -> bool:
     return bool(gold) and (normalize(candidate) == gold or (bool(lines) and normalize(lines[-1]) == gold))
 
 
+def contains(record: dict, candidate: str, field: str = "answer") -> bool:
+    """The normalised gold answer appears in the normalised candidate (short open answers)."""
+    gold = normalize(str(record[field]))
+    return bool(gold) and f" {gold} " in f" {normalize(candidate)} "
+
+
 def extract_code(text: str) -> str:
     """The last fenced code block of an answer, or the whole answer when it has none."""
     blocks = re.findall(r"```(?:python|py)?\s*\n(.*?)```", text or "", flags=re.S)
@@ -87,10 +93,10 @@ class LLMJudge:
 
 def resolve_judge(name: str) -> Callable:
     """A record-level judge by name or dotted path (the llm judge is built separately)."""
-    builtin = {"numeric": numeric, "exact": exact, "python_tests": python_tests}
+    builtin = {"numeric": numeric, "exact": exact, "contains": contains, "python_tests": python_tests}
     if name in builtin:
         return builtin[name]
     module, _, attr = name.rpartition(".")
     if not module:
-        raise ValueError(f"unknown judge {name!r}: use numeric, exact, python_tests, llm or a dotted path")
+        raise ValueError(f"unknown judge {name!r}: use numeric, exact, contains, python_tests, llm or a dotted path")
     return getattr(importlib.import_module(module), attr)

@@ -1,0 +1,1 @@
+from .run import accuracy, evaluate_model, markdown_table

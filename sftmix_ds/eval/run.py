@@ -1,0 +1,79 @@
+"""Evaluate a model: judged task accuracy (in-domain and general ability, i.e. forgetting)
+and held-out response perplexity; results as eval.json and eval.md in the output folder."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from functools import partial
+
+from ..confidence import example_nll, score_nll
+from ..data import load_conversations, load_split
+from ..engine import DeepSpeedStrategy, LossModule
+from ..models import load_tokenizer
+from ..s3ft.generate import Generator, across_ranks
+from ..s3ft.judges import resolve_judge
+
+log = logging.getLogger(__name__)
+
+
+def accuracy(conversations, generate, judge, on_ranks, answer_field: str = "answer") -> dict:
+    """Greedy answers to each conversation's last prompt, judged against its gold answer."""
+    prompts = [c.messages[:-1] for c in conversations]
+    answers = on_ranks(prompts, generate)
+    records = [{**c.record, "answer": c.record.get(answer_field, c.messages[-1]["content"])} for c in conversations]
+    verdicts = on_ranks(list(zip(records, answers)), lambda share: [bool(judge(r, a)) for r, a in share])
+    return {"accuracy": sum(verdicts) / max(len(verdicts), 1), "n": len(verdicts),
+            "examples": [{"id": c.id, "answer": a, "correct": v} for c, a, v in zip(conversations, answers, verdicts)]}
+
+
+def evaluate_model(cfg, model_path: str, out_dir: str) -> dict:
+    """All ranks call this; rank 0 writes out_dir/eval.json and out_dir/eval.md."""
+    e = cfg.eval
+    strategy = DeepSpeedStrategy(cfg.deepspeed, cfg.train)
+    on_ranks = lambda items, fn: across_ranks(items, fn, strategy.world_size, strategy.rank,
+                                              strategy.all_gather_object)
+    results = {"model": model_path, "tasks": {}, "general": {}}
+    generator = Generator(model_path, strategy.device, strategy.dtype, max_new_tokens=e.max_new_tokens,
+                          batch_size=e.batch_size)
+    for group, tasks in (("tasks", e.tasks), ("general", e.general)):
+        for task in tasks:
+            convs = load_conversations(list(task.files), task.format)
+            convs = convs[:task.limit] if task.limit else convs
+            generate = lambda share, name=task.name: generator(share, desc=f"eval {name}")
+            results[group][task.name] = accuracy(convs, generate, resolve_judge(task.judge), on_ranks,
+                                                 task.answer_field)
+            log.info("eval %s: accuracy %.3f on %d", task.name, results[group][task.name]["accuracy"], len(convs))
+    del generator
+    if e.perplexity_files:
+        tokenizer, pad_id = load_tokenizer(model_path)
+        examples = load_split(cfg.data, tokenizer, e.perplexity_files)
+        engine = strategy.prepare_inference(LossModule(strategy.load_model(model_path),
+                                                       partial(example_nll, chunk_size=cfg.train.loss_chunk_size),
+                                                       strategy))
+        nll = score_nll(engine, strategy, examples, e.batch_size, pad_id)
+        strategy.release()
+        total, count = sum(s for s, _ in nll.values()), sum(c for _, c in nll.values())
+        results["perplexity"] = {"perplexity": math.exp(total / count), "nll": total / count, "tokens": count,
+                                 "n": len(nll)}
+    if strategy.rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "eval.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        with open(os.path.join(out_dir, "eval.md"), "w") as f:
+            f.write(markdown_table(results))
+    log.info("eval:\n%s", markdown_table(results))
+    return results
+
+
+def markdown_table(results: dict) -> str:
+    lines = [f"Model: `{results['model']}`", "", "| metric | value | n |", "|---|---|---|"]
+    for group in ("tasks", "general"):
+        for name, r in results[group].items():
+            label = f"{name} accuracy" + (" (general)" if group == "general" else "")
+            lines.append(f"| {label} | {r['accuracy']:.3f} | {r['n']} |")
+    if "perplexity" in results:
+        p = results["perplexity"]
+        lines.append(f"| held-out perplexity | {p['perplexity']:.3f} | {p['n']} |")
+    return "\n".join(lines) + "\n"
