@@ -78,6 +78,11 @@ BAD = [
     ('{"question": "q", "answer": "a"}', ":1: unknown record format"),
     ('{"id": "a", "prompt": "q", "completion": "a"}\n{"id": "a", "prompt": "r", "completion": "b"}',
      ":2: duplicate id 'a'"),
+    ('{"instruction": null, "output": "a"}', ":1: missing field 'instruction'"),
+    ('{"prompt": "q", "completion": " \\t\\n "}', ":1: field 'completion' is empty"),
+    ('42', ":1: expected a JSON object, got int"),
+    ('{"messages": "hello"}', ":1: field 'messages' must be a non-empty list"),
+    ('{"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]}', ":1: messages[0]: missing field"),
 ]
 
 
@@ -144,24 +149,6 @@ def test_collate_pads_and_padding_slots_carry_no_loss(tokenizer):
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[IGNORE, 6, 7], [IGNORE] * 3]
     assert batch["ids"] == ["a", None]
-
-
-MORE_BAD = [
-    ('{"instruction": null, "output": "a"}', ":1: missing field 'instruction'"),
-    ('{"prompt": "q", "completion": " \\t\\n "}', ":1: field 'completion' is empty"),
-    ('42', ":1: expected a JSON object, got int"),
-    ('{"messages": "hello"}', ":1: field 'messages' must be a non-empty list"),
-    ('{"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]}', ":1: messages[0]: missing field"),
-]
-
-
-@pytest.mark.parametrize("content,message", MORE_BAD)
-def test_more_bad_records(tmp_path, content, message):
-    path = tmp_path / "bad.jsonl"
-    path.write_text(content)
-    with pytest.raises(DataError) as e:
-        load_conversations([str(path)])
-    assert str(e.value).startswith(str(path)) and message in str(e.value)
 
 
 def test_bad_containers(tmp_path):
