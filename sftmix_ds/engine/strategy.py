@@ -67,6 +67,7 @@ class DeepSpeedStrategy:
         precision = resolve_precision(train_cfg.precision)
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
         deepspeed.init_distributed(timeout=timedelta(minutes=ds_cfg.timeout_minutes))
+        _unlink_shm_buffer(self.rank)
         self.ds_config = self._ds_config(precision)
         self._hf_ds_config = None
         self.engine = None
@@ -102,12 +103,26 @@ class DeepSpeedStrategy:
         from transformers.integrations import HfDeepSpeedConfig
 
         if self.cfg.zero_stage == 3:
+            self._size_zero3_buckets(path)
             self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)  # must stay alive while from_pretrained runs
         model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
         if self.train_cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         model.config.use_cache = False
         return model
+
+    def _size_zero3_buckets(self, path: str) -> None:
+        """ZeRO-3's communication buckets sized to the model, as the HF Trainer's "auto" does;
+        DeepSpeed's defaults (5e8 elements, 2 GB in fp32 each) are meant for large models and
+        dominate a small model's memory. Values given in deepspeed.extra win."""
+        from transformers import AutoConfig
+
+        hidden = getattr(AutoConfig.from_pretrained(path), "hidden_size", None)
+        if hidden:
+            zero = self.ds_config["zero_optimization"]
+            zero.setdefault("reduce_bucket_size", hidden * hidden)
+            zero.setdefault("stage3_prefetch_bucket_size", int(0.9 * hidden * hidden))
+            zero.setdefault("stage3_param_persistence_threshold", 10 * hidden)
 
     def register_external_parameter(self, module, param) -> None:
         """Let `module`'s forward use a parameter owned by another module (ZeRO-3 gathers it)."""
@@ -277,6 +292,20 @@ class DeepSpeedStrategy:
             shutil.rmtree(out_dir, ignore_errors=True)
             os.replace(tmp, out_dir)
         self.barrier()
+
+
+def _unlink_shm_buffer(rank: int) -> None:
+    """DeepSpeed's CPU shared-memory allreduce leaves a 66 MiB /dev/shm file per rank behind,
+    even on a clean exit, and /dev/shm is RAM: dozens of runs fill the machine. Every rank
+    maps every buffer during init, so after a barrier each rank can drop its file's name;
+    the mappings live on until the process ends, however it ends."""
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    name = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_" \
+           f"{os.environ.get('MASTER_PORT')}_{rank}"
+    if os.path.exists(name):
+        os.unlink(name)
 
 
 def cosine_lr(step: int, total: int, warmup: int, min_ratio: float) -> float:
