@@ -59,7 +59,7 @@ class DataConfig:
     max_length: int = 1024
     # What to do with an example longer than max_length: truncate | drop.
     overlong: str = "truncate"
-    cache_dir: str = "${oc.env:SFTMIX_CACHE,${oc.env:HOME}/.cache/sftmix_ds}/tokenized"
+    cache_dir: str = "${oc.env:SFTMIX_CACHE,${oc.env:HOME,/tmp}/.cache/sftmix_ds}/tokenized"
     # S3FT: how a generated answer is checked (numeric | exact | python_tests | llm | a dotted
     # path to judge(record, candidate) -> bool), and the record field holding the gold answer
     # (the gold response when the field is absent).
@@ -211,7 +211,7 @@ class TrainConfig:
     # none: start fresh (refused if output_dir already has checkpoints);
     # or the path of one checkpoint folder.
     resume: str = "auto"
-    model_cache_dir: str = "${oc.env:SFTMIX_CACHE,${oc.env:HOME}/.cache/sftmix_ds}/models"
+    model_cache_dir: str = "${oc.env:SFTMIX_CACHE,${oc.env:HOME,/tmp}/.cache/sftmix_ds}/models"
     # Evaluate the exported model at the end of training (eval=NAME picks conf/eval/NAME.yaml).
     eval: Optional[EvalConfig] = None
 
