@@ -7,6 +7,7 @@ the checks a type cannot express.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -46,6 +47,9 @@ class ModelConfig:
     tokenizer: Optional[str] = None
     arch: Dict[str, Any] = field(default_factory=dict)
     init_seed: int = 0
+    # transformers attention kernel: sdpa (PyTorch's flash / memory-efficient kernels) | eager |
+    # flash_attention_2 (needs the flash-attn package) | flex_attention
+    attn_implementation: str = "sdpa"
 
 
 @dataclass
@@ -169,11 +173,22 @@ class TrainLoopConfig:
     nonfinite: str = "stop"  # stop | skip
     max_nonfinite_steps: int = 3
     loss_chunk_size: int = 0  # rows per LM-head chunk; 0: about 2^24 logits a chunk
+    loss_backend: str = "auto"  # fused loss kernels: auto (triton on CUDA) | triton | torch
     export_dtype: str = "bf16"  # bf16 | fp16 | fp32
     # Also export the model at this many evenly spaced steps, the last at the
     # end, to OUTPUT_DIR/model_step_N (SFTMix's reference run uses this).
     export_count: int = 0
+    # Speed switches. Activation checkpointing: recompute each block's activations in backward.
     gradient_checkpointing: bool = False
+    # torch.compile each decoder block (the loss and ZeRO-3's hooks stay eager).
+    compile: bool = False
+    # Put examples of similar length in the same optimizer step (less padding); steps are
+    # still drawn in random order, and every example is used once per epoch.
+    group_by_length: bool = False
+    # Plain-NTP methods (ntp, s3ft): pack each micro-batch's examples into as few rows of
+    # data.max_length tokens as fit, with position ids restarting per example and no
+    # attention across examples. The loss is the same as unpacked; padding is not computed.
+    packing: bool = False
 
 
 @dataclass
@@ -300,6 +315,13 @@ def validate(cfg) -> None:
                 "weight_decay", "warmup_ratio", "adam_eps"):
         _positive(f"train.{key}", getattr(t, key), zero_ok=True)
     _one_of("train.nonfinite", t.nonfinite, ("stop", "skip"))
+    _one_of("train.loss_backend", t.loss_backend, ("auto", "triton", "torch"))
+    _one_of("model.attn_implementation", m.attn_implementation, ("sdpa", "eager", "flash_attention_2", "flex_attention"))
+    if m.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ConfigError("model.attn_implementation=flash_attention_2: the flash-attn package is not installed; "
+                          "use sdpa")
+    if t.packing and cfg.method.name == "sftmix":
+        raise ConfigError("train.packing=true: only for ntp and s3ft; method=sftmix pairs whole examples row by row")
     if t.nonfinite == "skip" and t.grad_accum != 1:
         raise ConfigError("train.nonfinite=skip: needs train.grad_accum=1 (a half-accumulated step cannot be "
                           "taken back); use train.nonfinite=stop")

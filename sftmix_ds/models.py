@@ -58,9 +58,10 @@ def _make_random(out: str, model_cfg, tokenizer_path: str) -> None:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         **dict(model_cfg.arch))
+    # arch may set a larger vocab_size than the tokenizer's (e.g. Llama 3's 128256, for speed work)
+    config = LlamaConfig(**{"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+                            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+                            **dict(model_cfg.arch)})
     torch.manual_seed(model_cfg.init_seed)
     LlamaForCausalLM(config).save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -152,7 +152,8 @@ def train(cfg) -> dict:
     tokenizer, pad_id = load_tokenizer(model_path)
     train_set = load_split(cfg.data, tokenizer, cfg.data.train_files)
     eval_set = load_split(cfg.data, tokenizer, cfg.data.eval_files) if cfg.data.eval_files else []
-    method = instantiate(cfg.method, chunk_size=t.loss_chunk_size)
+    method = instantiate(cfg.method, chunk_size=t.loss_chunk_size, loss_backend=t.loss_backend,
+                         pack_width=cfg.data.max_length if t.packing else 0)
     train_set = method.before_training(cfg, train_set, tokenizer)
 
     random.seed(t.seed)
@@ -166,7 +167,7 @@ def train(cfg) -> dict:
     batches = method.batches(train_set, t, world_size, rank)
     total_steps = t.max_steps if t.max_steps > 0 else t.epochs * batches.steps_per_epoch
     exports = export_steps(total_steps, t.export_count)
-    model = strategy.load_model(model_path)
+    model = strategy.load_model(model_path, cfg.model.attn_implementation)
     engine = strategy.prepare(LossModule(model, method.loss_terms, strategy), total_steps)
     log.info("%s: %d train / %d eval examples, %d ranks, global batch %d, %d steps, %s, ZeRO-%d", cfg.method.name,
              len(train_set), len(eval_set), world_size, batches.global_batch, total_steps, strategy.dtype,

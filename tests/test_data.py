@@ -2,9 +2,10 @@ import json
 import os
 
 import pytest
+import torch
 
 from sftmix_ds.data import DataError, encode, load_conversations, load_examples
-from sftmix_ds.data.batching import Batches, collate
+from sftmix_ds.data.batching import Batches, collate, pack, response_tokens
 
 IGNORE = -100
 
@@ -190,3 +191,74 @@ def test_a_10_mb_field_is_truncated_by_policy(tmp_path, tokenizer):
     examples = load_examples([path], tokenizer, fmt="auto", max_length=128, overlong="truncate", system_prompt=None,
                              cache_dir=str(tmp_path / "cache"))
     assert [len(e.input_ids) for e in examples][0] == 128 and examples[0].n_response > 0
+
+
+def random_examples(lengths, vocab=100, seed=1):
+    from sftmix_ds.data.tokenize import Example
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i, n in enumerate(lengths):
+        ids = torch.randint(1, vocab, (n,), generator=g).tolist()
+        out.append(Example(f"ex{i}", ids, [IGNORE] * (n // 2) + ids[n // 2:]))
+    return out
+
+
+def test_pack_fits_rows_and_keeps_every_token():
+    examples = random_examples([5, 9, 3, 12, 7, 4]) + [None]
+    batch = pack(examples, pad_id=0, width=16)
+    assert batch["input_ids"].shape[0] == 3 and batch["input_ids"].shape[1] <= 16  # 40 tokens in 3 rows of <= 16
+    assert int(batch["attention_mask"].sum()) == 40
+    assert sorted(batch["input_ids"][batch["attention_mask"].bool()].tolist()) == \
+        sorted(t for e in examples if e for t in e.input_ids)
+    assert response_tokens(batch["labels"]) == response_tokens(collate(examples, 0)["labels"])
+    starts = (batch["position_ids"] == 0).sum().item()  # one start per example, plus padded tails
+    assert starts == 6 + int((batch["attention_mask"] == 0).any(1).sum())
+    assert pack([None, None], 0, 16)["labels"].eq(IGNORE).all()
+    assert pack(random_examples([20]), 0, 16)["input_ids"].shape == (1, 20)  # longer than width: a row of its own
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_loss_and_gradients_equal_padded(attn):
+    """Packed rows (position ids restarting, attention_mask=None) give each example the hidden
+    states it has alone, so the NTP loss and its gradients equal the padded batch's."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sftmix_ds.methods.ntp import NTP
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, attn_implementation=attn))
+    examples = random_examples([5, 9, 3, 12, 7, 4]) + [None]
+    results = []
+    for method in (NTP(), NTP(pack_width=16)):
+        batch = method.collate(examples, pad_id=0)
+        assert ("position_ids" in batch) == bool(method.pack_width)
+        mask = None if "position_ids" in batch else batch["attention_mask"]
+        hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=mask,
+                                     position_ids=batch.get("position_ids"), use_cache=False).last_hidden_state
+        model.zero_grad()
+        loss = method.loss_terms(hidden, model.get_output_embeddings().weight, batch)["ntp"]
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (padded, g_padded), (packed, g_packed) = results
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g_packed, g_padded):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_group_by_length_makes_homogeneous_steps_and_keeps_the_plan():
+    lengths = torch.randint(5, 500, (300,), generator=torch.Generator().manual_seed(0)).tolist()
+    plain = Batches(300, 2, 1, 2, 0, seed=3)
+    grouped = Batches(300, 2, 1, 2, 0, seed=3, lengths=lengths)
+    assert grouped.steps_per_epoch == plain.steps_per_epoch == 75
+    for epoch in (0, 1):
+        order = grouped.order(epoch)
+        assert sorted(order) == list(range(300))
+        spread = lambda o: sum(max(lengths[i] for i in o[s:s + 4]) - min(lengths[i] for i in o[s:s + 4])
+                               for s in range(0, 300, 4))
+        assert spread(order) < spread(plain.order(epoch)) / 5  # much less padding within a step
+    assert Batches(300, 2, 1, 2, 0, seed=3, lengths=lengths).order(1) == grouped.order(1)  # exact on resume
+    assert grouped.order(0) != grouped.order(1)
+    short = Batches(10, 2, 1, 2, 1, seed=3, lengths=list(range(10)))  # 10 = 2 full steps of 4 + 2 left over
+    assert [len([i for i in short.global_step_indices(0, s) if i is not None]) for s in range(3)] == [4, 4, 2]

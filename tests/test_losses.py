@@ -61,3 +61,40 @@ def test_fused_close_to_reference_low_precision(dtype, tol):
     assert got[0].dtype == torch.float32  # accumulated in fp32 even for bf16 inputs
     for r, g in zip(ref, got):
         torch.testing.assert_close(g.double(), r, rtol=tol, atol=tol * max(1.0, r.abs().max().item()))
+
+
+# The Triton backend: on CPU the kernels run in triton's interpreter (conftest sets TRITON_INTERPRET=1).
+triton_kernels = pytest.importorskip("sftmix_ds.losses.triton_kernels")
+
+
+@pytest.mark.parametrize("block", [16, 4096])  # 16: several blocks over V=61 with a ragged last one
+@pytest.mark.parametrize("chunk_size", [1, 5, 4096])
+def test_triton_backend_equals_reference(monkeypatch, block, chunk_size):
+    monkeypatch.setattr(triton_kernels, "BLOCK_V", block)
+    ref = loss_and_grads(reference_sftmix_loss, *make_case(torch.float64))
+    got = loss_and_grads(fused_sftmix_loss, *make_case(torch.float32), chunk_size=chunk_size, backend="triton")
+    for r, g in zip(ref, got):
+        torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=1e-5 * max(1.0, r.abs().max().item()))
+
+
+def test_triton_backend_bf16_matches_torch_backend():
+    """Same logits (bf16 matmul), so the same losses; gradients differ by bf16 rounding of G only."""
+    case = make_case(torch.bfloat16, V=300)
+    torch_out = loss_and_grads(fused_sftmix_loss, *case, chunk_size=8, backend="torch")
+    triton_out = loss_and_grads(fused_sftmix_loss, *case, chunk_size=8, backend="triton")
+    for t, g in zip(torch_out[:2], triton_out[:2]):
+        torch.testing.assert_close(g, t, rtol=1e-5, atol=1e-4)
+    for t, g in zip(torch_out[2:], triton_out[2:]):
+        torch.testing.assert_close(g.float(), t.float(), rtol=2e-2, atol=2e-2 * t.float().abs().max().item())
+
+
+def test_backend_choice(monkeypatch):
+    from sftmix_ds.losses.fused import pick_backend
+
+    assert pick_backend("auto", torch.device("cpu")) == "torch"
+    assert pick_backend("auto", torch.device("cuda")) == "triton"
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        pick_backend("triton", torch.device("cpu"))
+    with pytest.raises(ValueError, match="must be auto, torch or triton"):
+        pick_backend("cuda", torch.device("cpu"))

@@ -20,13 +20,15 @@ CONF = list(range(0, 11))
 UNCONF = list(range(11, 21))  # one fewer: one leftover per epoch
 
 
+@pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize("mb,accum,world", [(2, 1, 1), (4, 2, 2), (2, 3, 2), (6, 1, 3)])
-def test_pair_batches_balanced_and_each_example_once_per_epoch(mb, accum, world):
+def test_pair_batches_balanced_and_each_example_once_per_epoch(mb, accum, world, grouped):
     k = mb // 2
+    lengths = [(7 * i) % 23 for i in range(21)] if grouped else None
     for epoch in range(2):
         seen = []
         for rank in range(world):
-            b = PairBatches(CONF, UNCONF, mb, accum, world, rank, seed=5)
+            b = PairBatches(CONF, UNCONF, mb, accum, world, rank, seed=5, lengths=lengths)
             assert b.leftovers == 1
             for step in range(b.steps_per_epoch):
                 micro = b.micro_batches(epoch, step)

@@ -16,7 +16,11 @@ BASE = ["model=tiny", "method=ntp", "train.max_steps=2", "train.lr=1e-3", "train
         "train.warmup_ratio=0", "train.save_every=0",
         "train.eval_every=0", "train.export_dtype=fp32", "train.seed=7"]
 # The same global batch of 4 split four ways: (micro, accum, ranks, zero stage).
-LAYOUTS = {"m4a1r1z3": (4, 1, 0, 3), "m2a2r1z2": (2, 2, 0, 2), "m1a2r2z3": (1, 2, 2, 3), "m2a1r2z2": (2, 1, 2, 2)}
+LAYOUTS = {"m4a1r1z3": (4, 1, 0, 3), "m2a2r1z2": (2, 2, 0, 2), "m1a2r2z3": (1, 2, 2, 3), "m2a1r2z2": (2, 1, 2, 2),
+           "m4a1r1z3_speed": (4, 1, 0, 3)}
+# The speed switches change how the same math is computed, not the result.
+SPEED = ["train.packing=true", "train.gradient_checkpointing=true", "train.compile=true",
+         "model.attn_implementation=eager"]
 
 
 def metrics(run_dir):
@@ -34,7 +38,7 @@ def runs(tmp_path_factory):
     out = {}
     for name, (mb, accum, nproc, zero) in LAYOUTS.items():
         out[name] = str(root / name)
-        extra = ["logger=wandb"] if name == "m4a1r1z3" else []
+        extra = {"m4a1r1z3": ["logger=wandb"], "m4a1r1z3_speed": SPEED}.get(name, [])
         train_cli(BASE + [f"train.micro_batch_size={mb}", f"train.grad_accum={accum}", f"deepspeed=zero{zero}",
                           f"output_dir={out[name]}"] + extra, nproc=nproc)
     return out

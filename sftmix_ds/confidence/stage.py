@@ -122,7 +122,7 @@ def score_checkpoint(cfg, model_path: str, examples, pad_id: int, stage_dir: str
         with open(cache) as f:
             return json.load(f)
     strategy = DeepSpeedStrategy(cfg.deepspeed, cfg.train)
-    model = strategy.load_model(model_path)
+    model = strategy.load_model(model_path, cfg.model.attn_implementation)
     fn = partial(example_nll, chunk_size=cfg.train.loss_chunk_size)
     engine = strategy.prepare_inference(LossModule(model, fn, strategy))
     n_batches = len(scoring_plan(examples, cfg.method.score_batch_size, strategy.world_size, strategy.rank))

@@ -7,6 +7,11 @@ needs to resume exactly. The last global batch of an epoch may be short: its
 empty slots are filled with padding examples that carry no loss, so every
 rank runs the same number of forward passes (ZeRO-3 needs that) and every
 example is used exactly once per epoch.
+
+With length grouping, each epoch's permutation is cut into megabatches of
+GROUP_STEPS steps; a megabatch is sorted by length, cut into steps, and the
+steps are shuffled again, so a step's examples have similar lengths (little
+padding) while the order of steps stays random.
 """
 from __future__ import annotations
 
@@ -18,11 +23,28 @@ import torch
 from .tokenize import IGNORE, Example
 
 
+GROUP_STEPS = 16  # steps per megabatch sorted by length
+
+
+def group_by_length(order: List[int], lengths: Sequence[int], step_size: int, generator: torch.Generator) -> List[int]:
+    """`order` rearranged so each run of step_size items has similar lengths; the short last
+    step of an epoch (if any) stays last, so every step but the last is full."""
+    full = len(order) - len(order) % step_size
+    mega = step_size * GROUP_STEPS
+    steps = []
+    for s in range(0, full, mega):
+        block = sorted(order[s:min(s + mega, full)], key=lambda i: -lengths[i])
+        steps += [block[k:k + step_size] for k in range(0, len(block), step_size)]
+    steps = [steps[i] for i in torch.randperm(len(steps), generator=generator).tolist()]
+    return [i for step in steps for i in step] + order[full:]
+
+
 class Batches:
     def __init__(self, n_examples: int, micro_batch_size: int, grad_accum: int, world_size: int, rank: int,
-                 seed: int, shuffle: bool = True):
+                 seed: int, shuffle: bool = True, lengths: Optional[Sequence[int]] = None):
+        """lengths: each example's token count, to group steps by length (None: no grouping)."""
         self.n, self.mb, self.accum, self.world, self.rank = n_examples, micro_batch_size, grad_accum, world_size, rank
-        self.seed, self.shuffle = seed, shuffle
+        self.seed, self.shuffle, self.lengths = seed, shuffle, lengths
         self.step_size = micro_batch_size * grad_accum * world_size  # items dealt per optimizer step
         self.global_batch = self.step_size  # examples per optimizer step
         self.steps_per_epoch = math.ceil(n_examples / self.step_size)
@@ -33,6 +55,8 @@ class Batches:
             if self.shuffle:
                 g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
                 self._order = torch.randperm(self.n, generator=g).tolist()
+                if self.lengths is not None:
+                    self._order = group_by_length(self._order, self.lengths, self.step_size, g)
             else:
                 self._order = list(range(self.n))
             self._epoch = epoch
@@ -69,6 +93,43 @@ def collate(examples: Sequence[Optional[Example]], pad_id: int) -> dict:
             "ids": [e.id if e is not None else None for e in examples]}
 
 
+def pack(examples: Sequence[Optional[Example]], pad_id: int, width: int) -> dict:
+    """Examples packed first-fit-decreasing into rows of at most `width` tokens (wider for an
+    example longer than that). position_ids restart at 0 for every example, which tells the
+    model (attention_mask=None) to attend within each example only; each example's first
+    label is ignored so nothing is predicted across a boundary (unpacked, position 0 is
+    never a target either). The padded tail of a row is a sequence of its own."""
+    real = sorted((e for e in examples if e is not None), key=lambda e: -len(e.input_ids))
+    if not real:
+        return {**collate(examples[:1], pad_id), "position_ids": torch.zeros((1, 1), dtype=torch.long)}
+    width = max(width, len(real[0].input_ids))
+    rows, free = [], []
+    for e in real:
+        k = next((r for r, room in enumerate(free) if room >= len(e.input_ids)), len(rows))
+        if k == len(rows):
+            rows.append([])
+            free.append(width)
+        rows[k].append(e)
+        free[k] -= len(e.input_ids)
+    longest = width - min(free)
+    input_ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), longest), IGNORE, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
+    position_ids = torch.zeros((len(rows), longest), dtype=torch.long)
+    for r, row in enumerate(rows):
+        start = 0
+        for e in row:
+            n = len(e.input_ids)
+            input_ids[r, start:start + n] = torch.tensor(e.input_ids)
+            labels[r, start + 1:start + n] = torch.tensor(e.labels[1:])
+            position_ids[r, start:start + n] = torch.arange(n)
+            start += n
+        attention_mask[r, :start] = 1
+        position_ids[r, start:] = torch.arange(longest - start)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "position_ids": position_ids,
+            "ids": [e.id if e is not None else None for e in examples]}
+
+
 def response_tokens(labels: torch.Tensor) -> int:
     """Tokens that carry loss: a label at position t is predicted from position t-1."""
     return int((labels[:, 1:] != IGNORE).sum())
@@ -87,12 +148,13 @@ class PairBatches(Batches):
     """
 
     def __init__(self, confident: List[int], unconfident: List[int], micro_batch_size: int, grad_accum: int,
-                 world_size: int, rank: int, seed: int):
+                 world_size: int, rank: int, seed: int, lengths: Optional[Sequence[int]] = None):
         if micro_batch_size % 2:
             raise ValueError(f"micro_batch_size={micro_batch_size} must be even to hold confident/unconfident pairs")
         self.confident, self.unconfident = list(confident), list(unconfident)
         n_units = max(len(self.confident), len(self.unconfident))
         super().__init__(n_units, micro_batch_size // 2, grad_accum, world_size, rank, seed)
+        self.example_lengths = lengths  # units are grouped by their longer example once paired
         self.leftovers = abs(len(self.confident) - len(self.unconfident))
         self.global_batch = 2 * self.step_size  # two examples per unit
         self._pair_epoch, self._units = None, None
@@ -104,7 +166,11 @@ class PairBatches(Batches):
             unconf = [self.unconfident[i] for i in torch.randperm(len(self.unconfident), generator=g).tolist()]
             n = min(len(conf), len(unconf))
             units = list(zip(conf[:n], unconf[:n])) + [(i, None) for i in conf[n:] + unconf[n:]]
-            self._units = [units[i] for i in self.order(epoch)]
+            order = self.order(epoch)
+            if self.example_lengths is not None:
+                longer = [max(self.example_lengths[i] for i in unit if i is not None) for unit in units]
+                order = group_by_length(order, longer, self.step_size, g)
+            self._units = [units[i] for i in order]
             self._pair_epoch = epoch
         return self._units
 

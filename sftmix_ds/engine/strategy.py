@@ -97,7 +97,7 @@ class DeepSpeedStrategy:
         }
         return _merge(config, dict(ds.extra))
 
-    def load_model(self, path: str):
+    def load_model(self, path: str, attn_implementation: str = "sdpa"):
         """A transformers model, built partitioned under ZeRO-3 (never whole on one rank)."""
         from transformers import AutoModelForCausalLM
         from transformers.integrations import HfDeepSpeedConfig
@@ -105,9 +105,12 @@ class DeepSpeedStrategy:
         if self.cfg.zero_stage == 3:
             self._size_zero3_buckets(path)
             self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)  # must stay alive while from_pretrained runs
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype, attn_implementation=attn_implementation)
         if self.train_cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.train_cfg.compile:
+            for block in model.get_decoder().layers:
+                block.compile(dynamic=True)
         model.config.use_cache = False
         return model
 

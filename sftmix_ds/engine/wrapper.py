@@ -18,8 +18,11 @@ class LossModule(nn.Module):
         self.loss_terms = loss_terms
         strategy.register_external_parameter(self, lm.get_output_embeddings().weight)
 
-    def forward(self, input_ids, attention_mask, labels, **extra):
-        hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    def forward(self, input_ids, attention_mask, labels, position_ids=None, **extra):
+        if position_ids is not None:  # packed rows: with attention_mask=None, position_ids mark the examples
+            attention_mask = None
+        hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                       use_cache=False).last_hidden_state
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, **extra}
         return self.loss_terms(hidden, self.lm.get_output_embeddings().weight, batch)
 

@@ -49,8 +49,8 @@ def evaluate_model(cfg, model_path: str, out_dir: str) -> dict:
     if e.perplexity_files:
         tokenizer, pad_id = load_tokenizer(model_path)
         examples = load_split(cfg.data, tokenizer, e.perplexity_files)
-        engine = strategy.prepare_inference(LossModule(strategy.load_model(model_path),
-                                                       partial(example_nll, chunk_size=cfg.train.loss_chunk_size),
+        model = strategy.load_model(model_path, cfg.model.attn_implementation)
+        engine = strategy.prepare_inference(LossModule(model, partial(example_nll, chunk_size=cfg.train.loss_chunk_size),
                                                        strategy))
         nll = score_nll(engine, strategy, examples, e.batch_size, pad_id)
         strategy.release()

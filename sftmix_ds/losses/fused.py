@@ -15,6 +15,7 @@ then dh = G W and dW += G^T h. Logits and gradients are accumulated in fp32.
 """
 from __future__ import annotations
 
+import os
 from typing import List, Tuple
 
 import torch
@@ -83,8 +84,7 @@ def _chunk_terms(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, count: 
     if n_pairs:
         za, zb = z[:n_pairs], z[n_pairs:2 * n_pairs]
         ya, yb = y_safe[:n_pairs], y_safe[n_pairs:2 * n_pairs]
-        wa = lam * (y[:n_pairs] != IGNORE)
-        wb = (1 - lam) * (y[n_pairs:2 * n_pairs] != IGNORE)
+        wa, wb = _pair_weights(y, n_pairs, lam)
         z_mix = lam[:, None] * za + (1 - lam[:, None]) * zb
         lse_mix = torch.logsumexp(z_mix, dim=-1)
         mix = (wa * (lse_mix - z_mix.gather(1, ya[:, None]).squeeze(1))
@@ -103,24 +103,97 @@ def _chunk_terms(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, count: 
     return ntp, mix, G
 
 
+def _pair_weights(y: torch.Tensor, n_pairs: int, lam: torch.Tensor):
+    """Weights of a pair's two CE terms on the mixed logits: lam and 1 - lam, 0 where a label is ignored."""
+    return lam * (y[:n_pairs] != IGNORE), (1 - lam) * (y[n_pairs:2 * n_pairs] != IGNORE)
+
+
+class _TritonChunks:
+    """The same chunk terms from the Triton kernels: the forward keeps each chunk's
+    log-sum-exps, so the backward makes one pass over the recomputed logits."""
+
+    def __init__(self):
+        from . import triton_kernels
+
+        self.kernels = triton_kernels
+        self.saved = []
+
+    def terms(self, h, weight, y, count, n_pairs, lam):
+        z = h @ weight.t()
+        lse, lse_mix = self.kernels.chunk_lse(z, n_pairs, lam)
+        self.saved.append((lse, lse_mix))
+        y_safe = y.clamp_min(0)
+        z_y = z.gather(1, y_safe[:, None]).squeeze(1).float()
+        ntp = ((lse - z_y) * ((y != IGNORE) & count)).sum()
+        mix = lse.new_zeros(())
+        if n_pairs:
+            wa, wb = _pair_weights(y, n_pairs, lam)
+            za, zb = z[:n_pairs].float(), z[n_pairs:2 * n_pairs].float()
+            ya, yb = y_safe[:n_pairs, None], y_safe[n_pairs:2 * n_pairs, None]
+            mix_ya = lam * za.gather(1, ya).squeeze(1) + (1 - lam) * zb.gather(1, ya).squeeze(1)
+            mix_yb = lam * za.gather(1, yb).squeeze(1) + (1 - lam) * zb.gather(1, yb).squeeze(1)
+            mix = (wa * (lse_mix - mix_ya) + wb * (lse_mix - mix_yb)).sum()
+        return ntp, mix
+
+    def grad(self, index, h, weight, y, count, n_pairs, lam, g_ntp, g_mix):
+        lse, lse_mix = self.saved[index]
+        wa, wb = _pair_weights(y, n_pairs, lam)
+        return self.kernels.chunk_grad_(h @ weight.t(), n_pairs, y.clamp_min(0), g_ntp * ((y != IGNORE) & count),
+                                        lse, lam, lse_mix, g_mix * wa, g_mix * wb)
+
+
+class _TorchChunks:
+    """Chunk terms in plain torch; the backward recomputes everything (as Cut Cross-Entropy does)."""
+
+    def terms(self, h, weight, y, count, n_pairs, lam):
+        ntp, mix, _ = _chunk_terms(h, weight, y, count, n_pairs, lam, want_grad=False)
+        return ntp, mix
+
+    def grad(self, index, h, weight, y, count, n_pairs, lam, g_ntp, g_mix):
+        return _chunk_terms(h, weight, y, count, n_pairs, lam, want_grad=True, g_ntp=g_ntp, g_mix=g_mix)[2]
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def pick_backend(backend: str, device: torch.device) -> str:
+    """auto: triton for CUDA tensors when triton is installed, torch otherwise."""
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError("loss backend triton: the triton package is not installed")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(f"loss backend triton: needs CUDA tensors (got {device.type}), "
+                               "or TRITON_INTERPRET=1 to run the kernels in triton's interpreter")
+    elif backend != "torch":
+        raise ValueError(f"loss backend {backend!r}: must be auto, torch or triton")
+    return backend
+
+
 class _FusedSFTMixLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, pair_a, pair_b, lam, chunk_size):
+    def forward(ctx, hidden, weight, labels, pair_a, pair_b, lam, chunk_size, backend):
         chunks = _chunks(hidden.shape[0], pair_a, pair_b, chunk_size)
         counts = _first_occurrence(chunks, hidden.shape[0])
+        impl = _TritonChunks() if backend == "triton" else _TorchChunks()
         acc = _acc(hidden.dtype)
         ntp_sum = torch.zeros((), dtype=acc, device=hidden.device)
         mix_sum = torch.zeros((), dtype=acc, device=hidden.device)
         lam32 = lam.to(acc)
         p = 0
         for (rows, n_pairs), count in zip(chunks, counts):
-            ntp, mix, _ = _chunk_terms(hidden[rows], weight, labels[rows], count, n_pairs,
-                                       lam32[p:p + n_pairs], want_grad=False)
+            ntp, mix = impl.terms(hidden[rows], weight, labels[rows], count, n_pairs, lam32[p:p + n_pairs])
             ntp_sum += ntp
             mix_sum += mix
             p += n_pairs
         ctx.save_for_backward(hidden, weight, labels, lam32)
-        ctx.chunks, ctx.counts = chunks, counts
+        ctx.chunks, ctx.counts, ctx.impl = chunks, counts, impl
         return ntp_sum, mix_sum
 
     @staticmethod
@@ -131,29 +204,30 @@ class _FusedSFTMixLoss(torch.autograd.Function):
         grad_h = torch.zeros(hidden.shape, dtype=acc, device=hidden.device)
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
         p = 0
-        for (rows, n_pairs), count in zip(ctx.chunks, ctx.counts):
+        for index, ((rows, n_pairs), count) in enumerate(zip(ctx.chunks, ctx.counts)):
             h = hidden[rows]
-            _, _, G = _chunk_terms(h, weight, labels[rows], count, n_pairs, lam32[p:p + n_pairs],
-                                   want_grad=True, g_ntp=g_ntp, g_mix=g_mix)
+            G = ctx.impl.grad(index, h, weight, labels[rows], count, n_pairs, lam32[p:p + n_pairs], g_ntp, g_mix)
             p += n_pairs
             grad_h.index_add_(0, rows, (G.to(weight.dtype) @ weight).to(acc))
-            grad_w.addmm_(G.t(), h.to(acc))
-        return grad_h.to(hidden.dtype), grad_w.to(weight.dtype), None, None, None, None, None
+            grad_w.add_(G.t() @ h.to(G.dtype))  # a 16-bit G (triton) keeps this matmul in 16 bits
+        return grad_h.to(hidden.dtype), grad_w.to(weight.dtype), None, None, None, None, None, None
 
 
 def fused_sftmix_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, pair_a: torch.Tensor,
-                      pair_b: torch.Tensor, lam: torch.Tensor, chunk_size: int = 0):
+                      pair_b: torch.Tensor, lam: torch.Tensor, chunk_size: int = 0, backend: str = "auto"):
     """(ntp_sum, mix_sum) as fp32 scalars (fp64 for fp64 inputs); see the module docstring. Gradients to hidden and weight are exact.
 
     hidden [M, d], weight [V, d], labels [M] (may hold -100), pair_a/pair_b [P]
     row indices into hidden, lam [P]. P = 0 gives plain next-token CE.
     chunk_size: rows per chunk; 0 picks auto_chunk_rows(V).
+    backend: torch | triton | auto (triton on CUDA when installed).
     """
     if pair_a.shape != pair_b.shape or pair_a.shape != lam.shape:
         raise ValueError(f"pair_a {tuple(pair_a.shape)}, pair_b {tuple(pair_b.shape)} and lam {tuple(lam.shape)} "
                          "must have the same shape")
     chunk_size = chunk_size or auto_chunk_rows(weight.shape[0])
-    return _FusedSFTMixLoss.apply(hidden, weight, labels, pair_a.long(), pair_b.long(), lam, chunk_size)
+    return _FusedSFTMixLoss.apply(hidden, weight, labels, pair_a.long(), pair_b.long(), lam, chunk_size,
+                                  pick_backend(backend, hidden.device))
 
 
 def reference_sftmix_loss(hidden, weight, labels, pair_a, pair_b, lam):

@@ -18,15 +18,15 @@ import torch
 from ..confidence import CONFIDENT, read_confidence_file, run_confidence_stage
 from ..data.batching import PairBatches, aligned_pairs, collate
 from ..losses import fused_sftmix_loss
-from .ntp import NTP, response_rows
+from .ntp import NTP, lengths_if_grouped, response_rows
 
 log = logging.getLogger(__name__)
 
 
 class SFTMix(NTP):
-    def __init__(self, name: str = "sftmix", chunk_size: int = 0, mu: float = 0.2, alpha: float = 0.5,
-                 lam_per: str = "pair", **stage1_options):
-        super().__init__(name, chunk_size)
+    def __init__(self, name: str = "sftmix", mu: float = 0.2, alpha: float = 0.5, lam_per: str = "pair",
+                 **options):
+        super().__init__(name, **options)
         self.weights = {"ntp": 1.0, "mix": mu}
         self.alpha, self.lam_per = alpha, lam_per
         self.split = None  # id -> confident | unconfident
@@ -43,7 +43,7 @@ class SFTMix(NTP):
         confident = [i for i, e in enumerate(train_set) if self.split[e.id] == CONFIDENT]
         unconfident = [i for i, e in enumerate(train_set) if self.split[e.id] != CONFIDENT]
         batches = PairBatches(confident, unconfident, train_cfg.micro_batch_size, train_cfg.grad_accum, world_size,
-                              rank, train_cfg.seed)
+                              rank, train_cfg.seed, lengths=lengths_if_grouped(train_set, train_cfg))
         if batches.leftovers:
             log.info("sftmix: %d confident / %d unconfident examples: %d without a partner train with NTP only "
                      "each epoch", len(confident), len(unconfident), batches.leftovers)
@@ -81,7 +81,7 @@ class SFTMix(NTP):
             return super().loss_terms(hidden, weight, batch)
         rows, targets = response_rows(hidden, batch["labels"])
         ntp_sum, mix_sum = fused_sftmix_loss(rows, weight, targets, batch["pair_a"], batch["pair_b"],
-                                             batch["lam"].to(rows.dtype), self.chunk_size)
+                                             batch["lam"].to(rows.dtype), self.chunk_size, self.loss_backend)
         return {"ntp": ntp_sum, "mix": mix_sum}
 
     def step_metrics(self, micro_batches, strategy) -> dict:
