@@ -6,7 +6,7 @@
   (d) scoring-loss peak memory vs a naive full-logits scoring pass
 
     python benchmarks/sftmix.py                  # CPU: reduced sizes, smollm2_135m for (b), (c)
-    python benchmarks/sftmix.py --full           # GPU: M=8192, d=2048, bf16
+    python benchmarks/sftmix.py --full           # GPU: M=16384, d=2048, bf16; triton and torch backends
 
 Each loss measurement runs in a fresh subprocess: peak memory is the rise of
 the process's high-water mark (CUDA: max_memory_allocated) over what the
@@ -51,8 +51,9 @@ def measure_loss(kind: str, M: int, d: int, V: int, dtype: str) -> dict:
     lam = torch.rand(P, device=dev, generator=g)
 
     def run():
-        if kind == "fused":
-            ntp, mix = fused_sftmix_loss(hidden, weight, labels, pair_a, pair_b, lam)
+        if kind in ("fused", "fused_torch"):  # fused: the automatic backend (triton on CUDA)
+            ntp, mix = fused_sftmix_loss(hidden, weight, labels, pair_a, pair_b, lam,
+                                         backend="torch" if kind == "fused_torch" else "auto")
             (ntp + 0.2 * mix).backward()
         elif kind == "reference":
             ntp, mix = reference_sftmix_loss(hidden, weight, labels, pair_a, pair_b, lam)
@@ -141,7 +142,7 @@ def step_and_scoring(model_name: str, steps: int) -> dict:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--full", action="store_true", help="issue sizes: M=8192, d=2048 (needs a GPU)")
+    ap.add_argument("--full", action="store_true", help="issue sizes: M=16384, d=2048 (needs a GPU)")
     ap.add_argument("--model", default="smollm2_135m")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--measure", nargs=5, help=argparse.SUPPRESS)
@@ -154,18 +155,22 @@ def main():
 
     gpu = torch.cuda.is_available()
     device = torch.cuda.get_device_name() if gpu else f"CPU ({os.cpu_count()} cores)"
-    M, d, dtype = (8192, 2048, "bfloat16") if args.full else (8192, 128, "float32")
+    M, d, dtype = (16384, 2048, "bfloat16") if args.full else (8192, 128, "float32")
+    backend = "triton" if gpu else "torch"  # what backend=auto picks here
     lines = [f"# SFTMix costs: {device}", "", f"`python benchmarks/sftmix.py{' --full' if args.full else ''}`; "
              f"torch {torch.__version__}. Loss sizes: M={M} rows (P=M/2 mixed), d={d}, {dtype}"
              + ("" if args.full else " (d scaled down from 2048 so the CPU finishes: the [M, V] logits, which "
                                      "decide memory, keep their full size)") + ".", "",
              "## (a) fused SFTMix loss vs full-logits reference, forward+backward", "",
-             "| V | reference peak MiB | fused peak MiB | memory ratio | reference s | fused s | time ratio |",
-             "|---|---|---|---|---|---|---|"]
+             "| V | backend | reference peak MiB | fused peak MiB | memory ratio | reference s | fused s | time ratio |",
+             "|---|---|---|---|---|---|---|---|"]
     for V in (49152, 128256):
-        ref, fused = (loss_in_subprocess(k, M, d, V, dtype) for k in ("reference", "fused"))
-        lines.append(f"| {V} | {ref['peak_mb']:.0f} | {fused['peak_mb']:.0f} | 1/{ref['peak_mb'] / fused['peak_mb']:.1f}"
-                     f" | {ref['time_s']:.2f} | {fused['time_s']:.2f} | {fused['time_s'] / ref['time_s']:.2f}x |")
+        ref = loss_in_subprocess("reference", M, d, V, dtype)
+        for kind, name in [("fused", backend)] + ([("fused_torch", "torch")] if gpu else []):
+            fused = loss_in_subprocess(kind, M, d, V, dtype)
+            lines.append(f"| {V} | {name} | {ref['peak_mb']:.0f} | {fused['peak_mb']:.0f} | "
+                         f"1/{ref['peak_mb'] / fused['peak_mb']:.1f} | {ref['time_s']:.2f} | {fused['time_s']:.2f} | "
+                         f"{fused['time_s'] / ref['time_s']:.2f}x |")
     lines += ["", "## (d) scoring loss vs naive full-logits scoring pass, V=49152, no grad", "",
               "| naive peak MiB | chunked peak MiB | memory ratio |", "|---|---|---|"]
     naive, chunked = (loss_in_subprocess(k, M, 576 if not args.full else d, 49152, dtype)

@@ -1,60 +1,274 @@
-"""Plain-SFT training throughput and peak memory, through the real entry point.
+"""Training throughput, MFU and peak memory: sftmix_ds (ntp, sftmix) against TRL's SFTTrainer.
 
-    python benchmarks/throughput.py [--models tiny smollm2_135m] [--steps 6] [--nproc 0]
+    python benchmarks/throughput.py                      # CUDA: llama1b_random, llama8b_random at 2048 tokens
+    python benchmarks/throughput.py --models tiny --seq 256 --steps 6   # CPU-sized
 
-Runs launch/train.py for each model on the embedded dataset, skips the first
-(warm-up) step, and reports response+prompt tokens/s (all ranks together) and
-peak memory per rank. Writes benchmarks/results/throughput_<device>.md.
+For each model (random weights, no download) every run is a separate process on
+the same synthetic data (example lengths uniform in [seq/4, seq], tokenized once
+by sftmix_ds, so both trainers see the same token ids and loss masks):
+  - sftmix_ds method=ntp and method=sftmix through launch/train.py (ZeRO-3);
+  - TRL SFTTrainer with DeepSpeed ZeRO-3 (its defaults otherwise: padded batches,
+    full-logits loss), fed the examples in sftmix_ds's step order, so the first
+    steps' losses must agree.
+Tokens/s count real (non-padding) tokens per device, median over the steps after
+--warmup. Writes benchmarks/results/throughput_<gpu|cpu>.md.
 """
 import argparse
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# Dense bf16 peak of the devices we report MFU for (vendor datasheets, SXM parts).
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0}
+MFU_FORMULA = ("model FLOPs/token = 6 * (parameters - input embedding) + 6 * layers * hidden * seq "
+               "(causal attention scores and values, forward + backward); "
+               "MFU = tokens/s per device * FLOPs/token / peak dense bf16 FLOP/s")
 
 
-def run(model: str, steps: int, nproc: int, extra: list) -> dict:
-    out = tempfile.mkdtemp(prefix=f"bench-{model}-")
-    script = os.path.join(ROOT, "launch", "train.py")
-    overrides = [f"model={model}", "method=ntp", f"train.max_steps={steps}", "train.eval_every=0", "train.save_every=0",
-                 f"output_dir={out}", "data.eval_files=[]", *extra]
-    launcher = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(nproc)] if nproc \
-        else [sys.executable]
-    subprocess.run(launcher + [script] + overrides, check=True, cwd=ROOT, capture_output=True)
+def flops_per_token(arch: dict, n_params: int, seq: int) -> float:
+    embedding = arch["vocab_size"] * arch["hidden_size"]
+    if arch.get("tie_word_embeddings"):  # the tied matrix is also the LM head's matmul
+        embedding = 0
+    return 6 * (n_params - embedding) + 6 * arch["num_hidden_layers"] * arch["hidden_size"] * seq
+
+
+def peak_flops(device: str):
+    for name, tflops in PEAK_BF16_TFLOPS.items():
+        if name in device:
+            return tflops * 1e12
+    return None
+
+
+def make_data(folder: str, tokenizer_path: str, n: int, seq: int, seed: int = 0) -> str:
+    """n chat examples whose token lengths are about uniform in [seq/4, seq], plus a
+    confidence file (random half confident) so method=sftmix skips its stage 1."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_path)
+    rng = random.Random(seed)
+    words = [w for w in ("time year people way day man thing woman life child world school state family student "
+                         "group country problem hand part place case week company system program question work "
+                         "government number night point home water room mother area money story fact month lot "
+                         "right study book eye job word business issue side kind head house service friend").split()]
+    per_word = len(tok(" ".join(words * 4))["input_ids"]) / (len(words) * 4)
+    path = os.path.join(folder, "train.jsonl")
+    with open(path, "w") as f:
+        for i in range(n):
+            target = rng.randint(seq // 4, seq)
+            prompt = " ".join(rng.choice(words) for _ in range(int(target * 0.2 / per_word)))
+            answer = " ".join(rng.choice(words) for _ in range(int(target * 0.8 / per_word) - 40))
+            f.write(json.dumps({"id": f"b{i}", "messages": [{"role": "user", "content": prompt},
+                                                            {"role": "assistant", "content": answer}]}) + "\n")
+    with open(os.path.join(folder, "confidence.jsonl"), "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"id": f"b{i}", "confidence": rng.random(),
+                                "split": "confident" if i % 2 else "unconfident"}) + "\n")
+    return path
+
+
+def common_overrides(a, model: str, data: str) -> list:
+    return [f"model={model}", "data=jsonl", f"data.train_files=[{data}]", "data.eval_files=[]",
+            f"data.max_length={a.seq}", "data.overlong=truncate", f"train.max_steps={a.steps}",
+            f"train.micro_batch_size={a.micro_batch}", f"train.grad_accum={a.grad_accum}", f"train.lr={a.lr}",
+            "train.warmup_ratio=0", "train.save_every=0", "train.eval_every=0", "train.export_final=false",
+            f"train.gradient_checkpointing={str(a.gradient_checkpointing).lower()}", "deepspeed=zero3", "resume=none"]
+
+
+def run_sftmix_ds(a, model: str, method: str, data: str, folder: str) -> dict:
+    out = os.path.join(folder, f"run_{method}")
+    extra = [f"method.confidence_file={os.path.join(folder, 'confidence.jsonl')}"] if method == "sftmix" else []
+    cmd = [sys.executable, os.path.join(ROOT, "launch", "train.py"), f"method={method}", f"output_dir={out}",
+           *common_overrides(a, model, data), *extra, *a.overrides]
+    _run(cmd)
     with open(os.path.join(out, "metrics.jsonl")) as f:
-        records = [json.loads(line) for line in f][1:]
-    return {"model": model, "tokens_per_s": statistics.median(r["tokens_per_s"] for r in records),
-            "peak_mem_gb": max(r["peak_mem_gb"] for r in records), "steps": len(records)}
+        records = [json.loads(line) for line in f]
+    timed = records[a.warmup:]
+    return {"losses": [r["loss/ntp"] for r in records], "tokens_per_s": statistics.median(r["tokens_per_s"]
+                                                                                           for r in timed),
+            "step_s": statistics.median(r["step_s"] for r in timed), "peak_mem_gb": max(r["peak_mem_gb"] for r in records)}
+
+
+def run_trl(a, model: str, data: str, folder: str) -> dict:
+    result = os.path.join(folder, "trl.json")
+    _run([sys.executable, os.path.abspath(__file__), "--trl-worker", json.dumps({**vars(a), "model": model,
+                                                                                 "data": data, "result": result})])
+    with open(result) as f:
+        return json.load(f)
+
+
+def _run(cmd):
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+
+
+def trl_worker(spec: dict) -> None:
+    """TRL's SFTTrainer on the same tokens, in sftmix_ds's example order, ZeRO-3."""
+    import resource
+
+    import torch
+    from datasets import Dataset
+    from hydra import compose, initialize_config_dir
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from sftmix_ds.config import CONF_DIR, register_configs, resolve_precision
+    from sftmix_ds.data import Batches, load_split
+    from sftmix_ds.engine import dist_env
+    from sftmix_ds.models import load_tokenizer, prepare_model
+
+    dist_env()  # a one-process group for DeepSpeed under the HF Trainer
+    register_configs()
+    with initialize_config_dir(CONF_DIR, version_base=None):
+        cfg = compose("train", overrides=common_overrides(argparse.Namespace(**spec), spec["model"], spec["data"])
+                      + ["method=ntp", "output_dir=/tmp/unused"] + spec["overrides"])
+    t = cfg.train
+    path = prepare_model(cfg.model, cfg.model_cache_dir)
+    tokenizer, pad_id = load_tokenizer(path)
+    tokenizer.pad_token_id = pad_id
+    examples = load_split(cfg.data, tokenizer, cfg.data.train_files)
+    batches = Batches(len(examples), t.micro_batch_size, t.grad_accum, 1, 0, t.seed)
+    order = [i for s in range(t.max_steps) for mb in batches.micro_batches(0, s) for i in mb if i is not None]
+    rows = [examples[i] for i in order]
+    dataset = Dataset.from_dict({"input_ids": [e.input_ids for e in rows], "labels": [e.labels for e in rows]})
+    step_tokens = [sum(len(e.input_ids) for e in rows[s * batches.step_size:(s + 1) * batches.step_size])
+                   for s in range(t.max_steps)]
+    bf16 = resolve_precision(t.precision) == "bf16"
+    ds_config = {"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto",
+                                       "stage3_prefetch_bucket_size": "auto",
+                                       "stage3_param_persistence_threshold": "auto"},
+                 "bf16": {"enabled": "auto"}, "gradient_clipping": "auto", "train_micro_batch_size_per_gpu": "auto",
+                 "gradient_accumulation_steps": "auto", "optimizer": {"type": "AdamW", "params": {
+                     "lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto",
+                     "torch_adam": not torch.cuda.is_available()}}}
+    args = SFTConfig(output_dir=os.path.join(os.path.dirname(spec["result"]), "trl"), max_steps=t.max_steps,
+                     per_device_train_batch_size=t.micro_batch_size, gradient_accumulation_steps=t.grad_accum,
+                     learning_rate=t.lr, lr_scheduler_type="cosine", warmup_steps=0, weight_decay=t.weight_decay,
+                     adam_beta1=t.betas[0], adam_beta2=t.betas[1], adam_epsilon=t.adam_eps,
+                     max_grad_norm=t.max_grad_norm, bf16=bf16, logging_steps=1, report_to=[], save_strategy="no",
+                     deepspeed=ds_config, gradient_checkpointing=t.gradient_checkpointing,
+                     max_length=cfg.data.max_length, dataset_kwargs={"skip_prepare_dataset": True},
+                     use_cpu=not torch.cuda.is_available(), seed=t.seed, dataloader_num_workers=0)
+
+    class StepTimes(TrainerCallback):
+        def __init__(self):
+            self.times = []
+
+        def on_step_begin(self, *_, **__):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, *_, **__):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.times.append(time.perf_counter() - self.started)
+
+    class InOrder(SFTTrainer):
+        def _get_train_sampler(self, *_, **__):  # sftmix_ds's order: the same batches, step by step
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    timer = StepTimes()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if bf16 else torch.float32,
+                                                 attn_implementation=cfg.model.attn_implementation)
+    trainer = InOrder(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[timer])
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    timed = range(spec["warmup"], len(timer.times))
+    peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
+    with open(spec["result"], "w") as f:
+        json.dump({"losses": losses, "tokens_per_s": statistics.median(step_tokens[s] / timer.times[s] for s in timed),
+                   "step_s": statistics.median(timer.times[s] for s in timed), "peak_mem_gb": peak}, f)
+
+
+def model_size(model: str) -> tuple:
+    """(arch dict with vocab_size, parameter count) of a model config, from its saved folder."""
+    from transformers import AutoConfig
+
+    from sftmix_ds.config import load_model_config
+    from sftmix_ds.models import prepare_model
+
+    cfg = load_model_config(model)
+    cache = os.path.join(os.environ.get("SFTMIX_CACHE", os.path.join(os.environ.get("HOME", "/tmp"), ".cache",
+                                                                      "sftmix_ds")), "models")
+    path = prepare_model(cfg, cache)
+    config = AutoConfig.from_pretrained(path)
+    arch = {k: getattr(config, k) for k in ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size",
+                                            "num_attention_heads", "num_key_value_heads", "tie_word_embeddings")}
+    h, i, L, V = arch["hidden_size"], arch["intermediate_size"], arch["num_hidden_layers"], arch["vocab_size"]
+    kv = h // arch["num_attention_heads"] * arch["num_key_value_heads"]
+    per_layer = h * h * 2 + 2 * h * kv + 3 * h * i + 2 * h
+    n = L * per_layer + h + V * h * (1 if arch["tie_word_embeddings"] else 2)
+    return arch, path, n
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--models", nargs="+", default=["tiny", "smollm2_135m"])
-    ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--nproc", type=int, default=0, help="0: one plain process; N: deepspeed launcher, N ranks")
-    ap.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. deepspeed=zero2")
-    args = ap.parse_args()
+    if len(sys.argv) > 2 and sys.argv[1] == "--trl-worker":
+        return trl_worker(json.loads(sys.argv[2]))
     import torch
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
-    rows = [run(m, args.steps, args.nproc, args.overrides) for m in args.models]
-    lines = [f"# Plain SFT throughput: {device}", "",
-             f"`python benchmarks/throughput.py --models {' '.join(args.models)} --steps {args.steps} "
-             f"--nproc {args.nproc} {' '.join(args.overrides)}`; embedded arith data, defaults of conf/train.yaml "
-             f"(ZeRO-3, micro-batch 8), median over steps 2..{args.steps}; python {platform.python_version()}, "
-             f"torch {torch.__version__}.", "",
-             "| model | tokens/s (all ranks) | peak memory per rank (GiB) |", "|---|---|---|"]
-    lines += [f"| {r['model']} | {r['tokens_per_s']:.0f} | {r['peak_mem_gb']:.2f} |" for r in rows]
-    text = "\n".join(lines) + "\n"
+    gpu = torch.cuda.is_available()
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", nargs="+", default=["llama1b_random", "llama8b_random"] if gpu else ["tiny"])
+    ap.add_argument("--seq", type=int, default=2048 if gpu else 256)
+    ap.add_argument("--examples", type=int, default=0, help="0: as many as --steps need")
+    ap.add_argument("--steps", type=int, default=12 if gpu else 6)
+    ap.add_argument("--warmup", type=int, default=2, help="steps left out of the timing")
+    ap.add_argument("--micro-batch", type=int, default=4)
+    ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--gradient-checkpointing", action="store_true", help="on for both trainers")
+    ap.add_argument("--no-peer", action="store_true", help="skip TRL")
+    ap.add_argument("--out", help="the results file (default: benchmarks/results/throughput_<gpu|cpu>.md)")
+    ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for sftmix_ds, e.g. train.packing=true")
+    a = ap.parse_args()
+    device = torch.cuda.get_device_name() if gpu else f"CPU ({os.cpu_count()} cores)"
+    peak = peak_flops(device) if gpu else None
+    n_examples = a.examples or a.steps * a.micro_batch * a.grad_accum
+    lines = [f"# Training throughput: {device}", "",
+             f"`python benchmarks/throughput.py {' '.join(sys.argv[1:])}`: sequence {a.seq} (examples "
+             f"{a.seq // 4}..{a.seq} tokens), micro-batch {a.micro_batch}, grad accum {a.grad_accum}, ZeRO-3, "
+             f"{'bf16' if gpu else 'fp32'}, 1 process, gradient checkpointing {'on' if a.gradient_checkpointing else 'off'}; "
+             f"median over steps {a.warmup + 1}..{a.steps}; torch {torch.__version__}, python {platform.python_version()}.",
+             "", f"MFU: {MFU_FORMULA}" + (f", peak {peak / 1e12:.0f} TFLOP/s." if peak else " (no peak known for this device)."),
+             "", "| model | trainer | tokens/s per device | step (s) | MFU | peak memory (GiB) | first losses |",
+             "|---|---|---|---|---|---|---|"]
+    checks = []
+    for model in a.models:
+        arch, path, n_params = model_size(model)
+        fpt = flops_per_token(arch, n_params, a.seq)
+        with tempfile.TemporaryDirectory(prefix=f"bench-{model}-") as folder:
+            data = make_data(folder, path, n_examples, a.seq)
+            runs = {"sftmix_ds ntp": run_sftmix_ds(a, model, "ntp", data, folder),
+                    "sftmix_ds sftmix": run_sftmix_ds(a, model, "sftmix", data, folder)}
+            if not a.no_peer:
+                runs["TRL SFTTrainer"] = run_trl(a, model, data, folder)
+        for name, r in runs.items():
+            mfu = f"{100 * r['tokens_per_s'] * fpt / peak:.1f}%" if peak else "n/a"
+            lines.append(f"| {model} ({n_params / 1e9:.2f}B) | {name} | {r['tokens_per_s']:.0f} | {r['step_s']:.3f} | "
+                         f"{mfu} | {r['peak_mem_gb']:.2f} | {', '.join(f'{x:.4f}' for x in r['losses'][:3])} |")
+        ntp, mix = runs["sftmix_ds ntp"], runs["sftmix_ds sftmix"]
+        checks.append(f"- {model}: sftmix / ntp time per token {ntp['tokens_per_s'] / mix['tokens_per_s']:.3f}x "
+                      "(bar: <= 1.02x; per token because sftmix's pairing puts other examples in each step)")
+        if "TRL SFTTrainer" in runs:
+            trl = runs["TRL SFTTrainer"]
+            diff = max(abs(x - y) for x, y in zip(ntp["losses"][:3], trl["losses"][:3]))
+            checks.append(f"- {model}: sftmix_ds ntp / TRL tokens/s {ntp['tokens_per_s'] / trl['tokens_per_s']:.2f}x "
+                          f"(bar: >= 1.3x); first 3 losses differ by at most {diff:.2e}")
+    text = "\n".join(lines + ["", *checks]) + "\n"
     print(text)
-    tag = "gpu" if torch.cuda.is_available() else "cpu"
-    os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
-    with open(os.path.join(ROOT, "benchmarks", "results", f"throughput_{tag}.md"), "w") as f:
+    out = a.out or os.path.join(ROOT, "benchmarks", "results", f"throughput_{'gpu' if gpu else 'cpu'}.md")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
         f.write(text)
 
 

@@ -178,6 +178,8 @@ class TrainLoopConfig:
     # Also export the model at this many evenly spaced steps, the last at the
     # end, to OUTPUT_DIR/model_step_N (SFTMix's reference run uses this).
     export_count: int = 0
+    # Export the final model to OUTPUT_DIR/model (false: benchmarks; a re-run then trains again).
+    export_final: bool = True
     # Speed switches. Activation checkpointing: recompute each block's activations in backward.
     gradient_checkpointing: bool = False
     # torch.compile each decoder block (the loss and ZeRO-3's hooks stay eager).
@@ -354,5 +356,8 @@ def validate(cfg) -> None:
             missing = [f for f in fields if f not in cfg.method[key]]
             if missing:
                 raise ConfigError(f"method.{key}: must contain {', '.join(missing)}")
+    if cfg.eval is not None and not t.export_final and not cfg.eval.model_path:
+        raise ConfigError("eval is set but train.export_final=false: there is no exported model to evaluate "
+                          "(set eval.model_path or train.export_final=true)")
     if cfg.resume not in ("auto", "none") and not os.path.isdir(cfg.resume):
         raise ConfigError(f"resume={cfg.resume!r}: must be auto, none, or an existing checkpoint folder")

@@ -63,7 +63,10 @@ def _make_random(out: str, model_cfg, tokenizer_path: str) -> None:
                             "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
                             **dict(model_cfg.arch)})
     torch.manual_seed(model_cfg.init_seed)
-    LlamaForCausalLM(config).save_pretrained(out)
+    model = LlamaForCausalLM(config)
+    if model_cfg.arch.get("dtype"):  # e.g. bfloat16: half the disk for a large random model
+        model.to(getattr(torch, model_cfg.arch["dtype"]))
+    model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 
 

@@ -222,7 +222,7 @@ def train(cfg) -> dict:
         tokens = strategy.all_reduce_sum([sum(int(b["attention_mask"].sum()) for b in micro)]).item()
         elapsed = time.perf_counter() - started
         record = {"step": step, "epoch": epoch + (in_epoch + 1) / batches.steps_per_epoch, "lr": lr,
-                  "grad_norm": strategy.grad_norm(), "tokens_per_s": tokens / elapsed,
+                  "grad_norm": strategy.grad_norm(), "tokens_per_s": tokens / elapsed, "step_s": elapsed,
                   "peak_mem_gb": strategy.peak_memory_gb()}
         record.update({f"loss/{n}": s / max(norms[n], 1) for n, s in zip(names, sums)})
         record.update({f"tokens/{n}": int(norms[n]) for n in names})
@@ -248,8 +248,8 @@ def train(cfg) -> dict:
             log.info("stopping at step %d after a checkpoint, for %s; resume=auto continues", step, why)
             break
     bar.close()
-    if step == total_steps:
-        export_dir = os.path.join(cfg.output_dir, "model")
+    export_dir = os.path.join(cfg.output_dir, "model")
+    if step == total_steps and t.export_final:
         strategy.export(export_dir, model, tokenizer, t.export_dtype, prefix=PREFIX)
         log.info("exported %s model to %s; final metrics %s", t.export_dtype, export_dir, record)
     strategy.release()

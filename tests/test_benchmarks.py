@@ -18,3 +18,20 @@ def test_compare_methods_runs_end_to_end_at_toy_size(tmp_path):
     assert "S3FT target mix: own" in table
     for png in ("compare_methods_curves.png", "compare_methods_accuracy.png"):
         assert (results / png).stat().st_size > 5000
+
+
+def test_throughput_benchmark_matches_trl_losses_at_toy_size(tmp_path):
+    """sftmix_ds and TRL's SFTTrainer train on the same tokens in the same order: the same losses."""
+    import re
+
+    out = tmp_path / "throughput.md"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "throughput.py"), "--models", "tiny",
+                           "--seq", "128", "--steps", "3", "--warmup", "1", "--out", str(out)], capture_output=True,
+                          text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = out.read_text()
+    for row in ("| sftmix_ds ntp |", "| sftmix_ds sftmix |", "| TRL SFTTrainer |"):
+        assert row in table
+    assert "MFU: model FLOPs/token = 6 * (parameters - input embedding)" in table
+    diff = float(re.search(r"first 3 losses differ by at most ([0-9.e+-]+)", table).group(1))
+    assert diff < 1e-4

@@ -65,6 +65,11 @@ def test_fused_close_to_reference_low_precision(dtype, tol):
 
 # The Triton backend: on CPU the kernels run in triton's interpreter (conftest sets TRITON_INTERPRET=1).
 triton_kernels = pytest.importorskip("sftmix_ds.losses.triton_kernels")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # compiled kernels on a GPU
+
+
+def on_device(case):
+    return [t.detach().to(DEVICE).requires_grad_(t.requires_grad) for t in case]
 
 
 @pytest.mark.parametrize("block", [16, 4096])  # 16: several blocks over V=61 with a ragged last one
@@ -72,14 +77,16 @@ triton_kernels = pytest.importorskip("sftmix_ds.losses.triton_kernels")
 def test_triton_backend_equals_reference(monkeypatch, block, chunk_size):
     monkeypatch.setattr(triton_kernels, "BLOCK_V", block)
     ref = loss_and_grads(reference_sftmix_loss, *make_case(torch.float64))
-    got = loss_and_grads(fused_sftmix_loss, *make_case(torch.float32), chunk_size=chunk_size, backend="triton")
+    got = loss_and_grads(fused_sftmix_loss, *on_device(make_case(torch.float32)), chunk_size=chunk_size,
+                         backend="triton")
     for r, g in zip(ref, got):
+        g = g.cpu()
         torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=1e-5 * max(1.0, r.abs().max().item()))
 
 
 def test_triton_backend_bf16_matches_torch_backend():
     """Same logits (bf16 matmul), so the same losses; gradients differ by bf16 rounding of G only."""
-    case = make_case(torch.bfloat16, V=300)
+    case = on_device(make_case(torch.bfloat16, V=300))
     torch_out = loss_and_grads(fused_sftmix_loss, *case, chunk_size=8, backend="torch")
     triton_out = loss_and_grads(fused_sftmix_loss, *case, chunk_size=8, backend="triton")
     for t, g in zip(torch_out[:2], triton_out[:2]):

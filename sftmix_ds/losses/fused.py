@@ -12,6 +12,11 @@ Paired rows are processed in the same chunk as their partner. The backward pass
 recomputes each chunk's logits (as Cut Cross-Entropy does) and folds the mixup
 gradient back into the paired rows: G_a += lam G_mix, G_b += (1 - lam) G_mix,
 then dh = G W and dW += G^T h. Logits and gradients are accumulated in fp32.
+
+Two backends compute each chunk's terms from its logits: torch (any device;
+the backward recomputes everything) and Triton (CUDA, triton_kernels.py: the
+forward keeps each row's log-sum-exp, so the backward is one pass that writes
+G over the recomputed logits in place, in their own 16-bit dtype).
 """
 from __future__ import annotations
 
@@ -128,10 +133,11 @@ class _TritonChunks:
         mix = lse.new_zeros(())
         if n_pairs:
             wa, wb = _pair_weights(y, n_pairs, lam)
-            za, zb = z[:n_pairs].float(), z[n_pairs:2 * n_pairs].float()
+            za, zb = z[:n_pairs], z[n_pairs:2 * n_pairs]
             ya, yb = y_safe[:n_pairs, None], y_safe[n_pairs:2 * n_pairs, None]
-            mix_ya = lam * za.gather(1, ya).squeeze(1) + (1 - lam) * zb.gather(1, ya).squeeze(1)
-            mix_yb = lam * za.gather(1, yb).squeeze(1) + (1 - lam) * zb.gather(1, yb).squeeze(1)
+            at = lambda rows, ids: rows.gather(1, ids).squeeze(1).float()
+            mix_ya = lam * at(za, ya) + (1 - lam) * at(zb, ya)
+            mix_yb = lam * at(za, yb) + (1 - lam) * at(zb, yb)
             mix = (wa * (lse_mix - mix_ya) + wb * (lse_mix - mix_yb)).sum()
         return ntp, mix
 
