@@ -64,8 +64,9 @@ def make_data(folder: str, tokenizer_path: str, n: int, seq: int, seed: int = 0)
     with open(path, "w") as f:
         for i in range(n):
             target = rng.randint(seq // 4, seq)
-            prompt = " ".join(rng.choice(words) for _ in range(int(target * 0.2 / per_word)))
-            answer = " ".join(rng.choice(words) for _ in range(int(target * 0.8 / per_word) - 40))
+            body = max(8, target - 16) / per_word  # about 16 tokens of chat template around the two turns
+            prompt = " ".join(rng.choice(words) for _ in range(max(2, int(0.2 * body))))
+            answer = " ".join(rng.choice(words) for _ in range(max(2, int(0.8 * body))))
             f.write(json.dumps({"id": f"b{i}", "messages": [{"role": "user", "content": prompt},
                                                             {"role": "assistant", "content": answer}]}) + "\n")
     with open(os.path.join(folder, "confidence.jsonl"), "w") as f:

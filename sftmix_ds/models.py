@@ -18,6 +18,7 @@ from .config import ConfigError
 
 log = logging.getLogger(__name__)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_TOKENIZER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "builtin_data", "smollm2_tokenizer")
 
 
 def _build_once(folder: str, build) -> str:
@@ -78,8 +79,8 @@ def prepare_model(model_cfg, cache_dir: str) -> str:
     if model_cfg.source == "smollm2":
         return _build_once(smollm2, _convert_smollm2)
     tokenizer = model_cfg.tokenizer
-    if tokenizer == "smollm2":
-        tokenizer = _build_once(smollm2, _convert_smollm2)
+    if tokenizer == "smollm2":  # its tokenizer files ship with the package: no GGUF conversion needed
+        tokenizer = SMOLLM2_TOKENIZER
     key = hashlib.sha1(json.dumps([dict(model_cfg.arch), model_cfg.init_seed, os.path.abspath(tokenizer)],
                                   sort_keys=True).encode()).hexdigest()[:12]
     return _build_once(os.path.join(cache_dir, f"random-{model_cfg.name}-{key}"),
