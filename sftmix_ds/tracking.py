@@ -7,6 +7,9 @@ from typing import Optional
 
 from omegaconf import OmegaConf
 
+# Metrics that are measurements of the machine, not of the training: they differ run to run.
+MEASURED = ("tokens_per_s", "step_s", "peak_mem_gb")
+
 
 class MetricsLog:
     """metrics.jsonl in the run folder, and wandb when configured; rank 0 only."""

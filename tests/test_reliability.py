@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from sftmix_ds.confidence import confidence_records, write_confidence_file
+from sftmix_ds.tracking import MEASURED
 
 from .conftest import ROOT, train_cli
 
@@ -28,7 +29,7 @@ def same_weights(a, b):
 
 def same_history(a, b):
     """Same losses and the same examples at every step (nothing skipped or repeated)."""
-    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "peak_mem_gb")} for r in rs]
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in MEASURED} for r in rs]
     return (strip(lines(os.path.join(a, "metrics.jsonl"))) == strip(lines(os.path.join(b, "metrics.jsonl")))
             and lines(os.path.join(a, "samples.jsonl")) == lines(os.path.join(b, "samples.jsonl")))
 

@@ -13,6 +13,7 @@ from sftmix_ds.data.batching import PairBatches, aligned_pairs
 from sftmix_ds.data.tokenize import Example
 from sftmix_ds.methods.ntp import response_rows
 from sftmix_ds.methods.sftmix import SFTMix
+from sftmix_ds.tracking import MEASURED
 
 from .conftest import ROOT, train_cli
 
@@ -195,8 +196,7 @@ def test_sftmix_resume_mid_epoch_continues_the_same_sequence(runs, confidence_fi
     train_cli(overrides + ["train.stop_after_steps=1"], nproc=2)
     train_cli(overrides, nproc=2)
     ref = runs["m2a2r2z3"]
-    assert _metrics(run_dir) == [{**m, "tokens_per_s": r["tokens_per_s"], "peak_mem_gb": r["peak_mem_gb"]}
-                                 for m, r in zip(_metrics(ref), _metrics(run_dir))]
+    assert _metrics(run_dir) == [{**m, **{k: r[k] for k in MEASURED}} for m, r in zip(_metrics(ref), _metrics(run_dir))]
     w, ref_w = (load_file(os.path.join(d, "model", "model.safetensors")) for d in (run_dir, ref))
     assert all(torch.equal(w[k], ref_w[k]) for k in ref_w)
 
