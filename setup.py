@@ -21,5 +21,11 @@ setup(
         "pyarrow",
         "filelock",
     ],
+    entry_points={"console_scripts": [
+        "sftmix-train = sftmix_ds.cli:train_main",
+        "sftmix-score = sftmix_ds.cli:score_main",
+        "sftmix-s3ft-build = sftmix_ds.cli:s3ft_build_main",
+        "sftmix-eval = sftmix_ds.cli:eval_main",
+    ]},
     extras_require={"smollm2": ["gguf", "accelerate"], "data": ["reasoning-gym"], "test": ["pytest"]},
 )

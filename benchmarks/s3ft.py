@@ -32,7 +32,7 @@ def main():
 
     from sftmix_ds.data import load_conversations
     from sftmix_ds.models import prepare_model
-    from sftmix_ds.s3ft.generate import Generator
+    from sftmix_ds.inference import Generator
 
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")

@@ -37,7 +37,7 @@ def measure_loss(kind: str, M: int, d: int, V: int, dtype: str) -> dict:
     """Run one loss variant twice; memory from the first run, time from the second."""
     import torch
 
-    from sftmix_ds.confidence import token_nll
+    from sftmix_ds.inference import token_nll
     from sftmix_ds.losses import fused_sftmix_loss, reference_sftmix_loss
 
     cuda = torch.cuda.is_available()
@@ -96,7 +96,7 @@ def step_and_scoring(model_name: str, steps: int) -> dict:
     from hydra import compose, initialize_config_dir
 
     from sftmix_ds.config import CONF_DIR, register_configs
-    from sftmix_ds.confidence import example_nll, score
+    from sftmix_ds.inference import example_nll, score
     from sftmix_ds.data import load_split
     from sftmix_ds.engine import DeepSpeedStrategy, LossModule
     from sftmix_ds.methods.ntp import NTP

@@ -1,11 +1,11 @@
-"""What every entry point in launch/ shares: argv clean-up, Hydra, clean errors."""
+"""The entry points (launch/*.py and the console scripts of setup.py) and what they share:
+argv clean-up, Hydra, clean errors."""
 from __future__ import annotations
 
 import logging
 import os
 import re
 import sys
-
 
 
 def strip_local_rank(argv: list[str]) -> list[str]:
@@ -75,3 +75,51 @@ def hydra_entry(fn, config_name: str) -> None:
             sys.exit(2)
 
     main()
+
+
+def _train(cfg):
+    from .trainer import train
+
+    return train(cfg)
+
+
+def _score(cfg):
+    from .config import validate
+    from .confidence import run_confidence_stage
+
+    validate(cfg)
+    print(run_confidence_stage(cfg))
+
+
+def _s3ft_build(cfg):
+    from .config import validate
+    from .s3ft import build_targets
+
+    validate(cfg)
+    print(build_targets(cfg))
+
+
+def _evaluate(cfg):
+    from .config import validate
+    from .eval import evaluate_model
+    from .models import prepare_model
+
+    validate(cfg)
+    model_path = cfg.eval.model_path or prepare_model(cfg.model, cfg.model_cache_dir)
+    evaluate_model(cfg, model_path, os.path.join(cfg.output_dir, "eval"))
+
+
+def train_main() -> None:
+    hydra_entry(_train, config_name="train")
+
+
+def score_main() -> None:
+    hydra_entry(_score, config_name="score")
+
+
+def s3ft_build_main() -> None:
+    hydra_entry(_s3ft_build, config_name="s3ft_build")
+
+
+def eval_main() -> None:
+    hydra_entry(_evaluate, config_name="eval")

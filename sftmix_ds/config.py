@@ -7,28 +7,16 @@ the checks a type cannot express.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import inspect
 import os
+import pkgutil
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
-
-
-JUDGE_PROMPT = """You are grading an answer against a gold answer.
-
-Question:
-{question}
-
-Gold answer:
-{gold}
-
-Candidate answer:
-{candidate}
-
-Does the candidate answer reach the same final answer as the gold answer? \
-Reply with one line: VERDICT: yes or VERDICT: no."""
 
 
 class ConfigError(ValueError):
@@ -69,62 +57,6 @@ class DataConfig:
     # (the gold response when the field is absent).
     judge: str = "exact"
     answer_field: str = "answer"
-
-
-@dataclass
-class MethodConfig:
-    name: str = MISSING
-    _target_: str = MISSING
-
-
-@dataclass
-class SFTMixConfig(MethodConfig):
-    name: str = "sftmix"
-    _target_: str = "sftmix_ds.methods.sftmix.SFTMix"
-    # Stage 1 (confidence). A file from an earlier run skips it.
-    confidence_file: Optional[str] = None
-    checkpoints: int = 4  # C reference checkpoints, evenly spaced over one epoch, the last at its end
-    # A model group option (conf/model/NAME.yaml) for the reference run; null: the target model.
-    reference_model: Optional[str] = None
-    score_batch_size: int = 8
-    # Where stage-1 outputs live, one folder per fingerprint; null: OUTPUT_DIR/confidence.
-    stage_dir: Optional[str] = None
-    # Score these model folders instead of training a reference run.
-    score_checkpoints: List[str] = field(default_factory=list)
-    # Stage 2 (mixup). Paper defaults; lam_per=batch draws one lam per optimizer step.
-    mu: float = 0.2
-    alpha: float = 0.5
-    lam_per: str = "pair"  # pair | batch
-
-
-PARAPHRASE_PROMPT = """Here is a question and its answer.
-
-Question:
-{question}
-
-Answer:
-{gold}
-
-Write the same answer again in your own style, keeping every step and the final answer exactly as they are. \
-Reply with the answer only."""
-
-
-@dataclass
-class S3FTConfig(MethodConfig):
-    name: str = "s3ft"
-    _target_: str = "sftmix_ds.methods.s3ft.S3FT"
-    # A targets file from an earlier build (launch/s3ft_build.py) skips the build.
-    targets_file: Optional[str] = None
-    generation_prompt: str = "{question}"
-    paraphrase_prompt: str = PARAPHRASE_PROMPT
-    judge_prompt: str = JUDGE_PROMPT
-    max_new_tokens: int = 256
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop_strings: List[str] = field(default_factory=list)
-    generate_batch_size: int = 16
-    write_every: int = 64  # examples per appended chunk of the targets file
 
 
 @dataclass
@@ -213,6 +145,8 @@ class EvalConfig:
     perplexity_files: List[str] = field(default_factory=list)  # held-out response perplexity
     max_new_tokens: int = 64
     batch_size: int = 16
+    # python_tests on a machine that cannot sandbox code (no root, no user namespaces): run it anyway.
+    allow_unsandboxed_code: bool = False
 
 
 @dataclass
@@ -261,12 +195,25 @@ def register_configs() -> None:
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(group="model", name="model_schema", node=ModelConfig)
     cs.store(group="data", name="data_schema", node=DataConfig)
-    cs.store(group="method", name="ntp_schema", node=MethodConfig)
-    cs.store(group="method", name="sftmix_schema", node=SFTMixConfig)
-    cs.store(group="method", name="s3ft_schema", node=S3FTConfig)
+    for schema in method_schemas():
+        cs.store(group="method", name=f"{schema.name}_schema", node=schema)
     cs.store(group="deepspeed", name="deepspeed_schema", node=DeepSpeedConfig)
     cs.store(group="logger", name="logger_schema", node=LoggerConfig)
     cs.store(group="eval", name="eval_schema", node=EvalConfig)
+
+
+def method_schemas() -> list:
+    """The config schema of every method module in sftmix_ds/methods (a MethodConfig subclass
+    defined there): a new method registers itself by being there. Imported by name, because
+    the methods import this module."""
+    package = importlib.import_module("sftmix_ds.methods")
+    base = importlib.import_module("sftmix_ds.methods.base").MethodConfig
+    schemas = []
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"sftmix_ds.methods.{info.name}")
+        schemas += [c for _, c in inspect.getmembers(module, inspect.isclass)
+                    if issubclass(c, base) and c is not base and c.__module__ == module.__name__]
+    return schemas
 
 
 def resolve_precision(precision: str) -> str:
@@ -278,12 +225,12 @@ def resolve_precision(precision: str) -> str:
     return "bf16" if torch.cuda.is_available() else "fp32"
 
 
-def _one_of(key: str, value: Any, allowed: tuple) -> None:
+def one_of(key: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ConfigError(f"{key}={value!r}: must be one of {', '.join(map(str, allowed))}")
 
 
-def _positive(key: str, value: float, zero_ok: bool = False) -> None:
+def positive(key: str, value: float, zero_ok: bool = False) -> None:
     if value < 0 or (value == 0 and not zero_ok):
         raise ConfigError(f"{key}={value!r}: must be {'>= 0' if zero_ok else '> 0'}")
 
@@ -291,7 +238,7 @@ def _positive(key: str, value: float, zero_ok: bool = False) -> None:
 def validate(cfg) -> None:
     """Checks beyond types; runs before any process group starts."""
     m, d, t, ds = cfg.model, cfg.data, cfg.train, cfg.deepspeed
-    _one_of("model.source", m.source, ("hf", "smollm2", "random"))
+    one_of("model.source", m.source, ("hf", "smollm2", "random"))
     if m.source == "hf":
         if not m.path:
             raise ConfigError("model.path: required when model.source=hf")
@@ -299,31 +246,29 @@ def validate(cfg) -> None:
             raise ConfigError(f"model.path={m.path!r}: no such folder (a local transformers checkpoint is expected)")
     if m.source == "random" and not m.tokenizer:
         raise ConfigError("model.tokenizer: required when model.source=random")
-    _one_of("data.format", d.format, ("auto", "alpaca", "chat", "prompt_completion"))
-    _one_of("data.overlong", d.overlong, ("truncate", "drop"))
+    one_of("data.format", d.format, ("auto", "alpaca", "chat", "prompt_completion"))
+    one_of("data.overlong", d.overlong, ("truncate", "drop"))
     if not d.train_files:
         raise ConfigError("data.train_files: at least one file is needed")
-    _positive("data.max_length", d.max_length)
-    _one_of("deepspeed.zero_stage", ds.zero_stage, (0, 1, 2, 3))
+    positive("data.max_length", d.max_length)
+    one_of("deepspeed.zero_stage", ds.zero_stage, (0, 1, 2, 3))
     if ds.offload_params and ds.zero_stage != 3:
         raise ConfigError("deepspeed.offload_params: needs deepspeed.zero_stage=3")
-    _one_of("logger.kind", cfg.logger.kind, ("none", "wandb"))
-    _one_of("train.precision", t.precision, ("auto", "bf16", "fp16", "fp32"))
-    _one_of("train.export_dtype", t.export_dtype, ("bf16", "fp16", "fp32"))
+    one_of("logger.kind", cfg.logger.kind, ("none", "wandb"))
+    one_of("train.precision", t.precision, ("auto", "bf16", "fp16", "fp32"))
+    one_of("train.export_dtype", t.export_dtype, ("bf16", "fp16", "fp32"))
     for key in ("micro_batch_size", "grad_accum", "epochs", "lr"):
-        _positive(f"train.{key}", getattr(t, key))
+        positive(f"train.{key}", getattr(t, key))
     for key in ("eval_every", "save_every", "stop_after_steps", "keep_checkpoints", "max_grad_norm", "export_count",
                 "loss_chunk_size",
                 "weight_decay", "warmup_ratio", "adam_eps"):
-        _positive(f"train.{key}", getattr(t, key), zero_ok=True)
-    _one_of("train.nonfinite", t.nonfinite, ("stop", "skip"))
-    _one_of("train.loss_backend", t.loss_backend, ("auto", "triton", "torch"))
-    _one_of("model.attn_implementation", m.attn_implementation, ("sdpa", "eager", "flash_attention_2", "flex_attention"))
+        positive(f"train.{key}", getattr(t, key), zero_ok=True)
+    one_of("train.nonfinite", t.nonfinite, ("stop", "skip"))
+    one_of("train.loss_backend", t.loss_backend, ("auto", "triton", "torch"))
+    one_of("model.attn_implementation", m.attn_implementation, ("sdpa", "eager", "flash_attention_2", "flex_attention"))
     if m.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise ConfigError("model.attn_implementation=flash_attention_2: the flash-attn package is not installed; "
                           "use sdpa")
-    if t.packing and cfg.method.name == "sftmix":
-        raise ConfigError("train.packing=true: only for ntp and s3ft; method=sftmix pairs whole examples row by row")
     if t.nonfinite == "skip" and t.grad_accum != 1:
         raise ConfigError("train.nonfinite=skip: needs train.grad_accum=1 (a half-accumulated step cannot be "
                           "taken back); use train.nonfinite=stop")
@@ -331,33 +276,30 @@ def validate(cfg) -> None:
         raise ConfigError(f"train.warmup_ratio={t.warmup_ratio}: must be < 1")
     if len(t.betas) != 2:
         raise ConfigError(f"train.betas={list(t.betas)}: must be two numbers")
-    if cfg.method.name == "sftmix":
-        _positive("method.checkpoints", cfg.method.checkpoints)
-        _positive("method.score_batch_size", cfg.method.score_batch_size)
-        _positive("method.alpha", cfg.method.alpha)
-        _positive("method.mu", cfg.method.mu, zero_ok=True)
-        _one_of("method.lam_per", cfg.method.lam_per, ("pair", "batch"))
-        if t.micro_batch_size % 2:
-            raise ConfigError(f"train.micro_batch_size={t.micro_batch_size}: must be even for method=sftmix "
-                              "(each micro-batch holds k confident + k unconfident examples)")
-        if cfg.method.confidence_file and not os.path.isfile(cfg.method.confidence_file):
-            raise ConfigError(f"method.confidence_file={cfg.method.confidence_file!r}: no such file")
-        if cfg.method.reference_model and not os.path.isfile(model_config_path(cfg.method.reference_model)):
-            raise ConfigError(f"method.reference_model={cfg.method.reference_model!r}: no conf/model/"
-                              f"{cfg.method.reference_model}.yaml")
-    if cfg.method.name == "s3ft":
-        _positive("method.max_new_tokens", cfg.method.max_new_tokens)
-        _positive("method.generate_batch_size", cfg.method.generate_batch_size)
-        _positive("method.write_every", cfg.method.write_every)
-        if d.judge not in ("numeric", "exact", "contains", "python_tests", "llm") and "." not in d.judge:
-            raise ConfigError(f"data.judge={d.judge!r}: use numeric, exact, contains, python_tests, llm or a dotted path")
-        for key, fields in (("paraphrase_prompt", ("{question}", "{gold}")), ("generation_prompt", ("{question}",)),
-                            ("judge_prompt", ("{question}", "{gold}", "{candidate}"))):
-            missing = [f for f in fields if f not in cfg.method[key]]
-            if missing:
-                raise ConfigError(f"method.{key}: must contain {', '.join(missing)}")
     if cfg.eval is not None and not t.export_final and not cfg.eval.model_path:
         raise ConfigError("eval is set but train.export_final=false: there is no exported model to evaluate "
                           "(set eval.model_path or train.export_final=true)")
     if cfg.resume not in ("auto", "none") and not os.path.isdir(cfg.resume):
         raise ConfigError(f"resume={cfg.resume!r}: must be auto, none, or an existing checkpoint folder")
+    if cfg.eval is not None:
+        check_eval_judges(cfg.eval)
+    method_class(cfg.method).check_config(cfg)
+
+
+def method_class(method_cfg):
+    """The Method subclass that conf/method/NAME.yaml's _target_ names."""
+    from hydra.utils import get_class
+
+    return get_class(method_cfg._target_)
+
+
+def check_eval_judges(eval_cfg) -> None:
+    """Every evaluation set's judge resolves now, not after training."""
+    from .inference.judges import check_judge_name
+
+    for group in ("tasks", "general"):
+        for i, task in enumerate(eval_cfg[group]):
+            try:
+                check_judge_name(task.judge, llm_ok=False, allow_unsandboxed_code=eval_cfg.allow_unsandboxed_code)
+            except ValueError as e:
+                raise ConfigError(f"eval.{group}[{i}].judge={task.judge!r} (set {task.name!r}): {e}") from None

@@ -29,6 +29,6 @@ def maybe_disk_full(rank: int, step: int) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
-def maybe_poison(values: list, rank: int, step: int) -> list:
-    """SFTMIX_FAULT=nan_loss:RANK:STEP turns that rank's loss values at STEP into NaN."""
-    return [float("nan")] * len(values) if _armed("nan_loss", rank, step) else values
+def maybe_poison(values, rank: int, step: int):
+    """SFTMIX_FAULT=nan_loss:RANK:STEP turns that rank's loss values (a tensor) at STEP into NaN."""
+    return values.new_full(values.shape, float("nan")) if _armed("nan_loss", rank, step) else values

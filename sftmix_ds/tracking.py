@@ -7,6 +7,8 @@ from typing import Optional
 
 from omegaconf import OmegaConf
 
+from .common import atomic_file, write_json_atomic
+
 # Metrics that are measurements of the machine, not of the training: they differ run to run.
 MEASURED = ("tokens_per_s", "step_s", "peak_mem_gb")
 
@@ -38,8 +40,7 @@ class MetricsLog:
         """Final figures: eval_summary.json beside metrics.jsonl, and the wandb run's summary."""
         if not self.enabled:
             return
-        with open(os.path.join(os.path.dirname(self.path), "eval_summary.json"), "w") as f:
-            json.dump(values, f, indent=1)
+        write_json_atomic(os.path.join(os.path.dirname(self.path), "eval_summary.json"), values, indent=1)
         if self.wandb is not None:
             self.wandb.summary.update(values)
 
@@ -59,9 +60,8 @@ def keep_steps_up_to(path: str, step: int) -> None:
         return
     with open(path) as f:
         lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-    with open(path + ".tmp", "w") as f:
+    with atomic_file(path) as f:
         f.writelines(lines)
-    os.replace(path + ".tmp", path)
 
 
 def log_stage_summary(cfg, stage: str, summary: dict, folder: str, image: Optional[str] = None) -> None:

@@ -7,13 +7,14 @@ preparation can never hit a collective timeout.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import signal
 import sys
-import math
 import time
 import warnings
+from collections import Counter
 
 import numpy as np
 import torch
@@ -21,11 +22,12 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from .common import atomic_file, to_device
 from .config import ConfigError, validate
 from .data import Batches, collate, load_split
 from .engine import PREFIX, DeepSpeedStrategy, LossModule, complete_checkpoints, dist_env
-from .models import load_tokenizer, prepare_model
 from .eval import evaluate_model
+from .models import load_tokenizer, prepare_model
 from .faults import maybe_die, maybe_poison
 from .tracking import MetricsLog, append_jsonl, keep_steps_up_to
 
@@ -109,10 +111,6 @@ def find_resume(cfg) -> str | None:
     return cfg.resume
 
 
-def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-
-
 def evaluate(engine, strategy, method, examples, micro_batch_size: int, pad_id: int) -> float:
     """Mean response-token CE over `examples`, split across ranks."""
     batches = Batches(len(examples), micro_batch_size, 1, strategy.world_size, strategy.rank, seed=0, shuffle=False)
@@ -134,130 +132,203 @@ def export_steps(total_steps: int, count: int) -> set:
     return {round(total_steps * c / count) for c in range(1, count + 1)} if count else set()
 
 
-def train(cfg) -> dict:
-    """Train, evaluate, checkpoint and export as `cfg` says; returns the last metrics.
+class Recipe:
+    """One training run in three phases, as torchtune's recipes: setup() builds data, method,
+    engine and run state; train() runs the steps (one step: _train_step; what follows it:
+    _after_step); cleanup() exports, evaluates and releases. The method may run a stage in
+    setup (SFTMix: confidence from a reference run) and chooses the batches and the loss terms;
+    the loop itself is the same for all."""
 
-    The method may run a stage first (SFTMix: confidence from a reference run)
-    and chooses the batches and the loss terms; the loop itself is the same for all.
-    """
-    validate(cfg)
-    rank, _, world_size = dist_env()
-    t = cfg.train
-    resume_from = find_resume(cfg)
-    if cfg.resume == "auto" and finished(cfg):
-        log.info("%s/model exists: this run is finished (resume=none with a new output_dir trains again)",
-                 cfg.output_dir)
-        return {}
-    model_path = prepare_model(cfg.model, cfg.model_cache_dir)
-    tokenizer, pad_id = load_tokenizer(model_path)
-    train_set = load_split(cfg.data, tokenizer, cfg.data.train_files)
-    eval_set = load_split(cfg.data, tokenizer, cfg.data.eval_files) if cfg.data.eval_files else []
-    method = instantiate(cfg.method, chunk_size=t.loss_chunk_size, loss_backend=t.loss_backend,
-                         pack_width=cfg.data.max_length if t.packing else 0)
-    train_set = method.before_training(cfg, train_set, tokenizer)
+    def __init__(self, cfg):
+        self.cfg, self.t = cfg, cfg.train
+        self.rank, _, self.world_size = dist_env()
+        self.ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
+        self.export_dir = os.path.join(cfg.output_dir, "model")
 
-    random.seed(t.seed)
-    np.random.seed(t.seed)
-    torch.manual_seed(t.seed)
-    strategy = DeepSpeedStrategy(cfg.deepspeed, t)
-    if rank == 0:
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
-            f.write(OmegaConf.to_yaml(cfg, resolve=True))
-    batches = method.batches(train_set, t, world_size, rank)
-    total_steps = t.max_steps if t.max_steps > 0 else t.epochs * batches.steps_per_epoch
-    exports = export_steps(total_steps, t.export_count)
-    model = strategy.load_model(model_path, cfg.model.attn_implementation)
-    engine = strategy.prepare(LossModule(model, method.loss_terms, strategy), total_steps)
-    log.info("%s: %d train / %d eval examples, %d ranks, global batch %d, %d steps, %s, ZeRO-%d", cfg.method.name,
-             len(train_set), len(eval_set), world_size, batches.global_batch, total_steps, strategy.dtype,
-             cfg.deepspeed.zero_stage)
+    # -- setup -----------------------------------------------------------------------------------
 
-    step = 0
-    if resume_from:
-        step = strategy.load_checkpoint(resume_from)["step"]
-        log.info("resumed from %s at step %d", resume_from, step)
-    metrics = MetricsLog(cfg, enabled=rank == 0, fresh=resume_from is None)
-    samples_path = os.path.join(cfg.output_dir, "samples.jsonl")  # the example ids of every step
-    if rank == 0:
-        for path in (metrics.path, samples_path):  # steps after the checkpoint run again: drop their old lines
-            keep_steps_up_to(path, step)
-    ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
-    guard = NonFiniteGuard(t.nonfinite, t.max_nonfinite_steps, t.grad_accum)
-    preempted = PreemptionFlag()
-    bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc=f"train {cfg.method.name}",
-               dynamic_ncols=True)
-    names = list(method.weights)
-    record: dict = {}
-    while step < total_steps:
+    def setup(self) -> bool:
+        """False when there is nothing to do (resume=auto on a finished run)."""
+        validate(self.cfg)
+        self.resume_from = find_resume(self.cfg)
+        if self.cfg.resume == "auto" and finished(self.cfg):
+            log.info("%s/model exists: this run is finished (resume=none with a new output_dir trains again)",
+                     self.cfg.output_dir)
+            return False
+        self._setup_data()
+        self._setup_engine()
+        self._setup_state()
+        return True
+
+    def _setup_data(self) -> None:
+        """Model files, tokenizer, tokenized splits and the method's stage: all before any process group."""
+        cfg, t = self.cfg, self.t
+        self.model_path = prepare_model(cfg.model, cfg.model_cache_dir)
+        self.tokenizer, self.pad_id = load_tokenizer(self.model_path)
+        train_set = load_split(cfg.data, self.tokenizer, cfg.data.train_files)
+        self.eval_set = load_split(cfg.data, self.tokenizer, cfg.data.eval_files) if cfg.data.eval_files else []
+        self.method = instantiate(cfg.method, chunk_size=t.loss_chunk_size, loss_backend=t.loss_backend,
+                                  pack_width=cfg.data.max_length if t.packing else 0)
+        self.train_set = self.method.before_training(cfg, train_set, self.tokenizer)
+        self.names = list(self.method.weights)
+
+    def _setup_engine(self) -> None:
+        cfg, t = self.cfg, self.t
+        random.seed(t.seed)
+        np.random.seed(t.seed)
+        torch.manual_seed(t.seed)
+        self.strategy = DeepSpeedStrategy(cfg.deepspeed, t)
+        if self.rank == 0:
+            os.makedirs(cfg.output_dir, exist_ok=True)
+            with atomic_file(os.path.join(cfg.output_dir, "config.yaml")) as f:
+                f.write(OmegaConf.to_yaml(cfg, resolve=True))
+        self.batches = self.method.batches(self.train_set, t, self.world_size, self.rank)
+        self.total_steps = t.max_steps if t.max_steps > 0 else t.epochs * self.batches.steps_per_epoch
+        self.exports = export_steps(self.total_steps, t.export_count)
+        self.model = self.strategy.load_model(self.model_path, cfg.model.attn_implementation)
+        self.engine = self.strategy.prepare(LossModule(self.model, self.method.loss_terms, self.strategy),
+                                            self.total_steps)
+        log.info("%s: %d train / %d eval examples, %d ranks, global batch %d, %d steps, %s, ZeRO-%d",
+                 cfg.method.name, len(self.train_set), len(self.eval_set), self.world_size,
+                 self.batches.global_batch, self.total_steps, self.strategy.dtype, cfg.deepspeed.zero_stage)
+
+    def _setup_state(self) -> None:
+        """The step to start from, logs trimmed to it, and the per-run guards."""
+        cfg, t = self.cfg, self.t
+        self.step = 0
+        if self.resume_from:
+            self.step = self.strategy.load_checkpoint(self.resume_from)["step"]
+            log.info("resumed from %s at step %d", self.resume_from, self.step)
+        self.metrics = MetricsLog(cfg, enabled=self.rank == 0, fresh=self.resume_from is None)
+        self.samples_path = os.path.join(cfg.output_dir, "samples.jsonl")  # the example ids of every step
+        if self.rank == 0:
+            for path in (self.metrics.path, self.samples_path):  # steps after the checkpoint run again
+                keep_steps_up_to(path, self.step)
+        self.guard = NonFiniteGuard(t.nonfinite, t.max_nonfinite_steps, t.grad_accum)
+        self.preempted = PreemptionFlag()
+        self.bar = tqdm(total=self.total_steps, initial=self.step, disable=self.rank != 0,
+                        desc=f"train {cfg.method.name}", dynamic_ncols=True)
+
+    # -- train -----------------------------------------------------------------------------------
+
+    def train(self) -> dict:
+        record: dict = {}
+        while self.step < self.total_steps:
+            record = self._train_step()
+            if self._after_step(record):
+                break
+        self.bar.close()
+        return record
+
+    def _train_step(self) -> dict:
+        """One optimizer step over the accumulation window. Two host collectives per step, whatever
+        grad_accum is: the normalisers (and the method's batch stats) before the first forward,
+        and the loss sums with the non-finite and preemption flags before the last backward."""
         started = time.perf_counter()
-        epoch, in_epoch = divmod(step, batches.steps_per_epoch)
-        micro = [method.collate([train_set[i] if i is not None else None for i in mb], pad_id, key=(epoch, in_epoch))
-                 for mb in batches.micro_batches(epoch, in_epoch)]
-        local_counts = [method.token_counts(b) for b in micro]
-        global_counts = strategy.all_reduce_sum([sum(c[n] for c in local_counts) for n in names]).tolist()
-        norms = dict(zip(names, global_counts))
-        term_sums = torch.zeros(len(names), dtype=torch.float64)
-        lr = strategy.lr()  # the rate this step uses; the scheduler advances inside the step
-        skipped = False
+        epoch, in_epoch = divmod(self.step, self.batches.steps_per_epoch)
+        micro = [self.method.collate([self.train_set[i] if i is not None else None for i in mb], self.pad_id,
+                                     key=(epoch, in_epoch))
+                 for mb in self.batches.micro_batches(epoch, in_epoch)]
+        local = Counter()
         for b in micro:
-            terms = engine(**to_device(b, strategy.device))
-            values = maybe_poison([terms[n].item() for n in names], rank, step + 1)
-            if strategy.any_rank(not all(math.isfinite(v) for v in values)):
-                bad = [(r, [i for i in ids if i], dict(zip(names, v)))
-                       for r, (ids, v) in enumerate(strategy.all_gather_object((b["ids"], values)))
-                       if not all(math.isfinite(x) for x in v)]
-                skipped = guard.non_finite_loss(step + 1, bad)
-                break  # skip policy: no backward and no optimizer step for this step
-            loss = sum(method.weights[n] * terms[n] / max(norms[n], 1) for n in names)
-            strategy.backward_and_step(loss)
-            term_sums += torch.tensor(values, dtype=torch.float64)
-        step += 1
-        if rank == 0:
-            append_jsonl(samples_path, {"step": step, "ids": [train_set[i].id for i in batches.step_examples(
-                epoch, in_epoch)], **({"skipped": True} if skipped else {})})
-        guard.check_grad_norm(step, strategy.grad_norm(), skipped, ckpt_root)
-        maybe_die("after_step", rank, step)
-        sums = strategy.all_reduce_sum(term_sums).tolist()
-        tokens = strategy.all_reduce_sum([sum(int(b["attention_mask"].sum()) for b in micro)]).item()
+            local.update({**self.method.token_counts(b), **self.method.batch_stats(b),
+                          "tokens": int(b["attention_mask"].sum())})
+        totals = self.strategy.all_reduce_sum(dict(local))
+        norms = {n: totals[n] for n in self.names}
+        lr = self.strategy.lr()  # the rate this step uses; the scheduler advances inside the step
+        sums, skipped = self._loss_step(micro, norms)
+        self.step += 1
+        if self.rank == 0:
+            append_jsonl(self.samples_path, {"step": self.step, "ids": [
+                self.train_set[i].id for i in self.batches.step_examples(epoch, in_epoch)],
+                **({"skipped": True} if skipped else {})})
+        self.guard.check_grad_norm(self.step, self.strategy.grad_norm(), skipped, self.ckpt_root)
+        maybe_die("after_step", self.rank, self.step)
         elapsed = time.perf_counter() - started
-        record = {"step": step, "epoch": epoch + (in_epoch + 1) / batches.steps_per_epoch, "lr": lr,
-                  "grad_norm": strategy.grad_norm(), "tokens_per_s": tokens / elapsed, "step_s": elapsed,
-                  "peak_mem_gb": strategy.peak_memory_gb()}
-        record.update({f"loss/{n}": s / max(norms[n], 1) for n, s in zip(names, sums)})
-        record.update({f"tokens/{n}": int(norms[n]) for n in names})
-        record["loss"] = sum(method.weights[n] * record[f"loss/{n}"] for n in names)
-        record.update(method.step_metrics(micro, strategy))
+        record = {"step": self.step, "epoch": epoch + (in_epoch + 1) / self.batches.steps_per_epoch, "lr": lr,
+                  "grad_norm": self.strategy.grad_norm(), "tokens_per_s": totals["tokens"] / elapsed,
+                  "step_s": elapsed, "peak_mem_gb": self.strategy.peak_memory_gb()}
+        record.update({f"loss/{n}": 0.0 if skipped else sums[f"loss/{n}"] / max(norms[n], 1) for n in self.names})
+        record.update({f"tokens/{n}": int(norms[n]) for n in self.names})
+        record["loss"] = sum(self.method.weights[n] * record[f"loss/{n}"] for n in self.names)
+        record.update(self.method.step_metrics(totals))
         if skipped:
             record["skipped"] = True
-        if eval_set and ((t.eval_every and step % t.eval_every == 0) or step == total_steps):
-            record["eval_loss"] = evaluate(engine, strategy, method, eval_set, t.micro_batch_size, pad_id)
-        if step % t.log_every == 0 or "eval_loss" in record or step == total_steps:
-            metrics.log(record)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-        bar.update(1)
-        if step in exports:
-            strategy.export(os.path.join(cfg.output_dir, f"model_step_{step}"), model, tokenizer, t.export_dtype,
-                            prefix=PREFIX)
-        signalled = strategy.any_rank(preempted.raised)
-        stopping = step < total_steps and (signalled or (t.stop_after_steps and step >= t.stop_after_steps))
+        self.signalled = sums["preempted"] > 0
+        return record
+
+    def _loss_step(self, micro: list, norms: dict) -> tuple:
+        """Forward and backward of each micro-batch. The loss values stay on the device until the
+        last forward; they are then summed over ranks once and checked for NaN/inf before the last
+        backward, whose optimizer step is the only one that changes the weights.
+        Returns (the summed terms and flags, whether the step was skipped)."""
+        values = []
+        for i, b in enumerate(micro):
+            terms = self.engine(**to_device(b, self.strategy.device))
+            values.append(maybe_poison(torch.stack([terms[n].detach().double() for n in self.names]), self.rank,
+                                       self.step + 1))
+            loss = sum(self.method.weights[n] * terms[n] / max(norms[n], 1) for n in self.names)
+            if i < len(micro) - 1:
+                self.strategy.backward_and_step(loss)
+        stacked = torch.stack(values)
+        bad = ~torch.isfinite(stacked).all(1)
+        sums = self.strategy.all_reduce_sum({**{f"loss/{n}": stacked[:, j].sum() for j, n in enumerate(self.names)},
+                                             "nonfinite": bad.sum(), "preempted": float(self.preempted.raised)})
+        if sums["nonfinite"] > 0:
+            mine = [(b["ids"], dict(zip(self.names, v))) for b, v, is_bad in zip(micro, stacked.tolist(), bad.tolist())
+                    if is_bad]
+            where = [(r, [i for i in ids if i], v) for r, part in enumerate(self.strategy.all_gather_object(mine))
+                     for ids, v in part]
+            return sums, self.guard.non_finite_loss(self.step + 1, where)  # skip: no update for this step
+        self.strategy.backward_and_step(loss)
+        return sums, False
+
+    def _after_step(self, record: dict) -> bool:
+        """Eval, logs, exports and checkpoints after a step, as OpenRLHF's save_logs_and_checkpoints;
+        True when the run stops here (preemption or train.stop_after_steps) for a later resume."""
+        t, step = self.t, self.step
+        if self.eval_set and ((t.eval_every and step % t.eval_every == 0) or step == self.total_steps):
+            record["eval_loss"] = evaluate(self.engine, self.strategy, self.method, self.eval_set, t.micro_batch_size,
+                                           self.pad_id)
+        if step % t.log_every == 0 or "eval_loss" in record or step == self.total_steps:
+            self.metrics.log(record)
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        self.bar.update(1)
+        if step in self.exports:
+            self.strategy.export(os.path.join(self.cfg.output_dir, f"model_step_{step}"), self.model, self.tokenizer,
+                                 t.export_dtype, prefix=PREFIX)
+        stopping = step < self.total_steps and (self.signalled or (t.stop_after_steps and step >= t.stop_after_steps))
         if (t.save_every and step % t.save_every == 0) or stopping:
-            strategy.save_checkpoint(ckpt_root, step, {"step": step}, t.keep_checkpoints)
+            self.strategy.save_checkpoint(self.ckpt_root, step, {"step": step}, t.keep_checkpoints)
         if stopping:
-            why = "SIGUSR1 (preemption or time limit)" if signalled else "train.stop_after_steps"
+            why = "SIGUSR1 (preemption or time limit)" if self.signalled else "train.stop_after_steps"
             log.info("stopping at step %d after a checkpoint, for %s; resume=auto continues", step, why)
-            break
-    bar.close()
-    export_dir = os.path.join(cfg.output_dir, "model")
-    if step == total_steps and t.export_final:
-        strategy.export(export_dir, model, tokenizer, t.export_dtype, prefix=PREFIX)
-        log.info("exported %s model to %s; final metrics %s", t.export_dtype, export_dir, record)
-    strategy.release()
-    if step == total_steps and cfg.eval is not None:
-        results = evaluate_model(cfg, cfg.eval.model_path or export_dir, os.path.join(cfg.output_dir, "eval"))
-        summary = {f"eval/{g}/{n}": r["accuracy"] for g in ("tasks", "general") for n, r in results[g].items()}
-        if "perplexity" in results:
-            summary["eval/perplexity"] = results["perplexity"]["perplexity"]
-        metrics.log_summary(summary)
-    metrics.close()
+        return bool(stopping)
+
+    # -- cleanup ---------------------------------------------------------------------------------
+
+    def cleanup(self, record: dict) -> None:
+        """Export the final model, give the engine's memory back, then evaluate the export."""
+        cfg, t = self.cfg, self.t
+        done = self.step == self.total_steps
+        if done and t.export_final:
+            self.strategy.export(self.export_dir, self.model, self.tokenizer, t.export_dtype, prefix=PREFIX)
+            log.info("exported %s model to %s; final metrics %s", t.export_dtype, self.export_dir, record)
+        self.strategy.release()
+        if done and cfg.eval is not None:
+            results = evaluate_model(cfg, cfg.eval.model_path or self.export_dir, os.path.join(cfg.output_dir, "eval"))
+            summary = {f"eval/{g}/{n}": r["accuracy"] for g in ("tasks", "general") for n, r in results[g].items()}
+            if "perplexity" in results:
+                summary["eval/perplexity"] = results["perplexity"]["perplexity"]
+            self.metrics.log_summary(summary)
+        self.metrics.close()
+
+
+def train(cfg) -> dict:
+    """Train, evaluate, checkpoint and export as `cfg` says; returns the last step's metrics."""
+    recipe = Recipe(cfg)
+    if not recipe.setup():
+        return {}
+    record = recipe.train()
+    recipe.cleanup(record)
     return record

@@ -36,12 +36,9 @@ def launch_cli(script, overrides, nproc=0, timeout=600, check=True, env=None):
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
     path = os.path.join(ROOT, "launch", script)
     if nproc:
-        import socket
+        from sftmix_ds.common import free_port
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        cmd = [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(port), path, *overrides]
+        cmd = [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(free_port()), path, *overrides]
     else:
         cmd = [PY, path, *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)

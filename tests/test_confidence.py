@@ -8,8 +8,9 @@ import random
 import pytest
 import torch
 
-from sftmix_ds.confidence import (CONFIDENT, UNCONFIDENT, ConfidenceFileError, confidence_records, example_nll,
-                                  read_confidence_file, scoring_plan, write_confidence_file)
+from sftmix_ds.confidence import (CONFIDENT, UNCONFIDENT, ConfidenceFileError, confidence_records,
+                                  read_confidence_file, write_confidence_file)
+from sftmix_ds.inference import example_nll, scoring_plan
 from sftmix_ds.data import collate, encode
 from sftmix_ds.data.tokenize import Example
 

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
@@ -6,7 +8,7 @@ from omegaconf.errors import ValidationError
 from sftmix_ds.cli import strip_local_rank
 from sftmix_ds.config import CONF_DIR, ConfigError, register_configs, validate
 
-from .conftest import train_cli
+from .conftest import ROOT, train_cli
 
 
 def cfg_with(*overrides):
@@ -66,3 +68,44 @@ def test_cli_rejects_bad_config_and_bad_data_before_training(tmp_path):
     assert proc.returncode == 2
     assert f"error: {bad}:2: missing field 'output'" in proc.stderr
     assert "Traceback" not in proc.stderr and "train:" not in proc.stderr  # stopped before training
+
+
+GROUPS = sorted(g for g in os.listdir(CONF_DIR) if os.path.isdir(os.path.join(CONF_DIR, g)) and g != "hydra")
+OPTIONS = [(g, f[:-len(".yaml")]) for g in GROUPS for f in sorted(os.listdir(os.path.join(CONF_DIR, g)))]
+
+
+@pytest.mark.parametrize("group,option", OPTIONS)
+@pytest.mark.parametrize("method", ["ntp", "sftmix", "s3ft"])
+def test_every_option_of_every_group_validates_with_every_method(group, option, method):
+    overrides = [f"method={method}", f"{group}={option}"]
+    if (group, option) == ("data", "jsonl"):
+        overrides.append(f"data.train_files=[{os.path.join(ROOT, 'sftmix_ds', 'builtin_data', 'arith_train.jsonl')}]")
+    cfg = cfg_with(*overrides)
+    if (group, option) == ("model", "llama3_8b") and not os.environ.get("LLAMA3_8B_PATH"):
+        with pytest.raises(ConfigError, match=r"model\.path"):  # a real checkpoint the user must point to
+            validate(cfg)
+    else:
+        validate(cfg)
+
+
+@pytest.mark.parametrize("config_name", ["train", "score", "eval", "s3ft_build"])
+def test_every_entry_point_config_validates(config_name):
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        validate(compose(config_name=config_name))
+
+
+def test_a_misspelled_eval_judge_fails_before_training():
+    with pytest.raises(ConfigError, match=r"eval\.tasks\[0\]\.judge='numerc' \(set 'arith'\): unknown judge"):
+        validate(cfg_with("eval=arith", "eval.tasks.0.judge=numerc"))
+    with pytest.raises(ConfigError, match=r"eval\.general\[0\]\.judge='no_such_module\.judge'.*cannot be imported"):
+        validate(cfg_with("eval=arith", "eval.general.0.judge=no_such_module.judge"))
+    with pytest.raises(ConfigError, match=r"data\.judge='fuzzy'"):
+        validate(cfg_with("method=s3ft", "data.judge=fuzzy"))
+    validate(cfg_with("method=s3ft", "data.judge=llm"))  # the llm judge exists for S3FT targets
+
+
+def test_each_method_module_registers_its_own_schema():
+    from sftmix_ds.config import method_schemas
+
+    assert {s.name for s in method_schemas()} == {f[:-len(".yaml")] for f in os.listdir(os.path.join(CONF_DIR, "method"))}

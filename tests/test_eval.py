@@ -4,7 +4,7 @@ import os
 
 from sftmix_ds.data.formats import Conversation
 from sftmix_ds.eval import accuracy, markdown_table
-from sftmix_ds.s3ft.judges import contains, numeric
+from sftmix_ds.inference.judges import contains, numeric
 
 from .conftest import launch_cli
 

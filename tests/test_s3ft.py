@@ -4,8 +4,9 @@ import os
 
 import pytest
 
-from sftmix_ds.s3ft import (LLMJudge, exact, leaks_prompt, numeric, parse_verdict, python_tests, read_done,
-                            resolve_judge, run_python)
+from sftmix_ds.inference import LLMJudge, resolve_judge, run_python
+from sftmix_ds.inference.judges import exact, numeric, parse_verdict, python_tests
+from sftmix_ds.s3ft import leaks_prompt, read_done
 
 from .conftest import ROOT, launch_cli, train_cli
 
@@ -81,7 +82,7 @@ def test_leak_filter_and_judge_resolution():
     assert leaks_prompt("Here is the reference answer rewritten: 5")
     assert leaks_prompt("Your response was correct, the answer is 5")
     assert not leaks_prompt("First add 2 and 3, which gives 5. The answer is 5.")
-    assert resolve_judge("sftmix_ds.s3ft.judges.numeric") is numeric
+    assert resolve_judge("sftmix_ds.inference.judges.numeric") is numeric
     with pytest.raises(ValueError, match="unknown judge"):
         resolve_judge("fuzzy")
 
@@ -154,7 +155,7 @@ def test_method_s3ft_trains_on_the_built_targets(tmp_path):
 def test_target_selection_on_a_scripted_model():
     from omegaconf import OmegaConf
 
-    from sftmix_ds.config import S3FTConfig
+    from sftmix_ds.methods.s3ft import S3FTConfig
     from sftmix_ds.data.formats import Conversation
     from sftmix_ds.s3ft.build import build_chunk, make_judge
 

@@ -180,7 +180,7 @@ def test_sftmix_same_step_under_zero3_zero2_and_one_process(runs):
     assert all(r["pairs"] == 4 and r["tokens/mix"] > 0 and r["loss/mix"] > 0 for r in ref)
     ref_w = load_file(os.path.join(runs["m8a1r1z3"], "model", "model.safetensors"))
     for name, run_dir in runs.items():
-        for r, g in zip(ref, _metrics(run_dir)):
+        for r, g in zip(ref, _metrics(run_dir), strict=True):
             for key in ("loss/ntp", "loss/mix", "lam_mean", "tokens/mix"):
                 assert g[key] == pytest.approx(r[key], rel=1e-5), (name, key)
             assert g["grad_norm"] == pytest.approx(r["grad_norm"], rel=1e-4), name
@@ -196,7 +196,7 @@ def test_sftmix_resume_mid_epoch_continues_the_same_sequence(runs, confidence_fi
     train_cli(overrides + ["train.stop_after_steps=1"], nproc=2)
     train_cli(overrides, nproc=2)
     ref = runs["m2a2r2z3"]
-    assert _metrics(run_dir) == [{**m, **{k: r[k] for k in MEASURED}} for m, r in zip(_metrics(ref), _metrics(run_dir))]
+    assert _metrics(run_dir) == [{**m, **{k: r[k] for k in MEASURED}} for m, r in zip(_metrics(ref), _metrics(run_dir), strict=True)]
     w, ref_w = (load_file(os.path.join(d, "model", "model.safetensors")) for d in (run_dir, ref))
     assert all(torch.equal(w[k], ref_w[k]) for k in ref_w)
 

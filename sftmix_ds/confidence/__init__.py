@@ -1,4 +1,3 @@
-from .scoring import example_nll, score, score_nll, scoring_plan, token_nll
 from .split import (CONFIDENT, UNCONFIDENT, ConfidenceFileError, confidence_records, read_confidence_file,
                     write_confidence_file)
 from .stage import run_confidence_stage

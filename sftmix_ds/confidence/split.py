@@ -6,6 +6,7 @@ import math
 import os
 from typing import Dict, List, Sequence
 
+from ..common import atomic_file
 from ..data import DataError
 
 CONFIDENT, UNCONFIDENT = "confident", "unconfident"
@@ -31,12 +32,10 @@ def confidence_records(perplexities: Sequence[Dict[str, float]]) -> List[dict]:
 
 
 def write_confidence_file(path: str, records: List[dict], fingerprint: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
+    with atomic_file(path) as f:
         f.write(json.dumps({"fingerprint": fingerprint, "n": len(records)}) + "\n")
         for r in records:
             f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
 
 
 def read_confidence_file(path: str, expected_ids: Sequence[str] | None = None) -> List[dict]:

@@ -25,7 +25,8 @@ from ..data import load_split
 from ..engine import DeepSpeedStrategy, LossModule, dist_env
 from ..models import load_tokenizer, prepare_model
 from ..tracking import log_stage_summary
-from .scoring import example_nll, score, scoring_plan
+from ..common import write_json_atomic
+from ..inference import example_nll, score, scoring_plan
 from .split import confidence_records, plot_confidence, summarize, write_confidence_file
 
 log = logging.getLogger(__name__)
@@ -107,8 +108,7 @@ def run_confidence_stage(cfg) -> str:
     if rank == 0:
         write_confidence_file(out_path, records, fp)
         plot_confidence(records, os.path.join(stage_dir, "confidence.png"))
-        with open(os.path.join(stage_dir, "summary.json"), "w") as f:
-            json.dump({**summary, "checkpoints": checkpoints}, f, indent=1)
+        write_json_atomic(os.path.join(stage_dir, "summary.json"), {**summary, "checkpoints": checkpoints}, indent=1)
         log_stage_summary(cfg, "confidence", summary, stage_dir, os.path.join(stage_dir, "confidence.png"))
     log.info("stage 1: %s -> %s", summary, out_path)
     DeepSpeedStrategy.barrier_if_initialized()
@@ -131,7 +131,5 @@ def score_checkpoint(cfg, model_path: str, examples, pad_id: int, stage_dir: str
     strategy.release()
     if strategy.rank == 0:
         os.makedirs(stage_dir, exist_ok=True)
-        with open(cache + ".tmp", "w") as f:
-            json.dump(perplexity, f)
-        os.replace(cache + ".tmp", cache)
+        write_json_atomic(cache, perplexity)
     return perplexity

@@ -20,7 +20,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .tokenize import IGNORE, Example
+from ..common import IGNORE
+from .tokenize import Example
 
 
 GROUP_STEPS = 16  # steps per megabatch sorted by length

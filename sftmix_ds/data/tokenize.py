@@ -11,9 +11,9 @@ from typing import List, Optional, Tuple
 import torch
 from filelock import FileLock
 
+from ..common import IGNORE, atomic_file
 from .formats import Conversation, DataError, load_conversations
 
-IGNORE = -100
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1  # bump when the encoding below changes
 
@@ -118,9 +118,8 @@ def load_examples(paths: List[str], tokenizer, *, fmt: str, max_length: int, ove
             examples, stats = tokenize_conversations(conversations, tokenizer, max_length, overlong)
             if not examples:
                 raise DataError(f"{', '.join(paths)}: no example left after tokenization ({stats})")
-            tmp = f"{path}.tmp{os.getpid()}"
-            torch.save({"examples": [(e.id, e.input_ids, e.labels) for e in examples], "stats": stats}, tmp)
-            os.replace(tmp, path)
+            with atomic_file(path, "wb") as f:
+                torch.save({"examples": [(e.id, e.input_ids, e.labels) for e in examples], "stats": stats}, f)
     log.info("%s: %d examples (max_length=%d; %s)", ", ".join(paths), len(examples), max_length,
              ", ".join(f"{k} {v}" for k, v in stats.items()))
     return examples

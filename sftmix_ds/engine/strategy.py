@@ -10,7 +10,6 @@ import logging
 import os
 import random
 import shutil
-import socket
 from datetime import timedelta
 from typing import Optional
 
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..common import free_port, torch_dtype, write_json_atomic
 from ..config import resolve_precision
 from ..faults import maybe_die, maybe_disk_full
 
@@ -38,11 +38,8 @@ def dist_env() -> tuple[int, int, int]:
         os.environ.update(RANK=os.environ["SLURM_PROCID"], LOCAL_RANK=os.environ["SLURM_LOCALID"],
                           WORLD_SIZE=os.environ["SLURM_NTASKS"])
     if "RANK" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(port)))
+                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()))
     return int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"])
 
 
@@ -65,7 +62,7 @@ class DeepSpeedStrategy:
             accel.set_device(self.local_rank)
         self.device = torch.device(accel.device_name(self.local_rank) if self.on_gpu else "cpu")
         precision = resolve_precision(train_cfg.precision)
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+        self.dtype = torch_dtype(precision)
         deepspeed.init_distributed(timeout=timedelta(minutes=ds_cfg.timeout_minutes))
         _unlink_shm_buffer(self.rank)
         self.ds_config = self._ds_config(precision)
@@ -186,7 +183,12 @@ class DeepSpeedStrategy:
     def lr(self) -> float:
         return self.engine.get_lr()[0]
 
-    def all_reduce_sum(self, values) -> torch.Tensor:
+    def all_reduce_sum(self, values):
+        """Sums over ranks in one collective: of a list or tensor (-> a CPU float64 tensor), or of
+        a dict of scalars, Python numbers or 0-d tensors (-> a dict of floats, the same keys)."""
+        if isinstance(values, dict):
+            scalars = [torch.as_tensor(v, dtype=torch.float64, device=self.device).reshape(()) for v in values.values()]
+            return dict(zip(values, self.all_reduce_sum(torch.stack(scalars)).tolist()))
         t = torch.as_tensor(values, dtype=torch.float64).to(self.device)
         dist.all_reduce(t)
         return t.cpu()
@@ -241,7 +243,7 @@ class DeepSpeedStrategy:
                                   f"partial one was removed, the newest complete one is "
                                   f"{done[-1] if done else 'none'}; free space and run again with resume=auto")
         if self.rank == 0:
-            _write_json_atomic(os.path.join(folder, COMPLETE), {"step": step, "world_size": self.world_size})
+            write_json_atomic(os.path.join(folder, COMPLETE), {"step": step, "world_size": self.world_size})
             for old in complete_checkpoints(ckpt_root)[:-keep] if keep else []:
                 shutil.rmtree(old, ignore_errors=True)
         self.barrier()
@@ -272,9 +274,9 @@ class DeepSpeedStrategy:
         else:
             state = self.engine.module.state_dict() if self.rank == 0 else None
         if self.rank == 0:
-            torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+            export_dtype = torch_dtype(dtype)
             # clone: ZeRO-1/2 parameters are views into one flat buffer, which safetensors refuses
-            state = {k[len(prefix):]: v.detach().to("cpu", torch_dtype).clone()
+            state = {k[len(prefix):]: v.detach().to("cpu", export_dtype).clone()
                      for k, v in state.items() if k.startswith(prefix)}
             if getattr(model.config, "tie_word_embeddings", False):
                 state.pop("lm_head.weight", None)
@@ -286,7 +288,7 @@ class DeepSpeedStrategy:
             os.makedirs(tmp)
             save_torch_state_dict(state, tmp, max_shard_size="5GB")
             config = model.config.__class__.from_dict(model.config.to_dict())
-            config.dtype = torch_dtype
+            config.dtype = export_dtype
             config.use_cache = True
             config.save_pretrained(tmp)
             if model.generation_config is not None:
@@ -340,10 +342,3 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def _write_json_atomic(path: str, obj) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)

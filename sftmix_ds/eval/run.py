@@ -8,12 +8,11 @@ import math
 import os
 from functools import partial
 
-from ..confidence import example_nll, score_nll
+from ..common import atomic_file, write_json_atomic
 from ..data import load_conversations, load_split
 from ..engine import DeepSpeedStrategy, LossModule
+from ..inference import Generator, across_ranks, example_nll, resolve_judge, score_nll
 from ..models import load_tokenizer
-from ..s3ft.generate import Generator, across_ranks
-from ..s3ft.judges import resolve_judge
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +41,7 @@ def evaluate_model(cfg, model_path: str, out_dir: str) -> dict:
             convs = load_conversations(list(task.files), task.format)
             convs = convs[:task.limit] if task.limit else convs
             generate = lambda share, name=task.name: generator(share, desc=f"eval {name}")
-            results[group][task.name] = accuracy(convs, generate, resolve_judge(task.judge), on_ranks,
+            results[group][task.name] = accuracy(convs, generate, resolve_judge(task.judge, e.allow_unsandboxed_code), on_ranks,
                                                  task.answer_field)
             log.info("eval %s: accuracy %.3f on %d", task.name, results[group][task.name]["accuracy"], len(convs))
     del generator
@@ -59,9 +58,8 @@ def evaluate_model(cfg, model_path: str, out_dir: str) -> dict:
                                  "n": len(nll)}
     if strategy.rank == 0:
         os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "eval.json"), "w") as f:
-            json.dump(results, f, indent=1)
-        with open(os.path.join(out_dir, "eval.md"), "w") as f:
+        write_json_atomic(os.path.join(out_dir, "eval.json"), results, indent=1)
+        with atomic_file(os.path.join(out_dir, "eval.md")) as f:
             f.write(markdown_table(results))
     log.info("eval:\n%s", markdown_table(results))
     return results

@@ -26,7 +26,7 @@ from typing import List, Tuple
 import torch
 import torch.nn.functional as F
 
-IGNORE = -100
+from ..common import IGNORE
 
 
 CHUNK_ELEMENTS = 1 << 24  # logits per chunk in auto mode: 64 MiB in fp32

@@ -10,17 +10,42 @@ Both normalisers are global token counts (all ranks, whole accumulation window).
 from __future__ import annotations
 
 import logging
+import os
 import zlib
+from dataclasses import dataclass, field
+from typing import List, Optional
 
 import numpy as np
 import torch
 
+from ..config import ConfigError, model_config_path, one_of, positive
 from ..confidence import CONFIDENT, read_confidence_file, run_confidence_stage
 from ..data.batching import PairBatches, aligned_pairs, collate
 from ..losses import fused_sftmix_loss
+from .base import MethodConfig
 from .ntp import NTP, lengths_if_grouped, response_rows
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class SFTMixConfig(MethodConfig):
+    name: str = "sftmix"
+    _target_: str = "sftmix_ds.methods.sftmix.SFTMix"
+    # Stage 1 (confidence). A file from an earlier run skips it.
+    confidence_file: Optional[str] = None
+    checkpoints: int = 4  # C reference checkpoints, evenly spaced over one epoch, the last at its end
+    # A model group option (conf/model/NAME.yaml) for the reference run; null: the target model.
+    reference_model: Optional[str] = None
+    score_batch_size: int = 8
+    # Where stage-1 outputs live, one folder per fingerprint; null: OUTPUT_DIR/confidence.
+    stage_dir: Optional[str] = None
+    # Score these model folders instead of training a reference run.
+    score_checkpoints: List[str] = field(default_factory=list)
+    # Stage 2 (mixup). Paper defaults; lam_per=batch draws one lam per optimizer step.
+    mu: float = 0.2
+    alpha: float = 0.5
+    lam_per: str = "pair"  # pair | batch
 
 
 class SFTMix(NTP):
@@ -31,6 +56,24 @@ class SFTMix(NTP):
         self.alpha, self.lam_per = alpha, lam_per
         self.split = None  # id -> confident | unconfident
         self.seed = 0
+
+    @staticmethod
+    def check_config(cfg) -> None:
+        m, t = cfg.method, cfg.train
+        positive("method.checkpoints", m.checkpoints)
+        positive("method.score_batch_size", m.score_batch_size)
+        positive("method.alpha", m.alpha)
+        positive("method.mu", m.mu, zero_ok=True)
+        one_of("method.lam_per", m.lam_per, ("pair", "batch"))
+        if t.packing:
+            raise ConfigError("train.packing=true: only for ntp and s3ft; method=sftmix pairs whole examples row by row")
+        if t.micro_batch_size % 2:
+            raise ConfigError(f"train.micro_batch_size={t.micro_batch_size}: must be even for method=sftmix "
+                              "(each micro-batch holds k confident + k unconfident examples)")
+        if m.confidence_file and not os.path.isfile(m.confidence_file):
+            raise ConfigError(f"method.confidence_file={m.confidence_file!r}: no such file")
+        if m.reference_model and not os.path.isfile(model_config_path(m.reference_model)):
+            raise ConfigError(f"method.reference_model={m.reference_model!r}: no conf/model/{m.reference_model}.yaml")
 
     def before_training(self, cfg, train_set, tokenizer):
         path = run_confidence_stage(cfg)
@@ -84,7 +127,8 @@ class SFTMix(NTP):
                                              batch["lam"].to(rows.dtype), self.chunk_size, self.loss_backend)
         return {"ntp": ntp_sum, "mix": mix_sum}
 
-    def step_metrics(self, micro_batches, strategy) -> dict:
-        lam_sum, pairs = strategy.all_reduce_sum([sum(float(b["pair_lam"].sum()) for b in micro_batches),
-                                                  sum(b["pair_lam"].numel() for b in micro_batches)]).tolist()
-        return {"pairs": int(pairs), "lam_mean": lam_sum / max(pairs, 1)}
+    def batch_stats(self, batch: dict) -> dict:
+        return {"lam_sum": float(batch["pair_lam"].sum()), "pairs": batch["pair_lam"].numel()}
+
+    def step_metrics(self, stats: dict) -> dict:
+        return {"pairs": int(stats["pairs"]), "lam_mean": stats["lam_sum"] / max(stats["pairs"], 1)}

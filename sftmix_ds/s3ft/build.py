@@ -21,8 +21,8 @@ from ..data import load_conversations
 from ..engine import DeepSpeedStrategy, dist_env
 from ..models import prepare_model
 from ..tracking import log_stage_summary
-from .generate import Generator, across_ranks
-from .judges import LLMJudge, resolve_judge
+from ..common import atomic_file, write_json_atomic
+from ..inference import Generator, LLMJudge, across_ranks, resolve_judge
 
 log = logging.getLogger(__name__)
 SOURCES = ("own", "paraphrase", "gold")
@@ -69,13 +69,12 @@ def build_targets(cfg) -> str:
                               max_new_tokens=m.max_new_tokens, do_sample=m.do_sample, temperature=m.temperature,
                               top_p=m.top_p, stop_strings=list(m.stop_strings), batch_size=m.generate_batch_size)
         on_ranks = lambda items, fn: across_ranks(items, fn, world, rank, strategy.all_gather_object)
-        judge = make_judge(d.judge, generator, m.judge_prompt, on_ranks)
+        judge = make_judge(d.judge, generator, m.judge_prompt, on_ranks, m.allow_unsandboxed_code)
         if rank == 0:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             if done:  # drop a torn last line left by a crash, so appends start on a fresh line
-                with open(path + ".tmp", "w") as f:
+                with atomic_file(path) as f:
                     f.writelines(json.dumps(r) + "\n" for r in done.values())
-                os.replace(path + ".tmp", path)
         for start in range(0, len(pending), m.write_every):
             records = build_chunk(pending[start:start + m.write_every], m, d, generator, judge, on_ranks)
             if rank == 0:
@@ -91,20 +90,20 @@ def build_targets(cfg) -> str:
     log.info("s3ft targets: %s", ", ".join(f"{s} {mix[s]} ({100 * share[s]:.1f}%)" for s in SOURCES))
     if rank == 0:
         folder = os.path.dirname(os.path.abspath(path))
-        with open(os.path.join(folder, "mix.json"), "w") as f:
-            json.dump({"counts": {s: mix[s] for s in SOURCES}, "share": share}, f, indent=1)
+        write_json_atomic(os.path.join(folder, "mix.json"), {"counts": {s: mix[s] for s in SOURCES}, "share": share},
+                          indent=1)
         log_stage_summary(cfg, "s3ft", {**{f"count_{s}": mix[s] for s in SOURCES},
                                         **{f"share_{s}": share[s] for s in SOURCES}}, folder)
     return path
 
 
-def make_judge(name: str, generator: Generator, judge_prompt: str, on_ranks):
+def make_judge(name: str, generator: Generator, judge_prompt: str, on_ranks, allow_unsandboxed_code: bool = False):
     """judge(items) -> verdicts for (record, question, candidate) items, spread over ranks."""
     if name == "llm":
         llm = LLMJudge(lambda prompts: generator(prompts, desc="judge"), judge_prompt)
         check = lambda share: llm.judge_many([(q, r["answer"], c) for r, q, c in share])
     else:
-        fn = resolve_judge(name)
+        fn = resolve_judge(name, allow_unsandboxed_code)
         check = lambda share: [bool(fn(r, c)) for r, _, c in share]
     # An empty answer is never a target, whatever the judge says.
     return lambda items: [ok and bool(c.strip()) for ok, (_, _, c) in zip(on_ranks(items, check), items)]

@@ -12,7 +12,8 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from ..data import IGNORE, Example, collate
+from ..common import IGNORE, to_device
+from ..data import Example, collate
 from ..losses import auto_chunk_rows
 
 
@@ -59,7 +60,7 @@ def score_nll(engine, strategy, examples: Sequence[Example], batch_size: int, pa
     with torch.no_grad():
         for indices in scoring_plan(examples, batch_size, strategy.world_size, strategy.rank):
             batch = collate([examples[i] for i in indices] or [None], pad_id)
-            out = engine(**{k: v.to(strategy.device) for k, v in batch.items() if isinstance(v, torch.Tensor)})
+            out = engine(**to_device(batch, strategy.device))
             for i, s, c in zip(indices, out["nll_sum"].tolist(), out["count"].tolist()):
                 results.append((examples[i].id, (s, c)))
             if progress is not None:

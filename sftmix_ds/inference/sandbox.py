@@ -1,0 +1,347 @@
+"""Run untrusted, model-written Python where it can harm nothing and forge no verdict.
+
+Isolation (`isolation()`, probed once): every check runs under `unshare` in new
+PID, mount, network and IPC namespaces, plus a user namespace when we are not
+root. Inside, a trusted setup step remounts every filesystem read-only, mounts
+fresh size-capped tmpfs over /tmp, /var/tmp and /dev/shm (the only writable
+places; the check's working directory is in /tmp), drops to `nobody` when run
+as root, and drops every capability; then the check runs with time, memory,
+process-count and file-size limits, an empty environment and Python's isolated
+mode. When the check's first process ends, the kernel kills every process left
+in its PID namespace (daemons included), and its tmpfs files are gone with the
+mount namespace. Output is read with a hard cap, so a flood of prints costs the
+judge no memory.
+
+A test verdict (`run_tests`) cannot be forged by the candidate's code: the
+tests run in a trusted runner process that calls the candidate's function in a
+second process over a pipe, passing arguments and results as pickles that may
+hold only builtin values (no classes are loaded: a result with a rigged
+`__eq__` cannot arrive). Only when `check(candidate)` has returned does the
+runner write a random per-check token, which it received on a pipe of its own
+and which no candidate process can read (the runner is not dumpable and holds
+the pipes alone), to a verdict pipe. Any exit, signal, timeout, exception or
+missing token is a fail.
+
+Where the machine allows no namespaces (no root and no unprivileged user
+namespaces), `isolation()` says why and callers refuse unless the user allows
+unsandboxed code; the fallback keeps the limits and a process group only.
+"""
+from __future__ import annotations
+
+import collections
+import functools
+import json
+import logging
+import os
+import resource
+import secrets
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+log = logging.getLogger(__name__)
+NOBODY = 65534
+OUTPUT_CAP = 1 << 20  # bytes of a check's output kept; the rest is read and dropped
+TMPFS_MB = 32  # each of /tmp, /var/tmp, /dev/shm inside the sandbox
+
+# Runs first inside the candidate's interpreter: sockets off (the network namespace is the real wall).
+PRELUDE = """\
+import socket as _s
+def _no_network(*a, **k):
+    raise OSError("network access is disabled in the sandbox")
+_s.socket = _no_network
+_s.create_connection = _no_network
+del _s
+"""
+
+# Trusted: runs in the new namespaces before any untrusted code, then execs argv[2:].
+SETUP = r"""
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND = 1, 2, 4, 8, 32, 4096
+KEEP = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "noatime": 1024, "nodiratime": 2048,
+        "relatime": 1 << 21}
+def mount(src, target, fstype, flags, data):
+    if libc.mount(src, target.encode(), fstype, flags, data) != 0:
+        raise OSError(ctypes.get_errno(), f"mount {target}: {os.strerror(ctypes.get_errno())}")
+points = []
+with open("/proc/self/mountinfo") as f:
+    for line in f:
+        fields = line.split()
+        point = fields[4].encode().decode("unicode_escape")
+        points.append((point, fields[5].split(",")))
+for point, options in points:
+    if "ro" in options or point == "/proc" or point.startswith(("/proc/", "/sys", "/dev")):
+        continue
+    flags = MS_REMOUNT | MS_BIND | MS_RDONLY
+    for option in options:
+        flags |= KEEP.get(option, 0)
+    mount(None, point, None, flags, None)
+for point in ("/tmp", "/var/tmp", "/dev/shm"):
+    if os.path.isdir(point):
+        mount(b"tmpfs", point, b"tmpfs", MS_NOSUID | MS_NODEV, f"size={sys.argv[1]}m,mode=1777".encode())
+os.makedirs("/tmp/work", mode=0o777)
+os.chmod("/tmp/work", 0o777)
+os.chdir("/tmp/work")
+drop = ["--reuid=65534", "--regid=65534", "--clear-groups"] if os.environ.pop("SANDBOX_DROP_TO_NOBODY", "") else []
+os.execvp("setpriv", ["setpriv", *drop, "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs",
+                      "--securebits=+noroot,+noroot_locked", "--",
+                      *sys.argv[2:]])
+"""
+
+# Runs a whole program read from stdin (run_python).
+PROGRAM = """\
+import sys
+source = sys.stdin.read()
+sys.stdin.close()
+del sys
+exec(compile(PRELUDE + source, "check.py", "exec"), {"__name__": "__main__"})
+""".replace("PRELUDE", repr(PRELUDE))
+
+# The candidate's process in run_tests: its code, then calls of its function served over pipes.
+CANDIDATE = """\
+import os, pickle, struct, sys
+inp, out = os.fdopen(int(sys.argv[1]), "rb"), os.fdopen(int(sys.argv[2]), "wb")
+def recv():
+    head = inp.read(8)
+    if len(head) < 8:
+        raise SystemExit(0)
+    return pickle.loads(inp.read(struct.unpack(">Q", head)[0]))
+def send(obj):
+    try:
+        data = pickle.dumps(obj, 4)
+    except Exception as e:
+        data = pickle.dumps(("raise", "TypeError", f"result cannot be sent: {e}"), 4)
+    out.write(struct.pack(">Q", len(data)) + data)
+    out.flush()
+source, entry_point = recv()
+namespace = {"__name__": "__candidate__"}
+exec(compile(PRELUDE + source, "candidate.py", "exec"), namespace)
+fn = namespace[entry_point]
+send(("ready",))
+while True:
+    args, kwargs = recv()
+    try:
+        send(("ok", fn(*args, **kwargs)))
+    except BaseException as e:
+        send(("raise", type(e).__name__, str(e)[:1000]))
+""".replace("PRELUDE", repr(PRELUDE))
+
+# Trusted: the tests' process in run_tests. argv: token fd, verdict fd; stdin: the job as JSON.
+RUNNER = """\
+import builtins, ctypes, io, json, os, pickle, struct, subprocess, sys
+ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE=0: no process can read this one's memory or fds
+token_fd, verdict_fd = int(sys.argv[1]), int(sys.argv[2])
+token = os.read(token_fd, 64)
+os.close(token_fd)
+job = json.loads(sys.stdin.read())
+to_r, to_w = os.pipe()
+from_r, from_w = os.pipe()
+child = subprocess.Popen([sys.executable, "-I", "-B", "-c", CANDIDATE, str(to_r), str(from_w)],
+                         pass_fds=(to_r, from_w), stdin=subprocess.DEVNULL)
+os.close(to_r)
+os.close(from_w)
+to_child, from_child = os.fdopen(to_w, "wb"), os.fdopen(from_r, "rb")
+
+class BuiltinValues(pickle.Unpickler):
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"the candidate returned a {module}.{name}: only builtin values count")
+
+class CandidateFailed(Exception):
+    pass
+
+def call(message):
+    data = pickle.dumps(message, 4)
+    to_child.write(struct.pack(">Q", len(data)) + data)
+    to_child.flush()
+    head = from_child.read(8)
+    if len(head) < 8:
+        raise CandidateFailed("the candidate's process ended")
+    return BuiltinValues(io.BytesIO(from_child.read(struct.unpack(">Q", head)[0]))).load()
+
+def candidate(*args, **kwargs):
+    reply = call((args, kwargs))
+    if reply[0] == "ok":
+        return reply[1]
+    error = getattr(builtins, reply[1], None)
+    if isinstance(error, type) and issubclass(error, Exception):
+        raise error(reply[2])
+    raise CandidateFailed(f"{reply[1]}: {reply[2]}")
+
+try:
+    if call((job["code"], job["entry_point"])) != ("ready",):
+        raise CandidateFailed("the candidate's code did not load")
+    namespace = {"__name__": "__tests__"}
+    exec(job["helpers"], namespace)  # what the prompt defines besides the function (HumanEval: poly, ...)
+    exec(job["test"], namespace)
+    namespace["check"](candidate)
+except BaseException as e:
+    print(f"tests failed: {type(e).__name__}: {e}"[:2000], file=sys.stderr)
+    child.kill()
+    os._exit(1)
+child.kill()
+os.write(verdict_fd, token)
+os._exit(0)
+""".replace("CANDIDATE, ", repr(CANDIDATE) + ", ")
+
+
+@dataclass
+class SandboxResult:
+    passed: bool
+    reason: str  # ok | failed | timeout | crashed
+    output: str
+
+
+class SandboxUnavailable(RuntimeError):
+    """This machine cannot isolate untrusted code; the message says why and what to do."""
+
+
+@functools.lru_cache(maxsize=1)
+def isolation() -> tuple:
+    """(command prefix, the Python the sandboxed user can run, None) where namespaces work here,
+    else (None, None, the reason)."""
+    if not (shutil.which("unshare") and shutil.which("setpriv")):
+        return None, None, "util-linux's unshare and setpriv are not on PATH"
+    prefix = ["unshare", "--pid", "--fork", "--kill-child", "--mount", "--mount-proc", "--net", "--ipc"]
+    if os.geteuid() != 0:
+        prefix += ["--user", "--map-root-user"]
+    prefix += ["--", sys.executable, "-I", "-B", "-c", SETUP, str(TMPFS_MB)]
+    env = {"PATH": "/usr/bin:/bin", **({"SANDBOX_DROP_TO_NOBODY": "1"} if os.geteuid() == 0 else {})}
+    # nobody may not reach this venv's interpreter (say, under /root); the system's Python then serves.
+    why = "no Python interpreter found"
+    for python in dict.fromkeys([sys.executable, "/usr/bin/python3"]):
+        # What run_tests needs: write in /tmp/work, and start this interpreter again from inside.
+        probe = subprocess.run(prefix + [python, "-I", "-c", "import ctypes, json, pickle, subprocess, sys; "
+                                         "open('/tmp/work/x', 'w').write('ok'); "
+                                         "subprocess.run([sys.executable, '-I', '-c', 'pass'], check=True)"],
+                               capture_output=True, text=True, env=env, timeout=60)
+        if probe.returncode == 0:
+            return prefix, python, None
+        why = (probe.stderr.strip().splitlines() or [f"exit status {probe.returncode}"])[-1]
+    return None, None, f"namespaces are not available here ({why})"
+
+
+def _limits(timeout_s: float, memory_mb: int, max_procs: int):
+    def apply():
+        os.setsid()  # its own process group, so a timeout kills every child too
+        resource.setrlimit(resource.RLIMIT_CPU, (int(timeout_s) + 1, int(timeout_s) + 1))
+        resource.setrlimit(resource.RLIMIT_AS, (memory_mb << 20, memory_mb << 20))
+        resource.setrlimit(resource.RLIMIT_NPROC, (max_procs, max_procs))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 20, 16 << 20))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+    return apply
+
+
+def _run(argv: list, stdin: bytes, timeout_s: float, memory_mb: int, max_procs: int, allow_unsandboxed: bool,
+         pass_fds: tuple = ()) -> tuple:
+    """Run Python with `argv` isolated; returns (exit status or None on timeout, capped output)."""
+    prefix, python, why_not = isolation()
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp/work"}
+    workdir = None
+    if prefix is None:
+        if not allow_unsandboxed:
+            raise SandboxUnavailable(f"cannot sandbox model-written code: {why_not}; run as root, enable "
+                                     "unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1), or "
+                                     "accept the risk with method.allow_unsandboxed_code=true "
+                                     "(eval.allow_unsandboxed_code=true for evaluation)")
+        log.warning("running model-written code WITHOUT a sandbox (allow_unsandboxed_code=true): it can read and "
+                    "write your files and reach the network; only limits and a process group apply")
+        workdir = tempfile.mkdtemp(prefix="sftmix-unsandboxed-")
+        env["HOME"] = workdir
+        cmd = [sys.executable, *argv]
+    else:
+        cmd = prefix + [python, *argv]
+        if os.geteuid() == 0:
+            env["SANDBOX_DROP_TO_NOBODY"] = "1"
+    try:
+        proc = subprocess.Popen(cmd, cwd=workdir or "/", env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, pass_fds=pass_fds,
+                                preexec_fn=_limits(timeout_s, memory_mb, max_procs))
+        try:
+            proc.stdin.write(stdin)
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass
+        output, timed_out = _read_capped(proc.stdout, time.monotonic() + timeout_s)
+        _kill_group(proc)
+        return (None if timed_out else proc.returncode), output
+    finally:
+        if workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _read_capped(stream, deadline: float) -> tuple:
+    """Everything the process writes until it closes its output or the deadline passes; only the
+    last OUTPUT_CAP bytes are kept. Returns (text, timed out)."""
+    kept, size = collections.deque(), 0
+    fd = stream.fileno()
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            return b"".join(kept).decode("utf-8", "replace"), True
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            return b"".join(kept).decode("utf-8", "replace"), False
+        kept.append(chunk)
+        size += len(chunk)
+        while size - len(kept[0]) >= OUTPUT_CAP:
+            size -= len(kept.popleft())
+
+
+def _kill_group(proc) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+
+
+def run_python(code: str, timeout_s: float = 10.0, memory_mb: int = 1024, max_procs: int = 64,
+               allow_unsandboxed: bool = False) -> SandboxResult:
+    """Run a whole program; passed means it exited 0 within the limits. For a test verdict that
+    a wrong answer cannot forge, use run_tests."""
+    status, output = _run(["-I", "-B", "-c", PROGRAM], code.encode(), timeout_s, memory_mb,
+                          max_procs, allow_unsandboxed)
+    return _result(status, status == 0, output)
+
+
+def run_tests(code: str, test: str, entry_point: str, helpers: str = "", timeout_s: float = 10.0,
+              memory_mb: int = 1024, max_procs: int = 64, allow_unsandboxed: bool = False) -> SandboxResult:
+    """`test` defines check(candidate) (HumanEval layout); passed means check(the candidate's
+    `entry_point`) returned and the runner then wrote this check's token. `helpers`: trusted code
+    the tests may call (the prompt's other definitions)."""
+    token = secrets.token_hex(16).encode()
+    token_r, token_w = os.pipe()
+    verdict_r, verdict_w = os.pipe()
+    os.write(token_w, token)
+    os.close(token_w)
+    job = json.dumps({"code": code, "test": test, "entry_point": entry_point, "helpers": helpers}).encode()
+    try:
+        status, output = _run(["-I", "-B", "-c", RUNNER, str(token_r), str(verdict_w)], job,
+                              timeout_s, memory_mb, max_procs, allow_unsandboxed, pass_fds=(token_r, verdict_w))
+        os.close(verdict_w)
+        verdict_w = None
+        os.set_blocking(verdict_r, False)
+        try:
+            verdict = os.read(verdict_r, 64)
+        except BlockingIOError:
+            verdict = b""
+    finally:
+        for fd in (token_r, verdict_w, verdict_r):
+            if fd is not None:
+                os.close(fd)
+    return _result(status, status == 0 and secrets.compare_digest(verdict, token), output)
+
+
+def _result(status: Optional[int], passed: bool, output: str) -> SandboxResult:
+    if status is None:
+        return SandboxResult(False, "timeout", output[-2000:])
+    reason = "ok" if passed else "crashed" if status < 0 else "failed"
+    return SandboxResult(passed, reason, output[-2000:])

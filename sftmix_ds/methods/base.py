@@ -1,0 +1,72 @@
+"""The contract between the training recipe and a method.
+
+A method is one module in this package plus one `conf/method/NAME.yaml`: the
+module defines a config schema (a MethodConfig subclass; Hydra checks the yaml
+against it, registered as NAME_schema) and a Method subclass that the yaml's
+`_target_` names. The recipe (sftmix_ds/trainer.py) relies on nothing else.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict
+
+import torch
+from omegaconf import MISSING
+
+from ..data import Batches
+
+
+@dataclass
+class MethodConfig:
+    name: str = MISSING
+    _target_: str = MISSING
+
+
+class Method:
+    """What the recipe asks of a method, in the order it asks:
+
+    check_config(cfg)    checks beyond types, before any process group starts
+    before_training(...) a stage to run first (SFTMix: confidence; S3FT: targets)
+    batches(...)         which examples form each micro-batch of each step
+    collate(...)         a micro-batch as tensors (plus what the loss needs)
+    token_counts(batch)  per loss term, the tokens it is normalised by (summed over ranks and the window)
+    batch_stats(batch)   other additive per-batch figures, summed over ranks with the counts
+    loss_terms(...)      per loss term, its sum over the batch (runs inside the engine's forward)
+    weights              per loss term, its weight once normalised: loss = sum w_n term_n / count_n
+    step_metrics(stats)  metrics of a step from the summed batch_stats
+    """
+
+    weights: Dict[str, float] = {}
+
+    def __init__(self, name: str, chunk_size: int = 0, loss_backend: str = "auto", pack_width: int = 0,
+                 **_stage_options):
+        """chunk_size, loss_backend: the fused loss's; pack_width: pack rows of this many tokens (0: pad)."""
+        self.name = name
+        self.chunk_size, self.loss_backend, self.pack_width = chunk_size, loss_backend, pack_width
+
+    @staticmethod
+    def check_config(cfg) -> None:
+        """Raise ConfigError naming the key for a setting this method cannot run with."""
+
+    def before_training(self, cfg, train_set, tokenizer):
+        """Returns the examples to train on."""
+        return train_set
+
+    def batches(self, train_set, train_cfg, world_size: int, rank: int) -> Batches:
+        raise NotImplementedError
+
+    def collate(self, examples, pad_id: int, key: tuple = (0, 0)) -> dict:
+        """key = (epoch, step): a stable handle for per-step randomness."""
+        raise NotImplementedError
+
+    def token_counts(self, batch: dict) -> Dict[str, int]:
+        raise NotImplementedError
+
+    def batch_stats(self, batch: dict) -> Dict[str, float]:
+        return {}
+
+    def loss_terms(self, hidden: torch.Tensor, weight: torch.Tensor, batch: dict) -> Dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def step_metrics(self, stats: Dict[str, float]) -> dict:
+        return {}

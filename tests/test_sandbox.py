@@ -1,0 +1,193 @@
+"""Hostile candidates against the python_tests verdict: each is a wrong answer to HumanEval/0
+with a trick that used to make it pass, or that reaches outside its check. Every one must be
+judged wrong and leave nothing behind (no files outside its temp dir, no processes, no
+connections), as root and as an unprivileged user (where this machine can make one)."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from sftmix_ds.inference.judges import python_tests
+
+from .conftest import ROOT
+
+MARK = "sftmix-hostile"  # in every file name and process name a candidate leaves, so the test can look for it
+WRONG = "def has_close_elements(numbers, threshold):\n    return False\n"
+HOSTILE = {
+    "os._exit(0) at module level": WRONG + "import os\nos._exit(0)\n",
+    "sys.exit(0) at module level": WRONG + "import sys\nsys.exit(0)\n",
+    "sys.exit(main()) ending": WRONG + "def main():\n    return 0\nimport sys\nsys.exit(main())\n",
+    "SystemExit(0) in the function": "def has_close_elements(numbers, threshold):\n    raise SystemExit(0)\n",
+    "atexit handler exits 0": WRONG + "import atexit, os\natexit.register(lambda: os._exit(0))\n",
+    "excepthook exits 0": WRONG + "import os, sys\nsys.excepthook = lambda *a: os._exit(0)\n",
+    "thread exits 0 after main": WRONG + (
+        "import os, threading\n"
+        "main = threading.main_thread()\n"
+        "threading.Thread(target=lambda: (main.join(), os._exit(0))).start()\n"),
+    "__eq__ always true": (
+        "class Yes:\n    def __eq__(self, other):\n        return True\n    __ne__ = lambda s, o: False\n"
+        "    __bool__ = lambda s: True\n"
+        "def has_close_elements(numbers, threshold):\n    return Yes()\n"),
+    "bool subclass result": (
+        "class B(int):\n    def __eq__(self, other):\n        return True\n"
+        "def has_close_elements(numbers, threshold):\n    return B(0)\n"),
+    "settrace skips failing lines": WRONG + (
+        "import sys\n"
+        "def skip(frame, event, arg):\n    frame.f_trace_lines = True\n    return skip\n"
+        "sys.settrace(skip)\n"),
+    "reads the expected value from the caller's frame": (
+        "import sys\n"
+        "def has_close_elements(numbers, threshold):\n"
+        "    f = sys._getframe(1)\n"
+        "    while f is not None:\n"
+        "        for v in f.f_locals.values():\n"
+        "            if isinstance(v, bool):\n"
+        "                return v\n"
+        "        f = f.f_back\n"
+        "    return False\n"),
+    "redefines check": WRONG + "def check(candidate):\n    pass\nimport builtins\nbuiltins.check = check\n",
+    "monkeypatches the harness": WRONG + (
+        "import builtins\n"
+        "builtins.AssertionError = type('Nope', (Exception,), {})\n"
+        "import os\n"
+        "for fd in range(3, 64):\n"
+        "    try:\n        os.write(fd, b'0' * 32)\n    except OSError:\n        pass\n"),
+    "prints fake PASS markers": WRONG + "print('PASS\\nall tests passed\\nOK')\nprint('0' * 32)\n",
+    "hunts the token in /proc": WRONG + (
+        "import os\n"
+        "for pid in os.listdir('/proc'):\n"
+        "    if not pid.isdigit():\n        continue\n"
+        "    for path in ('/proc/%s/fd' % pid, '/proc/%s/mem' % pid, '/proc/%s/environ' % pid):\n"
+        "        try:\n"
+        "            for fd in os.listdir(path):\n"
+        "                with open(os.path.join(path, fd), 'wb') as f:\n                    f.write(b'x' * 32)\n"
+        "        except OSError:\n            pass\n"),
+    "lingering setsid daemon": WRONG + (
+        "import os, time\n"
+        "if os.fork() == 0:\n"
+        "    os.setsid()\n"
+        "    if os.fork() == 0:\n"
+        "        import ctypes\n"
+        f"        ctypes.CDLL(None).prctl(15, b'{MARK}', 0, 0, 0)  # PR_SET_NAME, for the test to find it\n"
+        "        time.sleep(120)\n"
+        "    os._exit(0)\n"),
+    "writes outside its directory": WRONG + "".join(
+        f"try:\n    open('{d}/{MARK}', 'w').write('x')\nexcept OSError:\n    pass\n"
+        for d in ("/tmp", "/dev/shm", "/var/tmp", ROOT, os.path.expanduser("~"))),
+    "fills the disk": WRONG + (
+        "import os\n"
+        "for i in range(64):\n"
+        f"    try:\n        open('/tmp/{MARK}-%d' % i, 'wb').write(b'x' * (8 << 20))\n"
+        "    except OSError:\n        break\n"),
+    "reaches a listener on 127.0.0.1": WRONG + (
+        "import _socket\n"
+        "s = _socket.socket()\n"
+        "s.settimeout(2)\n"
+        "s.connect(('127.0.0.1', PORT))\n"
+        "s.sendall(b'{\"id\": \"x\", \"source\": \"own\"}\\n')\n"),
+    "writes to inherited descriptors": WRONG + (
+        "import os\n"
+        "for fd in range(3, 256):\n"
+        "    try:\n        os.write(fd, b'{\"source\": \"own\"}\\n')\n    except OSError:\n        pass\n"),
+}
+
+
+@pytest.fixture(scope="module")
+def problem():
+    with open(os.path.join(ROOT, "sftmix_ds", "builtin_data", "humaneval.jsonl")) as f:
+        record = json.loads(f.readline())
+    assert record["entry_point"] == "has_close_elements"
+    return record
+
+
+def leftovers() -> list:
+    found = [os.path.join(d, n) for d in ("/tmp", "/dev/shm", "/var/tmp", ROOT, os.path.expanduser("~"))
+             if os.path.isdir(d) for n in os.listdir(d) if n.startswith(MARK)]
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                if f.read().strip() == MARK[:15]:
+                    found.append(f"process {pid}")
+        except OSError:
+            pass
+    return found
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_hostile_candidate_is_judged_wrong_and_leaves_nothing(name, problem, tmp_path):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.setblocking(False)
+    targets = tmp_path / "targets.jsonl"
+    targets.write_text("")
+    held = os.open(targets, os.O_WRONLY | os.O_APPEND)  # as an open targets file would be
+    os.set_inheritable(held, True)
+    try:
+        code = HOSTILE[name].replace("PORT", str(listener.getsockname()[1]))
+        assert not python_tests(problem, f"```python\n{code}```", timeout_s=5)
+        with pytest.raises(BlockingIOError):
+            listener.accept()
+    finally:
+        os.close(held)
+        listener.close()
+    assert targets.read_text() == ""
+    assert leftovers() == []
+    assert python_tests(problem, problem["completion"])  # the next checks are judged normally
+    assert not python_tests(problem, WRONG)
+
+
+def test_judge_memory_stays_bounded_whatever_the_candidate_prints(problem):
+    """A 400 MiB print: the judge's peak memory grows by less than 64 MiB (fresh process, so its
+    peak is its own)."""
+    code = ("import resource, json\n"
+            "from sftmix_ds.inference.judges import python_tests\n"
+            f"record = json.loads({json.dumps(json.dumps(problem))})\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "flood = 'import sys\\nfor _ in range(400):\\n    sys.stdout.write(\"x\" * (1 << 20))\\n'\n"
+            "assert not python_tests(record, flood + record['completion'].replace('```python', '').replace('```', '')"
+            ".replace('return False', 'return None'), timeout_s=30)\n"
+            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert float(proc.stdout.split()[-1]) < 64
+
+
+NOBODY_TABLE = """
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("sandbox", sys.argv[1])
+sandbox = sys.modules["sandbox"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(sandbox)
+job = json.loads(sys.stdin.read())
+if sandbox.isolation()[0] is None:
+    print(json.dumps({"unavailable": sandbox.isolation()[2]}))
+    raise SystemExit(0)
+verdicts = {name: sandbox.run_tests(code, job["test"], job["entry_point"], helpers=job["stub"], timeout_s=5).passed
+            for name, code in job["cases"].items()}
+print(json.dumps(verdicts))
+"""
+
+
+def test_hostile_candidates_as_an_unprivileged_user(problem):
+    """The same table with the judge itself running as nobody: user namespaces instead of root."""
+    if os.geteuid() != 0:
+        pytest.skip("the suite does not run as root, so it is already the unprivileged case")
+    python = "/usr/bin/python3"  # nobody cannot always reach this venv's interpreter; sandbox.py needs the stdlib only
+    if not os.access(python, os.X_OK):
+        pytest.skip(f"{python} is missing: no interpreter an unprivileged user can run")
+    cases = {n: c.replace("PORT", "9") for n, c in HOSTILE.items()}
+    cases["the gold solution"] = problem["completion"].split("```python\n", 1)[1].rsplit("```", 1)[0]
+    job = {"test": problem["test"], "entry_point": problem["entry_point"], "stub": problem["stub"], "cases": cases}
+    proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-I", "-c",
+                           NOBODY_TABLE, os.path.join(ROOT, "sftmix_ds", "inference", "sandbox.py")],
+                          input=json.dumps(job), capture_output=True, text=True, timeout=600, cwd="/")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    verdicts = json.loads(proc.stdout.splitlines()[-1])
+    if "unavailable" in verdicts:
+        pytest.skip(f"no unprivileged sandbox on this machine: {verdicts['unavailable']}")
+    assert verdicts.pop("the gold solution") is True
+    assert [n for n, passed in verdicts.items() if passed] == []
+    assert leftovers() == []
