@@ -55,6 +55,7 @@ def hydra_entry(fn, config_name: str) -> None:
     from .config import CONF_DIR, ConfigError, register_configs
     from .data import DataError
     from .engine import CheckpointError
+    from .inference.sandbox import SandboxUnavailable
     from .trainer import NumericalError
 
     sys.argv = strip_local_rank(sys.argv)
@@ -69,7 +70,7 @@ def hydra_entry(fn, config_name: str) -> None:
         setup_logging(dist_env()[0], cfg.output_dir)
         try:
             return fn(cfg)
-        except (ConfigError, DataError, NumericalError, CheckpointError) as e:
+        except (ConfigError, DataError, NumericalError, CheckpointError, SandboxUnavailable) as e:
             logging.getLogger("sftmix_ds").error("%s", e)
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)

@@ -191,3 +191,35 @@ def test_hostile_candidates_as_an_unprivileged_user(problem):
     assert verdicts.pop("the gold solution") is True
     assert [n for n, passed in verdicts.items() if passed] == []
     assert leftovers() == []
+
+
+@pytest.mark.parametrize("gold,candidate,expected", [
+    ("1634852831975", "The total is 1634851831975.", False),  # a relative tolerance of 1e-6 accepted these
+    ("10861852", "so 10861860", False),
+    ("12", "1,2", False),  # "1,2" is not twelve
+    ("2", "pick 1,2", True),
+    ("1234567", "It is 1,234,567.", True),
+    ("1234", "1,23,4", False),
+    ("0.5", "0.50", True), ("7", "7.0", True), ("0.1", "0.1000001", False),
+    (0.3333333333, "about 0.33333333", True),  # the gold is a float value: relative 1e-6
+    ("1.5e-3", "0.0015000001", True), ("1.5e-3", "0.0016", False)])
+def test_numeric_judge_is_exact_except_for_float_golds(gold, candidate, expected):
+    from sftmix_ds.inference.judges import numeric
+
+    assert numeric({"answer": gold}, candidate) is expected
+
+
+def test_no_sandbox_refuses_code_unless_allowed(problem, monkeypatch):
+    from sftmix_ds.inference import judges, sandbox
+
+    monkeypatch.setattr(sandbox, "isolation", lambda: (None, None, "namespaces are not available here (test)"))
+    monkeypatch.setattr(judges, "isolation", sandbox.isolation)
+    with pytest.raises(ValueError, match="cannot sandbox it .*allow_unsandboxed_code=true"):
+        judges.check_judge_name("python_tests", llm_ok=False)
+    judges.check_judge_name("python_tests", llm_ok=False, allow_unsandboxed_code=True)
+    with pytest.raises(sandbox.SandboxUnavailable, match="method.allow_unsandboxed_code=true"):
+        python_tests(problem, problem["completion"])
+    # Allowed: no isolation, but still limits and the token verdict.
+    assert python_tests(problem, problem["completion"], allow_unsandboxed=True)
+    assert not python_tests(problem, HOSTILE["os._exit(0) at module level"], allow_unsandboxed=True)
+    assert not python_tests(problem, HOSTILE["__eq__ always true"], allow_unsandboxed=True)
