@@ -52,9 +52,9 @@ def hydra_entry(fn, config_name: str) -> None:
     """Run fn(cfg) under Hydra; bad config or data ends with one clear line, exit code 2."""
     import hydra
 
-    from .config import CONF_DIR, ConfigError, register_configs
+    from .config import CONF_DIR, ConfigError, check_output_dir, register_configs
     from .data import DataError
-    from .engine import CheckpointError
+    from .engine import BuildLockError, CheckpointError
     from .inference.sandbox import SandboxUnavailable
     from .trainer import NumericalError
 
@@ -66,11 +66,12 @@ def hydra_entry(fn, config_name: str) -> None:
         from .engine import dist_env
         from .trainer import setup_logging
 
-        in_sweep(cfg)
-        setup_logging(dist_env()[0], cfg.output_dir)
         try:
+            in_sweep(cfg)
+            check_output_dir(cfg.output_dir)
+            setup_logging(dist_env()[0], cfg.output_dir)
             return fn(cfg)
-        except (ConfigError, DataError, NumericalError, CheckpointError, SandboxUnavailable) as e:
+        except (ConfigError, DataError, NumericalError, CheckpointError, SandboxUnavailable, BuildLockError) as e:
             logging.getLogger("sftmix_ds").error("%s", e)
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import socket
@@ -39,6 +40,15 @@ def atomic_file(path: str, mode: str = "w"):
 def write_json_atomic(path: str, obj, indent=None) -> None:
     with atomic_file(path) as f:
         json.dump(obj, f, indent=indent)
+
+
+def file_digest(path: str) -> str:
+    """A fast checksum of a file's bytes (BLAKE2b, 128 bits), read in 4 MiB blocks."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def free_port() -> int:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import math
 import os
 import pkgutil
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 
 class ConfigError(ValueError):
@@ -66,6 +67,9 @@ class DeepSpeedConfig:
     offload_params: bool = False
     # Minutes a collective may wait before the job fails instead of hanging.
     timeout_minutes: int = 30
+    # How long to wait on a torch-extensions build lock (DeepSpeed JIT-builds its ops under one;
+    # a launch killed mid-build leaves it behind and every later launch would wait forever).
+    build_lock_wait_minutes: float = 10.0
     # Merged last into the generated DeepSpeed config, for anything not modelled here.
     extra: Dict[str, Any] = field(default_factory=dict)
 
@@ -162,6 +166,8 @@ class TrainConfig:
     # none: start fresh (refused if output_dir already has checkpoints);
     # or the path of one checkpoint folder.
     resume: str = "auto"
+    # Resume although the checkpoint was written with other data or settings (refused otherwise).
+    resume_force: bool = False
     model_cache_dir: str = "${oc.env:SFTMIX_CACHE,${oc.env:HOME,/tmp}/.cache/sftmix_ds}/models"
     # Evaluate the exported model at the end of training (eval=NAME picks conf/eval/NAME.yaml).
     eval: Optional[EvalConfig] = None
@@ -179,16 +185,12 @@ def model_config_path(name: str) -> str:
 
 def load_model_config(name: str):
     """A model group option by name, checked against ModelConfig, outside Hydra's composition."""
-    from omegaconf import OmegaConf
-
     node = OmegaConf.load(model_config_path(name))
     node.pop("defaults", None)
     return OmegaConf.merge(OmegaConf.structured(ModelConfig), node)
 
 
 def register_configs() -> None:
-    from omegaconf import OmegaConf
-
     if not OmegaConf.has_resolver("sftmix_ds_data"):
         OmegaConf.register_new_resolver("sftmix_ds_data", lambda name: os.path.join(BUILTIN_DATA, name))
     cs = ConfigStore.instance()
@@ -216,6 +218,12 @@ def method_schemas() -> list:
     return schemas
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def resolve_precision(precision: str) -> str:
     """auto: bf16 where CUDA is, fp32 on CPU."""
     if precision != "auto":
@@ -230,9 +238,43 @@ def one_of(key: str, value: Any, allowed: tuple) -> None:
         raise ConfigError(f"{key}={value!r}: must be one of {', '.join(map(str, allowed))}")
 
 
+def in_range(key: str, value: float, low: float | None = None, high: float | None = None,
+             low_open: bool = False, high_open: bool = False) -> None:
+    """value within [low, high] (an open end excludes the bound); NaN and inf are always refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{key}={value!r}: must be a finite number")
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+        if high is None:
+            bound = f"{'>' if low_open else '>='} {low}"
+        else:
+            bound = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ConfigError(f"{key}={value!r}: must be {bound}")
+
+
 def positive(key: str, value: float, zero_ok: bool = False) -> None:
-    if value < 0 or (value == 0 and not zero_ok):
-        raise ConfigError(f"{key}={value!r}: must be {'>= 0' if zero_ok else '> 0'}")
+    in_range(key, value, 0, low_open=not zero_ok)
+
+
+# deepspeed.extra may add any DeepSpeed key, but not one that a typed option already sets.
+OWNED_DEEPSPEED_KEYS = {
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size", "gradient_accumulation_steps": "train.grad_accum",
+    "train_batch_size": "train.micro_batch_size x train.grad_accum x ranks", "gradient_clipping": "train.max_grad_norm",
+    "zero_optimization.stage": "deepspeed.zero_stage", "zero_optimization.offload_optimizer": "deepspeed.offload_optimizer",
+    "zero_optimization.offload_param": "deepspeed.offload_params", "bf16": "train.precision", "fp16": "train.precision",
+    "optimizer": "train.lr, train.betas, train.adam_eps, train.weight_decay",
+    "scheduler": "train.warmup_ratio, train.min_lr_ratio"}
+
+
+def check_deepspeed_extra(extra: dict, prefix: str = "") -> None:
+    for key, value in extra.items():
+        path = f"{prefix}{key}"
+        if path in OWNED_DEEPSPEED_KEYS:
+            raise ConfigError(f"deepspeed.extra.{path}: set by {OWNED_DEEPSPEED_KEYS[path]}; change that option "
+                              "instead (a second value here would silently win or lose)")
+        if isinstance(value, dict):
+            check_deepspeed_extra(value, f"{path}.")
 
 
 def validate(cfg) -> None:
@@ -257,12 +299,25 @@ def validate(cfg) -> None:
     one_of("logger.kind", cfg.logger.kind, ("none", "wandb"))
     one_of("train.precision", t.precision, ("auto", "bf16", "fp16", "fp32"))
     one_of("train.export_dtype", t.export_dtype, ("bf16", "fp16", "fp32"))
-    for key in ("micro_batch_size", "grad_accum", "epochs", "lr"):
+    for key in ("micro_batch_size", "grad_accum", "epochs", "lr", "adam_eps", "log_every"):
         positive(f"train.{key}", getattr(t, key))
     for key in ("eval_every", "save_every", "stop_after_steps", "keep_checkpoints", "max_grad_norm", "export_count",
-                "loss_chunk_size",
-                "weight_decay", "warmup_ratio", "adam_eps"):
+                "loss_chunk_size", "weight_decay", "max_nonfinite_steps"):
         positive(f"train.{key}", getattr(t, key), zero_ok=True)
+    if t.max_steps != -1:
+        positive("train.max_steps", t.max_steps)  # -1: train.epochs decides
+    in_range("train.warmup_ratio", t.warmup_ratio, 0, 1, high_open=True)
+    in_range("train.min_lr_ratio", t.min_lr_ratio, 0, 1)
+    if len(t.betas) != 2:
+        raise ConfigError(f"train.betas={list(t.betas)}: must be two numbers")
+    for i, beta in enumerate(t.betas):
+        in_range(f"train.betas[{i}]", beta, 0, 1, high_open=True)
+    positive("deepspeed.timeout_minutes", ds.timeout_minutes)
+    positive("deepspeed.build_lock_wait_minutes", ds.build_lock_wait_minutes, zero_ok=True)
+    check_deepspeed_extra(OmegaConf.to_container(ds.extra, resolve=True))
+    if resolve_precision(t.precision) == "fp16" and not _cuda_available():
+        raise ConfigError("train.precision=fp16: needs a CUDA GPU (DeepSpeed's fp16 loss scaling); use bf16 or fp32 "
+                          "on CPU")
     one_of("train.nonfinite", t.nonfinite, ("stop", "skip"))
     one_of("train.loss_backend", t.loss_backend, ("auto", "triton", "torch"))
     one_of("model.attn_implementation", m.attn_implementation, ("sdpa", "eager", "flash_attention_2", "flex_attention"))
@@ -272,18 +327,30 @@ def validate(cfg) -> None:
     if t.nonfinite == "skip" and t.grad_accum != 1:
         raise ConfigError("train.nonfinite=skip: needs train.grad_accum=1 (a half-accumulated step cannot be "
                           "taken back); use train.nonfinite=stop")
-    if t.warmup_ratio >= 1:
-        raise ConfigError(f"train.warmup_ratio={t.warmup_ratio}: must be < 1")
-    if len(t.betas) != 2:
-        raise ConfigError(f"train.betas={list(t.betas)}: must be two numbers")
     if cfg.eval is not None and not t.export_final and not cfg.eval.model_path:
         raise ConfigError("eval is set but train.export_final=false: there is no exported model to evaluate "
                           "(set eval.model_path or train.export_final=true)")
-    if cfg.resume not in ("auto", "none") and not os.path.isdir(cfg.resume):
-        raise ConfigError(f"resume={cfg.resume!r}: must be auto, none, or an existing checkpoint folder")
+    if cfg.resume not in ("auto", "none") and not os.path.isfile(os.path.join(cfg.resume, "complete.json")):
+        raise ConfigError(f"resume={cfg.resume!r}: must be auto, none, or a complete checkpoint folder "
+                          "(OUTPUT_DIR/checkpoints/step_N holding complete.json)")
     if cfg.eval is not None:
-        check_eval_judges(cfg.eval)
+        check_eval(cfg.eval)
     method_class(cfg.method).check_config(cfg)
+
+
+def check_output_dir(path: str) -> None:
+    """output_dir names a folder that exists or can be made, and can be written."""
+    if not path or not str(path).strip():
+        raise ConfigError("output_dir: empty; name the run's folder")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"output_dir={path!r}: is a file, not a folder")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"output_dir={path!r}: lies under {existing!r}, which is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir={path!r}: {existing!r} is not writable (read-only or another user's)")
 
 
 def method_class(method_cfg):
@@ -293,12 +360,15 @@ def method_class(method_cfg):
     return get_class(method_cfg._target_)
 
 
-def check_eval_judges(eval_cfg) -> None:
-    """Every evaluation set's judge resolves now, not after training."""
+def check_eval(eval_cfg) -> None:
+    """Evaluation settings, and every evaluation set's judge resolving now, not after training."""
     from .inference.judges import check_judge_name
 
+    positive("eval.max_new_tokens", eval_cfg.max_new_tokens)
+    positive("eval.batch_size", eval_cfg.batch_size)
     for group in ("tasks", "general"):
         for i, task in enumerate(eval_cfg[group]):
+            positive(f"eval.{group}[{i}].limit", task.limit, zero_ok=True)
             try:
                 check_judge_name(task.judge, llm_ok=False, allow_unsandboxed_code=eval_cfg.allow_unsandboxed_code)
             except ValueError as e:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Optional
 
@@ -9,6 +10,7 @@ from omegaconf import OmegaConf
 
 from .common import atomic_file, write_json_atomic
 
+log = logging.getLogger(__name__)
 # Metrics that are measurements of the machine, not of the training: they differ run to run.
 MEASURED = ("tokens_per_s", "step_s", "peak_mem_gb")
 
@@ -55,11 +57,20 @@ def append_jsonl(path: str, record: dict) -> None:
 
 
 def keep_steps_up_to(path: str, step: int) -> None:
-    """Drop the records of steps after `step` (run again after a resume), atomically."""
+    """Drop the records of steps after `step` (run again after a resume), and a torn line left
+    by a crash mid-write, atomically."""
     if not os.path.exists(path):
         return
+    lines = []
     with open(path) as f:
-        lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        for lineno, line in enumerate(f, 1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                log.warning("%s:%d: dropping an unreadable line (a write cut short): %r", path, lineno, line[:80])
+                continue
+            if isinstance(record, dict) and record.get("step", 0) <= step:
+                lines.append(line if line.endswith("\n") else line + "\n")
     with atomic_file(path) as f:
         f.writelines(lines)
 

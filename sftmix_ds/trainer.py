@@ -6,6 +6,8 @@ preparation can never hit a collective timeout.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
@@ -26,7 +28,7 @@ from .common import atomic_file, to_device
 from .config import ConfigError, validate
 from .data import Batches, collate, load_split
 from .engine import PREFIX, DeepSpeedStrategy, LossModule, complete_checkpoints, dist_env
-from .eval import evaluate_model
+from .eval import eval_sets, evaluate_model
 from .models import load_tokenizer, prepare_model
 from .faults import maybe_die, maybe_poison
 from .tracking import MetricsLog, append_jsonl, keep_steps_up_to
@@ -98,17 +100,69 @@ def finished(cfg) -> bool:
     return os.path.exists(os.path.join(cfg.output_dir, "model", "config.json"))
 
 
-def find_resume(cfg) -> str | None:
+def find_resume(cfg) -> list:
+    """The checkpoints to try, newest first (resume=auto: every complete one in output_dir)."""
     ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
     if cfg.resume == "none":
         if complete_checkpoints(ckpt_root) or finished(cfg):
             raise ConfigError(f"resume=none but {cfg.output_dir} already holds checkpoints or a finished model; "
                               "pass resume=auto to continue, or choose another output_dir")
-        return None
+        return []
     if cfg.resume == "auto":
-        done = complete_checkpoints(ckpt_root)
-        return done[-1] if done else None
-    return cfg.resume
+        skipped: list = []
+        done = complete_checkpoints(ckpt_root, skipped)
+        for why in skipped:
+            log.warning("resume: passing over %s", why)
+        return done[::-1]
+    return [cfg.resume]
+
+
+# Settings a resumed run may change: where things go, how often it logs, saves and evaluates,
+# and the speed switches (tested to leave the math unchanged).
+# The data files are compared by the examples they give, not by their paths. An entry ending in
+# "." or "_" covers every key it begins.
+RESUMABLE_CHANGES = ("output_dir", "resume", "resume_force", "model_cache_dir", "logger.", "eval", "data.cache_dir",
+                     "data.train_files", "data.eval_files", "method.stage_dir", "method.confidence_file",
+                     "method.targets_file", "deepspeed.timeout_minutes", "train.log_every", "train.eval_every",
+                     "train.save_every", "train.keep_checkpoints", "train.stop_after_steps", "train.export_",
+                     "train.nonfinite", "train.max_nonfinite_steps", "train.gradient_checkpointing", "train.compile",
+                     "train.loss_backend", "train.loss_chunk_size", "model.attn_implementation")
+
+
+def resumable_change(key: str) -> bool:
+    return any(key == c or key.startswith(c if c.endswith((".", "_")) else c + ".") for c in RESUMABLE_CHANGES)
+
+
+def run_identity(cfg, train_set, method) -> dict:
+    """What a checkpoint must share with the run that resumes it: the training examples (and the
+    method's state, e.g. SFTMix's split) by digest, and every setting but RESUMABLE_CHANGES."""
+    flat = {}
+
+    def walk(node, prefix=""):
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                flat[f"{prefix}{k}"] = v
+
+    walk(OmegaConf.to_container(cfg, resolve=True))
+    settings = {k: v for k, v in flat.items() if not resumable_change(k)}
+    h = hashlib.sha256()
+    for e in train_set:
+        h.update(json.dumps([e.id, e.input_ids, e.labels]).encode())
+    h.update(json.dumps(method.identity(), sort_keys=True).encode())
+    return {"data": h.hexdigest()[:16], "settings": settings}
+
+
+def identity_changes(old: dict, new: dict) -> list:
+    changes = []
+    if old.get("data") != new["data"]:
+        changes.append("the training examples differ (other data, tokenizer, max_length or method state)")
+    before, after = old.get("settings", {}), new["settings"]
+    for key in sorted(set(before) | set(after)):
+        if before.get(key, "<unset>") != after.get(key, "<unset>"):
+            changes.append(f"{key}: {before.get(key, '<unset>')!r} -> {after.get(key, '<unset>')!r}")
+    return changes
 
 
 def evaluate(engine, strategy, method, examples, micro_batch_size: int, pad_id: int) -> float:
@@ -167,6 +221,8 @@ class Recipe:
         self.tokenizer, self.pad_id = load_tokenizer(self.model_path)
         train_set = load_split(cfg.data, self.tokenizer, cfg.data.train_files)
         self.eval_set = load_split(cfg.data, self.tokenizer, cfg.data.eval_files) if cfg.data.eval_files else []
+        if cfg.eval is not None:
+            eval_sets(cfg.eval)  # bad evaluation data fails now, not after training
         self.method = instantiate(cfg.method, chunk_size=t.loss_chunk_size, loss_backend=t.loss_backend,
                                   pack_width=cfg.data.max_length if t.packing else 0)
         self.train_set = self.method.before_training(cfg, train_set, self.tokenizer)
@@ -177,29 +233,35 @@ class Recipe:
         random.seed(t.seed)
         np.random.seed(t.seed)
         torch.manual_seed(t.seed)
+        self.batches = self.method.batches(self.train_set, t, self.world_size, self.rank)
+        self.total_steps = t.max_steps if t.max_steps > 0 else t.epochs * self.batches.steps_per_epoch
+        if t.export_count > self.total_steps:
+            raise ConfigError(f"train.export_count={t.export_count}: this run has only {self.total_steps} optimizer "
+                              "steps to export at")
+        self.exports = export_steps(self.total_steps, t.export_count)
         self.strategy = DeepSpeedStrategy(cfg.deepspeed, t)
         if self.rank == 0:
             os.makedirs(cfg.output_dir, exist_ok=True)
             with atomic_file(os.path.join(cfg.output_dir, "config.yaml")) as f:
                 f.write(OmegaConf.to_yaml(cfg, resolve=True))
-        self.batches = self.method.batches(self.train_set, t, self.world_size, self.rank)
-        self.total_steps = t.max_steps if t.max_steps > 0 else t.epochs * self.batches.steps_per_epoch
-        self.exports = export_steps(self.total_steps, t.export_count)
         self.model = self.strategy.load_model(self.model_path, cfg.model.attn_implementation)
         self.engine = self.strategy.prepare(LossModule(self.model, self.method.loss_terms, self.strategy),
                                             self.total_steps)
         log.info("%s: %d train / %d eval examples, %d ranks, global batch %d, %d steps, %s, ZeRO-%d",
                  cfg.method.name, len(self.train_set), len(self.eval_set), self.world_size,
-                 self.batches.global_batch, self.total_steps, self.strategy.dtype, cfg.deepspeed.zero_stage)
+                 self.batches.global_batch, self.total_steps, self.strategy.dtype,
+                 self.engine.zero_optimization_stage())
 
     def _setup_state(self) -> None:
         """The step to start from, logs trimmed to it, and the per-run guards."""
         cfg, t = self.cfg, self.t
-        self.step = 0
+        self.step, resumed = 0, None
+        self.identity = run_identity(cfg, self.train_set, self.method)
         if self.resume_from:
-            self.step = self.strategy.load_checkpoint(self.resume_from)["step"]
-            log.info("resumed from %s at step %d", self.resume_from, self.step)
-        self.metrics = MetricsLog(cfg, enabled=self.rank == 0, fresh=self.resume_from is None)
+            resumed, client_state = self.strategy.load_checkpoint(self.resume_from, self._check_same_run)
+            self.step = client_state["step"]
+            log.info("resumed from %s at step %d", resumed, self.step)
+        self.metrics = MetricsLog(cfg, enabled=self.rank == 0, fresh=resumed is None)
         self.samples_path = os.path.join(cfg.output_dir, "samples.jsonl")  # the example ids of every step
         if self.rank == 0:
             for path in (self.metrics.path, self.samples_path):  # steps after the checkpoint run again
@@ -208,6 +270,19 @@ class Recipe:
         self.preempted = PreemptionFlag()
         self.bar = tqdm(total=self.total_steps, initial=self.step, disable=self.rank != 0,
                         desc=f"train {cfg.method.name}", dynamic_ncols=True)
+
+    def _check_same_run(self, folder: str, meta: dict) -> None:
+        if "identity" not in meta:
+            log.warning("%s: written before checkpoints recorded their run's settings; not compared", folder)
+            return
+        changes = identity_changes(meta["identity"], self.identity)
+        if not changes:
+            return
+        what = "; ".join(changes[:8]) + (f"; and {len(changes) - 8} more" if len(changes) > 8 else "")
+        if not self.cfg.resume_force:
+            raise ConfigError(f"resume: {folder} was written by a run with other data or settings ({what}); "
+                              "resume_force=true continues anyway, or choose another output_dir")
+        log.warning("resume_force=true: continuing from %s although %s", folder, what)
 
     # -- train -----------------------------------------------------------------------------------
 
@@ -299,7 +374,8 @@ class Recipe:
                                  t.export_dtype, prefix=PREFIX)
         stopping = step < self.total_steps and (self.signalled or (t.stop_after_steps and step >= t.stop_after_steps))
         if (t.save_every and step % t.save_every == 0) or stopping:
-            self.strategy.save_checkpoint(self.ckpt_root, step, {"step": step}, t.keep_checkpoints)
+            self.strategy.save_checkpoint(self.ckpt_root, step, {"step": step}, t.keep_checkpoints,
+                                          meta={"identity": self.identity})
         if stopping:
             why = "SIGUSR1 (preemption or time limit)" if self.signalled else "train.stop_after_steps"
             log.info("stopping at step %d after a checkpoint, for %s; resume=auto continues", step, why)

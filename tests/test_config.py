@@ -109,3 +109,69 @@ def test_each_method_module_registers_its_own_schema():
     from sftmix_ds.config import method_schemas
 
     assert {s.name for s in method_schemas()} == {f[:-len(".yaml")] for f in os.listdir(os.path.join(CONF_DIR, "method"))}
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["train.min_lr_ratio=-5"], r"train\.min_lr_ratio=-5\.0: must be in \[0, 1\]"),
+    (["train.min_lr_ratio=1.5"], r"train\.min_lr_ratio=1\.5"),
+    (["train.betas=[0.9,1.0]"], r"train\.betas\[1\]=1\.0: must be in \[0, 1\)"),
+    (["train.betas=[-0.1,0.9]"], r"train\.betas\[0\]"),
+    (["deepspeed.timeout_minutes=0"], r"deepspeed\.timeout_minutes=0: must be > 0"),
+    (["deepspeed.timeout_minutes=-3"], r"deepspeed\.timeout_minutes"),
+    (["train.log_every=0"], r"train\.log_every=0: must be > 0"),
+    (["train.lr=nan"], r"train\.lr=nan: must be a finite number"),
+    (["train.lr=inf"], r"train\.lr=inf: must be a finite number"),
+    (["train.adam_eps=0"], r"train\.adam_eps=0"),
+    (["train.warmup_ratio=1.0"], r"train\.warmup_ratio=1\.0: must be in \[0, 1\)"),
+    (["train.max_steps=0"], r"train\.max_steps=0: must be > 0"),
+    (["train.max_steps=-7"], r"train\.max_steps=-7"),
+    (["train.max_nonfinite_steps=-1"], r"train\.max_nonfinite_steps"),
+    (["train.precision=fp16"], r"train\.precision=fp16: needs a CUDA GPU"),
+    (["deepspeed.build_lock_wait_minutes=-1"], r"deepspeed\.build_lock_wait_minutes"),
+    (["eval=arith", "eval.batch_size=0"], r"eval\.batch_size=0"),
+    (["eval=arith", "eval.tasks.0.limit=-1"], r"eval\.tasks\[0\]\.limit=-1"),
+    (["method=s3ft", "method.top_p=0"], r"method\.top_p=0\.0: must be in \(0, 1\]"),
+    (["method=s3ft", "method.temperature=0"], r"method\.temperature=0"),
+    (["method=sftmix", "method.alpha=0"], r"method\.alpha=0"),
+    (["method=sftmix", "method.mu=-0.1"], r"method\.mu=-0\.1"),
+    (["+deepspeed.extra.zero_optimization.stage=0"], r"deepspeed\.extra\.zero_optimization\.stage: set by deepspeed\.zero_stage"),
+    (["+deepspeed.extra.train_batch_size=64"], r"deepspeed\.extra\.train_batch_size: set by train\.micro_batch_size"),
+    (["+deepspeed.extra.optimizer.params.lr=1"], r"deepspeed\.extra\.optimizer: set by train\.lr"),
+    (["+deepspeed.extra.bf16.enabled=true"], r"deepspeed\.extra\.bf16: set by train\.precision"),
+    (["resume=/tmp"], r"resume='/tmp': must be auto, none, or a complete checkpoint folder"),
+])
+def test_out_of_range_and_conflicting_values_are_refused_naming_the_key(overrides, message):
+    if "fp16" in overrides[0]:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("fp16 is valid on this CUDA machine")
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg_with(*overrides))
+
+
+def test_nested_deepspeed_extra_keys_merge_into_their_section():
+    from sftmix_ds.engine.strategy import deepspeed_config
+
+    cfg = cfg_with("deepspeed=zero2", "+deepspeed.extra.zero_optimization.overlap_comm=false",
+                   "+deepspeed.extra.zero_optimization.reduce_bucket_size=1000", "+deepspeed.extra.flops_profiler.enabled=false")
+    validate(cfg)
+    ds = deepspeed_config(cfg.deepspeed, cfg.train, 2, "fp32", on_gpu=False)
+    assert ds["zero_optimization"] == {"stage": 2, "stage3_gather_16bit_weights_on_model_save": True,
+                                       "overlap_comm": False, "reduce_bucket_size": 1000}
+    assert ds["flops_profiler"] == {"enabled": False} and ds["train_batch_size"] == 2 * cfg.train.micro_batch_size
+
+
+def test_bad_output_dirs_are_refused_naming_the_folder(tmp_path):
+    from sftmix_ds.config import check_output_dir
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for path, message in (("", "output_dir: empty"), (str(a_file), "is a file, not a folder"),
+                          (str(a_file / "run"), "which is a file"), ("/proc/1/run", "is not writable")):
+        with pytest.raises(ConfigError, match=message):
+            check_output_dir(path)
+    check_output_dir(str(tmp_path / "new" / "run"))  # not there yet: made later
+    assert not (tmp_path / "new").exists()
+    proc = train_cli(["model=tiny", "method=ntp", f"output_dir={a_file / 'run'}"], check=False)
+    assert proc.returncode == 2 and "which is a file" in proc.stderr and "Traceback" not in proc.stderr

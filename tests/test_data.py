@@ -84,6 +84,9 @@ BAD = [
     ('42', ":1: expected a JSON object, got int"),
     ('{"messages": "hello"}', ":1: field 'messages' must be a non-empty list"),
     ('{"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]}', ":1: messages[0]: missing field"),
+    ('{"prompt": "q\\ud800", "completion": "a"}', ":1: field 'prompt' holds a lone surrogate (U+D800 at character 1)"),
+    ('{"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}, '
+     '{"role": "user", "content": "q"}]}', ":1: messages[1]: the conversation starts with an assistant turn"),
 ]
 
 
@@ -262,3 +265,43 @@ def test_group_by_length_makes_homogeneous_steps_and_keeps_the_plan():
     assert grouped.order(0) != grouped.order(1)
     short = Batches(10, 2, 1, 2, 1, seed=3, lengths=list(range(10)))  # 10 = 2 full steps of 4 + 2 left over
     assert [len([i for i in short.global_step_indices(0, s) if i is not None]) for s in range(3)] == [4, 4, 2]
+
+
+def test_unreadable_paths_are_named_not_raised(tmp_path, tokenizer):
+    loop = tmp_path / "loop.jsonl"
+    os.symlink(loop, loop)  # a symlink loop
+    kw = dict(fmt="auto", max_length=64, overlong="truncate", system_prompt=None, cache_dir=str(tmp_path / "cache"))
+    for path, message in ((loop, "loop.jsonl: cannot read"), (tmp_path / "gone.jsonl", "gone.jsonl: cannot read")):
+        with pytest.raises(DataError, match=message):
+            load_examples([str(path)], tokenizer, **kw)
+
+
+def test_cache_follows_content_not_size_and_mtime(tmp_path, tokenizer):
+    """cp -p / rsync -t keep size and mtime; the cache must notice the new content anyway."""
+    path = tmp_path / "d.jsonl"
+    kw = dict(fmt="auto", max_length=64, overlong="truncate", system_prompt=None, cache_dir=str(tmp_path / "cache"))
+    path.write_text('{"id": "x", "prompt": "2+2?", "completion": "4"}\n')
+    stamp = os.stat(path)
+    first = load_examples([str(path)], tokenizer, **kw)
+    path.write_text('{"id": "x", "prompt": "2+3?", "completion": "5"}\n')  # same size
+    os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    second = load_examples([str(path)], tokenizer, **kw)
+    assert first[0].input_ids != second[0].input_ids
+    assert tokenizer.decode(second[0].input_ids).count("2+3?") == 1
+
+
+def test_a_huge_field_is_cut_before_tokenizing_with_the_same_result(tmp_path, tokenizer):
+    """The cut (max_length x the longest token's characters) cannot change the first max_length
+    tokens: the capped tokenization equals the full one, truncated."""
+    from sftmix_ds.data.tokenize import encode, longest_token_chars, tokenize_conversations
+
+    words = " ".join(f"w{i % 97}x{i % 13}" for i in range(60_000))  # about 400 KB: the full tokenization is affordable
+    conv = load_conversations([write_jsonl(tmp_path / "d.jsonl", [{"id": "big", "prompt": "Repeat the words.",
+                                                                   "completion": words}])])
+    (example,), stats = tokenize_conversations(conv, tokenizer, max_length=128, overlong="truncate")
+    full_ids, full_labels = encode(tokenizer, conv[0].messages, conv[0].where)
+    assert len(words) > 128 * longest_token_chars(tokenizer) + 1024  # the cut happened
+    assert example.input_ids == full_ids[:128] and example.labels == full_labels[:128]
+    assert stats["truncated"] == 1
+    dropped, stats = tokenize_conversations(conv, tokenizer, max_length=128, overlong="drop")
+    assert dropped == [] and stats["dropped_overlong"] == 1

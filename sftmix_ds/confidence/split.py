@@ -56,6 +56,8 @@ def read_confidence_file(path: str, expected_ids: Sequence[str] | None = None) -
                 raise ConfidenceFileError(f"{path}:{lineno}: confidence must be a finite number, got {conf!r}")
             if r.get("split") not in (CONFIDENT, UNCONFIDENT) or "id" not in r:
                 raise ConfidenceFileError(f"{path}:{lineno}: needs an 'id' and a split of confident/unconfident")
+            if not isinstance(r["id"], str):
+                raise ConfidenceFileError(f"{path}:{lineno}: 'id' must be a string, got {type(r['id']).__name__}")
             records.append(r)
     if expected_ids is not None:
         have, want = {r["id"] for r in records}, set(expected_ids)

@@ -14,13 +14,14 @@ import glob
 import hashlib
 import json
 import logging
+import math
 import os
 from functools import partial
 
 from omegaconf import OmegaConf, open_dict
 from tqdm import tqdm
 
-from ..config import load_model_config, resolve_precision
+from ..config import ConfigError, load_model_config, resolve_precision
 from ..data import load_split
 from ..engine import DeepSpeedStrategy, LossModule, dist_env
 from ..models import load_tokenizer, prepare_model
@@ -92,7 +93,12 @@ def run_confidence_stage(cfg) -> str:
         return out_path
 
     checkpoints = list(cfg.method.score_checkpoints)
-    if not checkpoints:
+    global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * world_size
+    steps = math.ceil(len(examples) / global_batch)
+    if not checkpoints and cfg.method.checkpoints > steps:
+        raise ConfigError(f"method.checkpoints={cfg.method.checkpoints}: the one-epoch reference run has only {steps} "
+                          f"optimizer steps ({len(examples)} examples / global batch {global_batch}); use at most "
+                          f"{steps}, or a smaller train.micro_batch_size")
         ref_dir = os.path.join(stage_dir, "reference")
         exports = sorted(glob.glob(os.path.join(ref_dir, "model_step_*")), key=_step_of)
         if not (os.path.isdir(os.path.join(ref_dir, "model")) and len(exports) == cfg.method.checkpoints):

@@ -120,6 +120,11 @@ def _text(record: dict, key: str, where: str, required_nonempty: bool = True) ->
         raise DataError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
     if required_nonempty and not value.strip():
         raise DataError(f"{where}: field {key!r} is empty")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON can spell a lone surrogate ("\ud800"); no tokenizer takes it
+        raise DataError(f"{where}: field {key!r} holds a lone surrogate (U+{ord(value[e.start]):04X} at character "
+                        f"{e.start}): not valid Unicode text") from None
     return value
 
 
@@ -167,7 +172,20 @@ def _chat_messages(record: dict, where: str) -> List[dict]:
         out.append({"role": role, "content": content})
     if not any(m["role"] == "assistant" for m in out):
         raise DataError(f"{where}: conversation has no assistant turn to train on")
+    first = next(i for i, m in enumerate(out) if m["role"] != "system")
+    if out[first]["role"] == "assistant":
+        raise DataError(f"{where}: messages[{first}]: the conversation starts with an assistant turn; it must start "
+                        "with a user turn (after any system turn), as chat templates expect")
     return out
+
+
+def require_final_answer(conversations: List[Conversation], why: str) -> None:
+    """Stages that answer a conversation's last prompt (S3FT targets, evaluation) need it to end
+    with the assistant's turn, the gold answer; a trailing user or system turn is refused."""
+    for c in conversations:
+        if c.messages[-1]["role"] != "assistant" or len(c.messages) < 2:
+            raise DataError(f"{c.where}: the conversation ends with a {c.messages[-1]['role']} turn; {why} needs "
+                            "it to end with the assistant's answer to the last user turn (drop the trailing turns)")
 
 
 def content_id(messages: List[dict]) -> str:

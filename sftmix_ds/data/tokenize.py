@@ -1,6 +1,7 @@
 """Chat template -> token ids + labels (-100 on every non-assistant token), cached."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -11,7 +12,7 @@ from typing import List, Optional, Tuple
 import torch
 from filelock import FileLock
 
-from ..common import IGNORE, atomic_file
+from ..common import IGNORE, atomic_file, file_digest
 from .formats import Conversation, DataError, load_conversations
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,12 @@ def assistant_spans(tokenizer, messages: List[dict], where: str) -> Tuple[str, L
     """
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{where}: the tokenizer has no chat template; use a chat model or set one")
-    render = lambda msgs, gen: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+    def render(msgs, gen):
+        try:
+            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+        except Exception as e:  # jinja raises whatever the template author chose
+            raise DataError(f"{where}: the chat template rejects this conversation ({type(e).__name__}: {e})") from None
+
     text = render(messages, False)
     spans = []
     for i, m in enumerate(messages):
@@ -66,24 +72,44 @@ class Example:
 
 
 def _fingerprint(paths: List[str], tokenizer, **settings) -> str:
+    """Keyed on the files' content (not size and mtime, which cp -p and rsync -t keep), the
+    tokenizer and the settings."""
     h = hashlib.sha256()
     for p in paths:
         h.update(p.encode())
-        files = sorted(os.path.join(r, f) for r, _, fs in os.walk(p) for f in fs) if os.path.isdir(p) else [p]
-        for f in files:
-            st = os.stat(f)
-            h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
+        try:
+            files = sorted(os.path.join(r, f) for r, _, fs in os.walk(p) for f in fs) if os.path.isdir(p) else [p]
+            for f in files:
+                h.update(f"{f}:{file_digest(f)}".encode())
+        except OSError as e:
+            raise DataError(f"{p}: cannot read ({e.strerror or e})") from None
     h.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
     h.update(str(tokenizer.chat_template).encode())
     h.update(json.dumps({**settings, "version": CACHE_VERSION}, sort_keys=True).encode())
     return h.hexdigest()[:20]
 
 
+@functools.lru_cache(maxsize=8)
+def _longest_token_chars(vocab_key: tuple) -> int:
+    return max(len(token) for token in vocab_key)
+
+
+def longest_token_chars(tokenizer) -> int:
+    """An upper bound on the characters one token covers: the longest vocabulary entry (a
+    byte-level entry spells one character per byte)."""
+    return _longest_token_chars(tuple(tokenizer.get_vocab()))
+
+
 def tokenize_conversations(conversations: List[Conversation], tokenizer, max_length: int,
                            overlong: str) -> Tuple[List[Example], dict]:
     examples, stats = [], {"truncated": 0, "dropped_overlong": 0, "dropped_no_response": 0}
+    budget = max_length * longest_token_chars(tokenizer) + 1024
     for conv in conversations:
-        ids, labels = encode(tokenizer, conv.messages, conv.where)
+        # A field longer than max_length tokens can take is cut before tokenizing (a 20 MB line would
+        # cost gigabytes); no token spans more than longest_token_chars characters, so the cut text
+        # still yields more than max_length tokens and truncation or dropping decides as before.
+        messages = [{**m, "content": m["content"][:budget]} for m in conv.messages]
+        ids, labels = encode(tokenizer, messages, conv.where)
         if len(ids) > max_length:
             if overlong == "drop":
                 stats["dropped_overlong"] += 1

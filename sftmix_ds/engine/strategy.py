@@ -4,12 +4,13 @@ Nothing else in the library imports deepspeed.
 """
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import os
 import random
+import re
 import shutil
+import time
 from datetime import timedelta
 from typing import Optional
 
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..common import free_port, torch_dtype, write_json_atomic
+from ..common import file_digest, free_port, torch_dtype, write_json_atomic
 from ..config import resolve_precision
 from ..faults import maybe_die, maybe_disk_full
 
@@ -43,10 +44,40 @@ def dist_env() -> tuple[int, int, int]:
     return int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"])
 
 
-def complete_checkpoints(ckpt_root: str) -> list[str]:
-    """Checkpoint folders whose save finished on every rank, oldest first."""
-    done = [os.path.dirname(p) for p in glob.glob(os.path.join(ckpt_root, "step_*", COMPLETE))]
-    return sorted(done, key=lambda d: int(d.rsplit("_", 1)[1]))
+STEP_FOLDER = re.compile(r"step_(\d+)")
+
+
+def read_complete(folder: str) -> dict:
+    """A checkpoint's complete.json, or CheckpointError saying why it cannot be used."""
+    try:
+        with open(os.path.join(folder, COMPLETE)) as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{folder}: no {COMPLETE} (an interrupted save)") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{folder}: unreadable {COMPLETE} ({e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
+        raise CheckpointError(f"{folder}: {COMPLETE} has no step")
+    return meta
+
+
+def complete_checkpoints(ckpt_root: str, skipped: Optional[list] = None) -> list[str]:
+    """Folders step_N whose save finished on every rank (a readable complete.json), oldest
+    first; the reasons for passing over the others are appended to `skipped`."""
+    found = []
+    for name in os.listdir(ckpt_root) if os.path.isdir(ckpt_root) else []:
+        match = STEP_FOLDER.fullmatch(name)
+        folder = os.path.join(ckpt_root, name)
+        if not match or not os.path.isdir(folder):
+            continue  # a stray folder or file (step_4.bak, notes.txt) is not a checkpoint
+        try:
+            read_complete(folder)
+        except CheckpointError as e:
+            if skipped is not None:
+                skipped.append(str(e))
+            continue
+        found.append((int(match.group(1)), folder))
+    return [folder for _, folder in sorted(found)]
 
 
 class DeepSpeedStrategy:
@@ -63,36 +94,12 @@ class DeepSpeedStrategy:
         self.device = torch.device(accel.device_name(self.local_rank) if self.on_gpu else "cpu")
         precision = resolve_precision(train_cfg.precision)
         self.dtype = torch_dtype(precision)
+        wait_for_build_locks(ds_cfg.build_lock_wait_minutes * 60)
         deepspeed.init_distributed(timeout=timedelta(minutes=ds_cfg.timeout_minutes))
         _unlink_shm_buffer(self.rank)
-        self.ds_config = self._ds_config(precision)
+        self.ds_config = deepspeed_config(ds_cfg, train_cfg, self.world_size, precision, self.on_gpu)
         self._hf_ds_config = None
         self.engine = None
-
-    def _ds_config(self, precision: str) -> dict:
-        t, ds = self.train_cfg, self.cfg
-        zero = {"stage": ds.zero_stage, "stage3_gather_16bit_weights_on_model_save": True}
-        if ds.offload_optimizer:
-            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": self.on_gpu}
-        if ds.offload_params:
-            zero["offload_param"] = {"device": "cpu", "pin_memory": self.on_gpu}
-        config = {
-            "train_micro_batch_size_per_gpu": t.micro_batch_size,
-            "gradient_accumulation_steps": t.grad_accum,
-            "train_batch_size": t.micro_batch_size * t.grad_accum * self.world_size,
-            "gradient_clipping": t.max_grad_norm,
-            "zero_optimization": zero,
-            "bf16": {"enabled": precision == "bf16"},
-            "fp16": {"enabled": precision == "fp16"},
-            "optimizer": {"type": "AdamW", "params": {
-                "lr": t.lr, "betas": list(t.betas), "eps": t.adam_eps, "weight_decay": t.weight_decay,
-                # DeepSpeed's fused Adam needs CUDA; offload uses DeepSpeedCPUAdam.
-                "torch_adam": not self.on_gpu and not ds.offload_optimizer}},
-            "zero_allow_untested_optimizer": True,
-            "steps_per_print": 10**9,
-            "wall_clock_breakdown": False,
-        }
-        return _merge(config, dict(ds.extra))
 
     def load_model(self, path: str, attn_implementation: str = "sdpa"):
         """A transformers model, built partitioned under ZeRO-3 (never whole on one rank)."""
@@ -149,6 +156,8 @@ class DeepSpeedStrategy:
 
         self.engine, *_ = deepspeed.initialize(model=module, model_parameters=groups, config=self.ds_config,
                                                lr_scheduler=schedule)
+        log.info("DeepSpeed runs ZeRO stage %d; effective config: %s", self.engine.zero_optimization_stage(),
+                 json.dumps(self.ds_config, sort_keys=True))
         return self.engine
 
     def prepare_inference(self, module):
@@ -221,7 +230,10 @@ class DeepSpeedStrategy:
 
     # -- checkpoints: collective; every rank calls these ------------------------------------------
 
-    def save_checkpoint(self, ckpt_root: str, step: int, client_state: dict, keep: int) -> str:
+    def save_checkpoint(self, ckpt_root: str, step: int, client_state: dict, keep: int,
+                        meta: Optional[dict] = None) -> str:
+        """Every rank writes its part; then complete.json, with the manifest (sizes, checksums)
+        and `meta`, marks the folder usable. Collective."""
         tag = f"step_{step}"
         folder = os.path.join(ckpt_root, tag)
         if self.rank == 0:
@@ -242,24 +254,74 @@ class DeepSpeedStrategy:
             raise CheckpointError(f"saving checkpoint {folder} failed ({error or 'on another rank'}); the "
                                   f"partial one was removed, the newest complete one is "
                                   f"{done[-1] if done else 'none'}; free space and run again with resume=auto")
+        manifest = self._manifest(folder)
         if self.rank == 0:
-            write_json_atomic(os.path.join(folder, COMPLETE), {"step": step, "world_size": self.world_size})
+            write_json_atomic(os.path.join(folder, COMPLETE), {"step": step, "world_size": self.world_size,
+                                                               "files": manifest, **(meta or {})})
             for old in complete_checkpoints(ckpt_root)[:-keep] if keep else []:
                 shutil.rmtree(old, ignore_errors=True)
         self.barrier()
         return folder
 
-    def load_checkpoint(self, folder: str) -> dict:
-        with open(os.path.join(folder, COMPLETE)) as f:
-            meta = json.load(f)
-        if meta["world_size"] != self.world_size:
-            raise CheckpointError(f"{folder}: written by {meta['world_size']} ranks, resuming with {self.world_size}; "
-                               "resume with the same number of ranks (changing it needs a universal checkpoint)")
-        root, tag = os.path.split(os.path.normpath(folder))
-        _, client_state = self.engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,
-                                                      load_lr_scheduler_states=True)
-        _set_rng_state(torch.load(os.path.join(folder, f"rng_rank{self.rank}.pt"), weights_only=False))
-        return client_state
+    def _manifest(self, folder: str) -> dict:
+        """{relative path: [size, checksum]} of every file of a checkpoint; the checksums are
+        computed by the ranks in turn (file i by rank i mod world size). Collective."""
+        paths = sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs
+                       if f != COMPLETE)
+        mine = {p: [os.path.getsize(os.path.join(folder, p)), file_digest(os.path.join(folder, p))]
+                for p in paths[self.rank::self.world_size]}
+        return {p: v for part in self.all_gather_object(mine) for p, v in part.items()}
+
+    def _verify(self, folder: str, meta: dict) -> Optional[str]:
+        """None when every file the manifest lists is there with its size and checksum (checked
+        by the ranks in turn), else what is wrong. Collective."""
+        files = meta.get("files")
+        if files is None:
+            log.warning("%s: written before checkpoints carried checksums; loading it unverified", folder)
+            return None
+        problems = []
+        for rel, (size, digest) in sorted(files.items())[self.rank::self.world_size]:
+            path = os.path.join(folder, rel)
+            if not os.path.isfile(path):
+                problems.append(f"{rel} is missing")
+            elif os.path.getsize(path) != size:
+                problems.append(f"{rel} has {os.path.getsize(path)} bytes, {size} were written")
+            elif file_digest(path) != digest:
+                problems.append(f"{rel} does not match its checksum (bit rot or an overwrite)")
+        problems = [p for part in self.all_gather_object(problems) for p in part]
+        return "; ".join(problems[:5]) if problems else None
+
+    def load_checkpoint(self, candidates: list, check_meta=None) -> tuple:
+        """Load the newest usable checkpoint of `candidates` (newest first): one whose files all
+        match its manifest and that DeepSpeed can read; the others are passed over, saying why.
+        check_meta(folder, meta) may refuse one (raising), e.g. for other run settings.
+        Returns (folder, client state). Collective."""
+        reasons = []
+        for folder in candidates:
+            meta = read_complete(folder)
+            if meta["world_size"] != self.world_size:
+                raise CheckpointError(f"{folder}: written by {meta['world_size']} ranks, resuming with "
+                                      f"{self.world_size}; resume with the same number of ranks (changing it needs "
+                                      "a universal checkpoint)")
+            if check_meta is not None:
+                check_meta(folder, meta)
+            problem = self._verify(folder, meta)
+            if problem is None:
+                try:
+                    root, tag = os.path.split(os.path.normpath(folder))
+                    _, client_state = self.engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,
+                                                                  load_lr_scheduler_states=True)
+                    _set_rng_state(torch.load(os.path.join(folder, f"rng_rank{self.rank}.pt"), weights_only=False))
+                except Exception as e:  # a shard that passed no manifest (an old checkpoint), or a bug
+                    problem = f"DeepSpeed could not load it ({type(e).__name__}: {e})"
+                if self.any_rank(problem is not None):
+                    problem = problem or "another rank could not load it"
+                else:
+                    return folder, client_state
+            log.warning("resume: passing over %s: %s", folder, problem)
+            reasons.append(f"{os.path.basename(folder)}: {problem}")
+        raise CheckpointError(f"no usable checkpoint among {len(candidates)}: " + " | ".join(reasons) +
+                              "; remove the broken folders to start over, or restore them")
 
     def export(self, out_dir: str, model, tokenizer, dtype: str, prefix: str = "") -> None:
         """Consolidated 16-bit (or fp32) safetensors + config + tokenizer, loadable by from_pretrained.
@@ -299,6 +361,33 @@ class DeepSpeedStrategy:
         self.barrier()
 
 
+class BuildLockError(RuntimeError):
+    """A torch-extensions build lock outlived the wait; the message names the file."""
+
+
+def wait_for_build_locks(wait_s: float) -> None:
+    """Wait (bounded) while an extension build lock exists under the torch extensions folder.
+    torch's FileBaton waits on such a lock forever, and one left by a killed build never goes."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    root = os.path.dirname(_get_build_directory("deepspeed_shm_comm", verbose=False))
+    deadline, announced = time.monotonic() + wait_s, False
+    while True:
+        locks = [os.path.join(root, name, "lock") for name in sorted(os.listdir(root))
+                 if os.path.exists(os.path.join(root, name, "lock"))]
+        if not locks:
+            return
+        if time.monotonic() >= deadline:
+            age = time.time() - os.path.getmtime(locks[0])
+            raise BuildLockError(f"{locks[0]}: an extension build lock has been there for {age:.0f} s (a build "
+                                 "killed midway leaves it behind); if no other job on this machine is building, "
+                                 "delete it and run again (deepspeed.build_lock_wait_minutes sets the wait)")
+        if not announced:
+            log.warning("waiting up to %.0f s for %s (another process is building an extension)", wait_s, locks[0])
+            announced = True
+        time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
+
+
 def _unlink_shm_buffer(rank: int) -> None:
     """DeepSpeed's CPU shared-memory allreduce leaves a 66 MiB /dev/shm file per rank behind,
     even on a clean exit, and /dev/shm is RAM: dozens of runs fill the machine. Every rank
@@ -311,6 +400,36 @@ def _unlink_shm_buffer(rank: int) -> None:
            f"{os.environ.get('MASTER_PORT')}_{rank}"
     if os.path.exists(name):
         os.unlink(name)
+
+
+def deepspeed_config(ds, t, world_size: int, precision: str, on_gpu: bool) -> dict:
+    """The DeepSpeed config of the typed options, with deepspeed.extra merged in key by key
+    (nested keys join their section, not replace it)."""
+    zero = {"stage": ds.zero_stage, "stage3_gather_16bit_weights_on_model_save": True}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
+    config = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
+        "gradient_clipping": t.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": t.lr, "betas": list(t.betas), "eps": t.adam_eps, "weight_decay": t.weight_decay,
+            # DeepSpeed's fused Adam needs CUDA; offload uses DeepSpeedCPUAdam.
+            "torch_adam": not on_gpu and not ds.offload_optimizer}},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    from omegaconf import OmegaConf
+
+    extra = OmegaConf.to_container(ds.extra, resolve=True) if OmegaConf.is_config(ds.extra) else dict(ds.extra)
+    return _merge(config, extra)
 
 
 def cosine_lr(step: int, total: int, warmup: int, min_ratio: float) -> float:

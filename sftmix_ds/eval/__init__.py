@@ -1,1 +1,1 @@
-from .run import accuracy, evaluate_model, markdown_table
+from .run import accuracy, eval_sets, evaluate_model, markdown_table

@@ -9,7 +9,7 @@ import os
 from functools import partial
 
 from ..common import atomic_file, write_json_atomic
-from ..data import load_conversations, load_split
+from ..data import load_conversations, load_split, require_final_answer
 from ..engine import DeepSpeedStrategy, LossModule
 from ..inference import Generator, across_ranks, example_nll, resolve_judge, score_nll
 from ..models import load_tokenizer
@@ -27,6 +27,19 @@ def accuracy(conversations, generate, judge, on_ranks, answer_field: str = "answ
             "examples": [{"id": c.id, "answer": a, "correct": v} for c, a, v in zip(conversations, answers, verdicts)]}
 
 
+def eval_sets(eval_cfg) -> list:
+    """(group, task, conversations) of every judged evaluation set, checked: each conversation
+    ends with its gold answer. Cheap, so training runs it first to fail before, not after."""
+    out = []
+    for group in ("tasks", "general"):
+        for task in eval_cfg[group]:
+            convs = load_conversations(list(task.files), task.format)
+            convs = convs[:task.limit] if task.limit else convs
+            require_final_answer(convs, f"evaluation set {task.name!r} (its last turn is the gold answer)")
+            out.append((group, task, convs))
+    return out
+
+
 def evaluate_model(cfg, model_path: str, out_dir: str) -> dict:
     """All ranks call this; rank 0 writes out_dir/eval.json and out_dir/eval.md."""
     e = cfg.eval
@@ -36,14 +49,11 @@ def evaluate_model(cfg, model_path: str, out_dir: str) -> dict:
     results = {"model": model_path, "tasks": {}, "general": {}}
     generator = Generator(model_path, strategy.device, strategy.dtype, max_new_tokens=e.max_new_tokens,
                           batch_size=e.batch_size)
-    for group, tasks in (("tasks", e.tasks), ("general", e.general)):
-        for task in tasks:
-            convs = load_conversations(list(task.files), task.format)
-            convs = convs[:task.limit] if task.limit else convs
-            generate = lambda share, name=task.name: generator(share, desc=f"eval {name}")
-            results[group][task.name] = accuracy(convs, generate, resolve_judge(task.judge, e.allow_unsandboxed_code), on_ranks,
-                                                 task.answer_field)
-            log.info("eval %s: accuracy %.3f on %d", task.name, results[group][task.name]["accuracy"], len(convs))
+    for group, task, convs in eval_sets(e):
+        generate = lambda share, name=task.name: generator(share, desc=f"eval {name}")
+        results[group][task.name] = accuracy(convs, generate, resolve_judge(task.judge, e.allow_unsandboxed_code),
+                                             on_ranks, task.answer_field)
+        log.info("eval %s: accuracy %.3f on %d", task.name, results[group][task.name]["accuracy"], len(convs))
     del generator
     if e.perplexity_files:
         tokenizer, pad_id = load_tokenizer(model_path)

@@ -34,6 +34,7 @@ class Method:
     loss_terms(...)      per loss term, its sum over the batch (runs inside the engine's forward)
     weights              per loss term, its weight once normalised: loss = sum w_n term_n / count_n
     step_metrics(stats)  metrics of a step from the summed batch_stats
+    identity()           what else a checkpoint must share with the run resuming it (JSON-able)
     """
 
     weights: Dict[str, float] = {}
@@ -69,4 +70,7 @@ class Method:
         raise NotImplementedError
 
     def step_metrics(self, stats: Dict[str, float]) -> dict:
+        return {}
+
+    def identity(self) -> dict:
         return {}

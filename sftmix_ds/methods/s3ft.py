@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from ..config import ConfigError, positive
-from ..data import load_split
+from ..config import ConfigError, in_range, positive
+from ..data import load_conversations, load_split
 from ..inference import JUDGE_PROMPT, check_judge_name
-from ..s3ft import build_targets
+from ..s3ft import build_targets, check_targets_match
 from .base import MethodConfig
 from .ntp import NTP
 
@@ -48,8 +48,9 @@ class S3FT(NTP):
     @staticmethod
     def check_config(cfg) -> None:
         m = cfg.method
-        for key in ("max_new_tokens", "generate_batch_size", "write_every"):
+        for key in ("max_new_tokens", "generate_batch_size", "write_every", "temperature"):
             positive(f"method.{key}", m[key])
+        in_range("method.top_p", m.top_p, 0, 1, low_open=True)
         try:
             check_judge_name(cfg.data.judge, llm_ok=True, allow_unsandboxed_code=m.allow_unsandboxed_code)
         except ValueError as e:
@@ -61,6 +62,9 @@ class S3FT(NTP):
                 raise ConfigError(f"method.{key}: must contain {', '.join(missing)}")
 
     def before_training(self, cfg, train_set, tokenizer):
+        if cfg.method.targets_file:
+            conversations = load_conversations(list(cfg.data.train_files), cfg.data.format, cfg.data.system_prompt)
+            check_targets_match(cfg.method.targets_file, conversations)
         path = cfg.method.targets_file or build_targets(cfg)
         data = cfg.data.copy()
         data.format = "chat"

@@ -82,6 +82,9 @@ class SFTMix(NTP):
         self.seed = cfg.train.seed
         return train_set
 
+    def identity(self) -> dict:
+        return {"split": sorted(self.split.items())}
+
     def batches(self, train_set, train_cfg, world_size: int, rank: int) -> PairBatches:
         confident = [i for i, e in enumerate(train_set) if self.split[e.id] == CONFIDENT]
         unconfident = [i for i, e in enumerate(train_set) if self.split[e.id] != CONFIDENT]

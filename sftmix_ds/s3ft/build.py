@@ -17,7 +17,7 @@ import re
 from collections import Counter
 from typing import List
 
-from ..data import load_conversations
+from ..data import DataError, load_conversations, require_final_answer
 from ..engine import DeepSpeedStrategy, dist_env
 from ..models import prepare_model
 from ..tracking import log_stage_summary
@@ -53,12 +53,24 @@ def read_done(path: str) -> dict:
     return done
 
 
+def check_targets_match(path: str, conversations) -> None:
+    """A targets file holds one record per training example, no more, no fewer."""
+    have, want = set(read_done(path)), {c.id for c in conversations}
+    if have != want:
+        missing, extra = sorted(want - have), sorted(have - want)
+        raise DataError(f"{path}: the S3FT targets do not match the training data: {len(missing)} of its "
+                        f"{len(want)} ids missing{f' (e.g. {missing[:3]})' if missing else ''}, {len(extra)} ids "
+                        f"not in the data{f' (e.g. {extra[:3]})' if extra else ''}; build the targets for this "
+                        "data (leave method.targets_file unset) or point method.targets_file at the right file")
+
+
 def build_targets(cfg) -> str:
     """Write (or complete) the targets file for cfg's training data; returns its path."""
     m, d = cfg.method, cfg.data
     rank, _, world = dist_env()
     path = targets_path(cfg)
     conversations = load_conversations(list(d.train_files), d.format, d.system_prompt)
+    require_final_answer(conversations, "S3FT (its target replaces the last assistant turn)")
     done = read_done(path)
     pending = [c for c in conversations if c.id not in done]
     log.info("s3ft: %d examples, %d already built, %d pending in %s", len(conversations), len(done),
@@ -84,6 +96,7 @@ def build_targets(cfg) -> str:
                     os.fsync(f.fileno())
             strategy.barrier()
         del generator
+    check_targets_match(path, conversations)
     done = read_done(path)
     mix = Counter(r["source"] for r in done.values())
     share = {s: mix[s] / max(len(done), 1) for s in SOURCES}
