@@ -81,6 +81,15 @@ def test_bad_confidence_files_are_rejected(tmp_path):
     (tmp_path / "t.jsonl").write_text('{"id": "a", "confidence": -1, "split": "confident"}\n{"id": ')
     with pytest.raises(ConfidenceFileError, match=r"t.jsonl:2: invalid JSON"):
         read_confidence_file(str(tmp_path / "t.jsonl"))
+    (tmp_path / "l.jsonl").write_text('{"id": ["a"], "confidence": -1, "split": "confident"}\n')
+    with pytest.raises(ConfidenceFileError, match=r"l.jsonl:1: 'id' must be a string, got list"):
+        read_confidence_file(str(tmp_path / "l.jsonl"))
+
+
+def test_more_checkpoints_than_reference_steps_is_refused(tmp_path):
+    proc = launch_cli("score.py", ["model=tiny", "method.checkpoints=100", f"output_dir={tmp_path}"], check=False)
+    assert proc.returncode == 2
+    assert "method.checkpoints=100: the one-epoch reference run has only 16 optimizer steps" in proc.stderr
 
 
 def _confidence(run_dir):

@@ -110,3 +110,110 @@ def test_nan_loss_stop_and_skip_policies(tmp_path):
     proc = train_cli(args + ["train.nonfinite=skip", "train.max_nonfinite_steps=2", f"output_dir={burst}"], nproc=2,
                      check=False, env={"SFTMIX_FAULT": "nan_loss:1:2-6"})
     assert proc.returncode == 2 and "step 4: non-finite loss" in proc.stderr and "3 steps in a row" in proc.stderr
+
+
+def _step4_files(run):
+    return os.path.join(run, "checkpoints", "step_4")
+
+
+def _largest(folder, pattern):
+    import glob
+
+    return max(glob.glob(os.path.join(folder, "**", pattern), recursive=True), key=os.path.getsize)
+
+
+def _truncate(path):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+def _flip_a_byte(path):
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+# What goes wrong with the newest checkpoint (step_4) or the logs, and what the resume must say.
+CORRUPTIONS = {
+    "empty complete.json": (lambda run: open(os.path.join(_step4_files(run), "complete.json"), "w").close(),
+                            "unreadable complete.json"),
+    "torn complete.json": (lambda run: _truncate(os.path.join(_step4_files(run), "complete.json")),
+                           "unreadable complete.json"),
+    "truncated model shard": (lambda run: _truncate(_largest(_step4_files(run), "*model_states.pt")),
+                              "bytes, "),
+    "bit rot in the optimizer shard": (lambda run: _flip_a_byte(_largest(_step4_files(run), "*optim_states.pt")),
+                                       "does not match its checksum"),
+    "missing RNG file": (lambda run: os.remove(os.path.join(_step4_files(run), "rng_rank0.pt")),
+                         "rng_rank0.pt is missing"),
+}
+
+
+@pytest.fixture(scope="module")
+def stopped_at_4(tmp_path_factory):
+    """An uninterrupted 6-step run, and the same run stopped at step 4 (checkpoints at 2 and 4)."""
+    root = tmp_path_factory.mktemp("resume")
+    args = COMMON + ["method=ntp"]
+    train_cli(args + [f"output_dir={root / 'clean'}"])
+    train_cli(args + ["train.stop_after_steps=4", f"output_dir={root / 'stopped'}"])
+    assert sorted(d for d in os.listdir(root / "stopped" / "checkpoints") if d.startswith("step_")) == ["step_2",
+                                                                                                     "step_4"]
+    return root
+
+
+@pytest.mark.parametrize("name", list(CORRUPTIONS))
+def test_resume_passes_over_a_broken_checkpoint_and_takes_the_previous_one(name, stopped_at_4, tmp_path):
+    import shutil
+
+    run = str(tmp_path / "run")
+    shutil.copytree(stopped_at_4 / "stopped", run)
+    corrupt, why = CORRUPTIONS[name]
+    corrupt(run)
+    os.makedirs(os.path.join(run, "checkpoints", "step_4.bak"))  # a stray folder beside them
+    with open(os.path.join(run, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 5, "loss": 1.2')  # a torn last line
+    proc = train_cli(COMMON + ["method=ntp", f"output_dir={run}"])
+    assert "passing over" in proc.stderr and why in proc.stderr, proc.stderr[-3000:]
+    assert "checkpoints/step_2 at step 2" in proc.stderr
+    assert same_weights(str(stopped_at_4 / "clean"), run) and same_history(str(stopped_at_4 / "clean"), run)
+
+
+def test_resume_with_other_settings_or_data_is_refused_unless_forced(stopped_at_4, tmp_path):
+    import shutil
+
+    run = str(tmp_path / "run")
+    shutil.copytree(stopped_at_4 / "stopped", run)
+    proc = train_cli(COMMON + ["method=ntp", "train.lr=2e-3", f"output_dir={run}"], check=False)
+    assert proc.returncode == 2 and "train.lr: 0.001 -> 0.002" in proc.stderr and "resume_force=true" in proc.stderr
+    other = tmp_path / "other.jsonl"
+    with open(os.path.join(ROOT, "sftmix_ds", "builtin_data", "arith_train.jsonl")) as f:
+        other.write_text("".join(f.readlines()[:64]))
+    proc = train_cli(COMMON + ["method=ntp", "data=jsonl", f"data.train_files=[{other}]", f"output_dir={run}"],
+                     check=False)
+    assert proc.returncode == 2 and "the training examples differ" in proc.stderr
+    # Forced, it continues and says what differs; what a resume may change (log_every) is not listed.
+    proc = train_cli(COMMON + ["method=ntp", "train.lr=2e-3", "train.log_every=2", "resume_force=true",
+                               f"output_dir={run}"])
+    assert "resume_force=true: continuing from" in proc.stderr and "train.lr: 0.001 -> 0.002" in proc.stderr
+    assert "train.log_every" not in proc.stderr
+
+
+def test_a_stale_extension_build_lock_ends_in_a_message_naming_it(tmp_path):
+    lock = tmp_path / "ext" / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text("")
+    proc = train_cli(["model=tiny", "method=ntp", "train.max_steps=1", "deepspeed.build_lock_wait_minutes=0.02",
+                      f"output_dir={tmp_path / 'run'}"], check=False, timeout=120,
+                     env={"TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")})
+    assert proc.returncode == 2 and f"error: {lock}: an extension build lock" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_deepspeed_runs_the_configured_stage_with_nested_extra_keys(tmp_path):
+    for stage in (2, 3):
+        proc = train_cli(["model=tiny", "method=ntp", "train.max_steps=1", f"deepspeed=zero{stage}",
+                          "+deepspeed.extra.zero_optimization.overlap_comm=false", "train.export_final=false",
+                          f"output_dir={tmp_path / str(stage)}"])
+        assert f"DeepSpeed runs ZeRO stage {stage}; effective config" in proc.stderr
+        assert '"overlap_comm": false' in proc.stderr and f'"stage": {stage}' in proc.stderr

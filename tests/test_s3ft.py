@@ -186,3 +186,24 @@ def test_target_selection_on_a_scripted_model():
                    "both wrong": ("gold", "It is 7."), "paraphrase leaks": ("gold", "It is 7.")}
     leaked = next(r for r in records if r["id"] == "paraphrase leaks")
     assert leaked["paraphrase_leaked"] and not leaked["paraphrase_correct"]
+
+
+def test_targets_for_other_data_and_conversations_without_a_final_answer_are_refused(tmp_path):
+    from sftmix_ds.data import DataError, load_conversations, require_final_answer
+    from sftmix_ds.s3ft import check_targets_match
+
+    data = _data(tmp_path, 6)
+    targets = tmp_path / "targets.jsonl"
+    targets.write_text(json.dumps({"id": "someone-else", "source": "own", "messages": [
+        {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}) + "\n")
+    with pytest.raises(DataError, match=r"targets.jsonl: the S3FT targets do not match the training data: 6 of its "
+                                        r"6 ids missing .* 1 ids not in the data \(e.g. \['someone-else'\]\)"):
+        check_targets_match(str(targets), load_conversations([data]))
+    proc = train_cli(["model=tiny", "method=s3ft", "data=jsonl", "data.judge=numeric", f"data.train_files=[{data}]",
+                      f"method.targets_file={targets}", f"output_dir={tmp_path / 'run'}"], check=False)
+    assert proc.returncode == 2 and "the S3FT targets do not match the training data" in proc.stderr
+    trailing = tmp_path / "trailing.jsonl"
+    trailing.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+                                                 {"role": "user", "content": "thanks"}]}) + "\n")
+    with pytest.raises(DataError, match=r"trailing.jsonl:1: the conversation ends with a user turn; S3FT"):
+        require_final_answer(load_conversations([str(trailing)]), "S3FT")
