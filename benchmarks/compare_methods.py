@@ -62,6 +62,8 @@ def main():
     common = [f"model={args.model}", "data=jsonl", "data.judge=numeric", f"data.train_files=[{data}]",
               f"data.eval_files=[{os.path.join(ROOT, 'sftmix_ds', 'builtin_data', 'arith_eval.jsonl')}]",
               f"train.epochs={args.epochs}", f"train.lr={args.lr}", "train.eval_every=2", *evals]
+    if args.toy:  # 16 examples in steps of 4: enough steps for SFTMix's 4 reference checkpoints
+        common.append("train.micro_batch_size=4")
 
     base_dir = os.path.join(args.out, "base")
     if not os.path.exists(os.path.join(base_dir, "eval", "eval.json")):

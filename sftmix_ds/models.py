@@ -94,3 +94,23 @@ def load_tokenizer(model_path: str):
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return tokenizer, pad_id
+
+
+def head_contract(model) -> tuple:
+    """(scale, soft cap) that the model applies to lm_head's output, from its config:
+    Cohere's logit_scale multiplies the logits, Granite's logits_scaling divides them, and
+    Gemma-2's final_logit_softcapping caps them (c tanh(z / c)). A bias is lm_head's own."""
+    from torch import nn
+
+    out = model.get_output_embeddings()
+    if not isinstance(out, nn.Linear):
+        raise ConfigError(f"model {type(model).__name__}: its output embedding is a {type(out).__name__}, not a "
+                          "Linear layer; the fused loss needs hidden @ W.T (+ bias)")
+    config = model.config
+    scale = 1.0
+    if getattr(config, "logit_scale", None) is not None:
+        scale *= float(config.logit_scale)
+    if getattr(config, "logits_scaling", None) is not None:
+        scale /= float(config.logits_scaling)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    return scale, None if softcap is None else float(softcap)

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from .common import atomic_file, to_device
 from .config import ConfigError, validate
 from .data import Batches, collate, load_split
-from .engine import PREFIX, DeepSpeedStrategy, LossModule, complete_checkpoints, dist_env
+from .engine import PREFIX, DeepSpeedStrategy, LossModule, check_head, complete_checkpoints, dist_env
 from .eval import eval_sets, evaluate_model
 from .models import load_tokenizer, prepare_model
 from .faults import maybe_die, maybe_poison
@@ -181,6 +181,11 @@ def evaluate(engine, strategy, method, examples, micro_batch_size: int, pad_id: 
     return loss_sum / max(count, 1)
 
 
+def sample_ids(examples, device, length: int = 32) -> torch.Tensor:
+    """A short real input ([1, length] token ids) for checks that need one."""
+    return torch.tensor([examples[0].input_ids[:length]], device=device)
+
+
 def export_steps(total_steps: int, count: int) -> set:
     """`count` evenly spaced steps, the last one at the end."""
     return {round(total_steps * c / count) for c in range(1, count + 1)} if count else set()
@@ -247,6 +252,7 @@ class Recipe:
         self.model = self.strategy.load_model(self.model_path, cfg.model.attn_implementation)
         self.engine = self.strategy.prepare(LossModule(self.model, self.method.loss_terms, self.strategy),
                                             self.total_steps)
+        check_head(self.engine, sample_ids(self.train_set, self.strategy.device), cfg.model.name)
         log.info("%s: %d train / %d eval examples, %d ranks, global batch %d, %d steps, %s, ZeRO-%d",
                  cfg.method.name, len(self.train_set), len(self.eval_set), self.world_size,
                  self.batches.global_batch, self.total_steps, self.strategy.dtype,

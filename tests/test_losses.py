@@ -20,9 +20,27 @@ def make_case(dtype, M=37, d=16, V=61, seed=0):
 
 def loss_and_grads(fn, hidden, weight, labels, pair_a, pair_b, lam, mu=0.3, **kw):
     ntp, mix = fn(hidden, weight, labels, pair_a, pair_b, lam, **kw)
+    bias = kw.get("bias")
     hidden.grad = weight.grad = None
+    if bias is not None:
+        bias.grad = None
     (ntp + mu * mix).backward()
-    return ntp.detach(), mix.detach(), hidden.grad.clone(), weight.grad.clone()
+    out = (ntp.detach(), mix.detach(), hidden.grad.clone(), weight.grad.clone())
+    return out + ((bias.grad.clone(),) if bias is not None else ())
+
+
+# The heads families put after hidden @ W.T: a bias (Phi-2), a scale (Cohere's logit_scale,
+# 1 / Granite's logits_scaling), a soft cap (Gemma-2's final_logit_softcapping), and all at once.
+HEADS = {"bias": dict(bias=True), "scale": dict(scale=0.0625), "inverse scale": dict(scale=1 / 8.0),
+         "softcap": dict(softcap=3.0), "all": dict(bias=True, scale=2.5, softcap=4.0)}
+
+
+def head_kwargs(name, dtype, device="cpu", V=61):
+    kw = dict(HEADS[name])
+    if kw.pop("bias", False):
+        kw["bias"] = (torch.randn(V, generator=torch.Generator().manual_seed(5)) * 0.7).to(dtype).to(device)
+        kw["bias"].requires_grad_()
+    return kw
 
 
 @pytest.mark.parametrize("chunk_size", [1, 2, 5, 16, 4096])
@@ -32,6 +50,31 @@ def test_fused_equals_reference_float64(chunk_size):
     got = loss_and_grads(fused_sftmix_loss, *case, chunk_size=chunk_size)
     for r, g in zip(ref, got):
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("head", list(HEADS))
+@pytest.mark.parametrize("chunk_size", [3, 4096])
+def test_fused_equals_reference_for_every_head_float64(head, chunk_size):
+    """Values and gradients (hidden, weight, bias) against mixing hidden states, then the model's head."""
+    case = make_case(torch.float64)
+    ref = loss_and_grads(reference_sftmix_loss, *case, **head_kwargs(head, torch.float64))
+    got = loss_and_grads(fused_sftmix_loss, *case, chunk_size=chunk_size, **head_kwargs(head, torch.float64))
+    assert len(got) == len(ref)
+    for r, g in zip(ref, got):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+
+
+def test_the_soft_cap_is_applied_after_mixing():
+    """cap(lam u_a + (1 - lam) u_b), not lam cap(u_a) + (1 - lam) cap(u_b): the two differ."""
+    hidden, weight, labels, pair_a, pair_b, lam = make_case(torch.float64)
+    _, mix = fused_sftmix_loss(hidden, weight * 20, labels, pair_a, pair_b, lam, softcap=2.0)
+    cap = lambda u: 2.0 * torch.tanh(u / 2.0)
+    z = cap(hidden @ (weight * 20).t())
+    z_mixed_after = lam[:, None] * z[pair_a] + (1 - lam[:, None]) * z[pair_b]
+    wrong = (lam * torch.nn.functional.cross_entropy(z_mixed_after, labels[pair_a], ignore_index=-100, reduction="none")
+             + (1 - lam) * torch.nn.functional.cross_entropy(z_mixed_after, labels[pair_b], ignore_index=-100,
+                                                             reduction="none")).sum()
+    assert abs(mix.item() - wrong.item()) > 1e-3
 
 
 def test_no_pairs_is_plain_cross_entropy():
@@ -84,6 +127,17 @@ def test_triton_backend_equals_reference(monkeypatch, block, chunk_size):
         torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=1e-5 * max(1.0, r.abs().max().item()))
 
 
+@pytest.mark.parametrize("head", list(HEADS))
+def test_triton_backend_equals_reference_for_every_head(monkeypatch, head):
+    monkeypatch.setattr(triton_kernels, "BLOCK_V", 16)
+    ref = loss_and_grads(reference_sftmix_loss, *make_case(torch.float64), **head_kwargs(head, torch.float64))
+    got = loss_and_grads(fused_sftmix_loss, *on_device(make_case(torch.float32)), chunk_size=5, backend="triton",
+                         **head_kwargs(head, torch.float32, DEVICE))
+    assert len(got) == len(ref)
+    for r, g in zip(ref, got):
+        torch.testing.assert_close(g.cpu().double(), r, rtol=1e-5, atol=1e-5 * max(1.0, r.abs().max().item()))
+
+
 def test_triton_backend_bf16_matches_torch_backend():
     """Same logits (bf16 matmul), so the same losses; gradients differ by bf16 rounding of G only."""
     case = on_device(make_case(torch.bfloat16, V=300))
@@ -100,7 +154,7 @@ def test_backend_choice(monkeypatch):
 
     assert pick_backend("auto", torch.device("cpu")) == "torch"
     assert pick_backend("auto", torch.device("cuda")) == "triton"
-    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="needs CUDA tensors"):
         pick_backend("triton", torch.device("cpu"))
     with pytest.raises(ValueError, match="must be auto, torch or triton"):

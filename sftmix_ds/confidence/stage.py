@@ -18,12 +18,13 @@ import math
 import os
 from functools import partial
 
+import torch
 from omegaconf import OmegaConf, open_dict
 from tqdm import tqdm
 
 from ..config import ConfigError, load_model_config, resolve_precision
 from ..data import load_split
-from ..engine import DeepSpeedStrategy, LossModule, dist_env
+from ..engine import DeepSpeedStrategy, LossModule, check_head, dist_env
 from ..models import load_tokenizer, prepare_model
 from ..tracking import log_stage_summary
 from ..common import write_json_atomic
@@ -99,6 +100,7 @@ def run_confidence_stage(cfg) -> str:
         raise ConfigError(f"method.checkpoints={cfg.method.checkpoints}: the one-epoch reference run has only {steps} "
                           f"optimizer steps ({len(examples)} examples / global batch {global_batch}); use at most "
                           f"{steps}, or a smaller train.micro_batch_size")
+    if not checkpoints:
         ref_dir = os.path.join(stage_dir, "reference")
         exports = sorted(glob.glob(os.path.join(ref_dir, "model_step_*")), key=_step_of)
         if not (os.path.isdir(os.path.join(ref_dir, "model")) and len(exports) == cfg.method.checkpoints):
@@ -131,6 +133,7 @@ def score_checkpoint(cfg, model_path: str, examples, pad_id: int, stage_dir: str
     model = strategy.load_model(model_path, cfg.model.attn_implementation)
     fn = partial(example_nll, chunk_size=cfg.train.loss_chunk_size)
     engine = strategy.prepare_inference(LossModule(model, fn, strategy))
+    check_head(engine, torch.tensor([examples[0].input_ids[:32]], device=strategy.device), model_path)
     n_batches = len(scoring_plan(examples, cfg.method.score_batch_size, strategy.world_size, strategy.rank))
     with tqdm(total=n_batches, desc=f"score {os.path.basename(model_path)}", disable=strategy.rank != 0) as bar:
         perplexity = score(engine, strategy, examples, cfg.method.score_batch_size, pad_id, progress=bar)

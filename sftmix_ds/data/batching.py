@@ -146,6 +146,9 @@ class PairBatches(Batches):
     become units with no partner: they train with the NTP loss only (their
     count is in `leftovers`). Units are dealt to micro-batches exactly as
     Batches deals examples, so resume needs only (epoch, step) here too.
+    With lengths (train.group_by_length), partners are matched by length within
+    each megabatch (still at random across megabatches), and units are grouped
+    by their longer example, so little of a micro-batch is padding.
     """
 
     def __init__(self, confident: List[int], unconfident: List[int], micro_batch_size: int, grad_accum: int,
@@ -158,21 +161,34 @@ class PairBatches(Batches):
         self.example_lengths = lengths  # units are grouped by their longer example once paired
         self.leftovers = abs(len(self.confident) - len(self.unconfident))
         self.global_batch = 2 * self.step_size  # two examples per unit
-        self._pair_epoch, self._units = None, None
+        self._pair_epoch, self._units, self._unit_order = None, None, None
+
+    def _pair_up(self, epoch: int) -> None:
+        """This epoch's units (unit index -> (a, b)) and the order in which steps take them."""
+        if self._pair_epoch == epoch:
+            return
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + 500_009)  # not order()'s stream
+        conf = [self.confident[i] for i in torch.randperm(len(self.confident), generator=g).tolist()]
+        unconf = [self.unconfident[i] for i in torch.randperm(len(self.unconfident), generator=g).tolist()]
+        if self.example_lengths is not None:  # partners of similar length: within each megabatch, by length
+            mega = self.step_size * GROUP_STEPS
+            by_length = lambda ids: [i for s in range(0, len(ids), mega)
+                                     for i in sorted(ids[s:s + mega], key=lambda i: -self.example_lengths[i])]
+            conf, unconf = by_length(conf), by_length(unconf)
+        n = min(len(conf), len(unconf))
+        units = list(zip(conf[:n], unconf[:n])) + [(i, None) for i in conf[n:] + unconf[n:]]
+        order = super().order(epoch)
+        if self.example_lengths is not None:
+            longer = [max(self.example_lengths[i] for i in unit if i is not None) for unit in units]
+            order = group_by_length(order, longer, self.step_size, g)
+        self._units, self._unit_order, self._pair_epoch = units, order, epoch
+
+    def order(self, epoch: int) -> List[int]:
+        self._pair_up(epoch)
+        return self._unit_order
 
     def units(self, epoch: int) -> List[tuple]:
-        if self._pair_epoch != epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + 500_009)  # not order()'s stream
-            conf = [self.confident[i] for i in torch.randperm(len(self.confident), generator=g).tolist()]
-            unconf = [self.unconfident[i] for i in torch.randperm(len(self.unconfident), generator=g).tolist()]
-            n = min(len(conf), len(unconf))
-            units = list(zip(conf[:n], unconf[:n])) + [(i, None) for i in conf[n:] + unconf[n:]]
-            order = self.order(epoch)
-            if self.example_lengths is not None:
-                longer = [max(self.example_lengths[i] for i in unit if i is not None) for unit in units]
-                order = group_by_length(order, longer, self.step_size, g)
-            self._units = [units[i] for i in order]
-            self._pair_epoch = epoch
+        self._pair_up(epoch)
         return self._units
 
     def step_examples(self, epoch: int, step: int) -> List[int]:

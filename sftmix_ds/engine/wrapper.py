@@ -2,29 +2,79 @@
 
 The loss reads the LM head's weight directly (it never builds full logits), so
 it must run inside the engine's forward with the Parameter itself: under
-ZeRO-3 the weight is registered as an external parameter of this module, so
-it is gathered for the forward and its gradient is reduced like any other.
+ZeRO-3 the weight (and bias) is registered as an external parameter of this
+module, so it is gathered for the forward and its gradient is reduced like any
+other. The rest of the head (a logit scale, a soft cap) is read from the
+model's config by `models.head_contract`, and `check_head` shows on a real
+input that the loss's logits are the model's own.
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
+
+from ..config import ConfigError
+from ..losses import Head, head_logits
+from ..models import head_contract
 
 
 class LossModule(nn.Module):
     def __init__(self, lm: nn.Module, loss_terms, strategy):
-        """loss_terms(hidden [B, T, d], weight [V, d], batch) -> {name: summed loss}."""
+        """loss_terms(hidden [B, T, d], head (losses.Head), batch) -> {name: summed loss}."""
         super().__init__()
         self.lm = lm
         self.loss_terms = loss_terms
-        strategy.register_external_parameter(self, lm.get_output_embeddings().weight)
+        self.scale, self.softcap = head_contract(lm)
+        out = lm.get_output_embeddings()
+        strategy.register_external_parameter(self, out.weight)
+        if out.bias is not None:
+            strategy.register_external_parameter(self, out.bias)
 
-    def forward(self, input_ids, attention_mask, labels, position_ids=None, **extra):
+    def head(self) -> Head:
+        out = self.lm.get_output_embeddings()
+        return Head(out.weight, out.bias, self.scale, self.softcap)
+
+    def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None, compare_logits=False, **extra):
+        if compare_logits:
+            return self._logit_error(input_ids)
         if position_ids is not None:  # packed rows: with attention_mask=None, position_ids mark the examples
             attention_mask = None
         hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                        use_cache=False).last_hidden_state
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, **extra}
-        return self.loss_terms(hidden, self.lm.get_output_embeddings().weight, batch)
+        return self.loss_terms(hidden, self.head(), batch)
+
+    def _logit_error(self, input_ids) -> torch.Tensor:
+        """max |our logits - the model's own| / max |the model's own|, dropout off."""
+        was_training = self.lm.training
+        self.lm.eval()
+        try:
+            hidden = self.lm.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
+            ours = head_logits(hidden[0], self.head())
+            theirs = self.lm(input_ids=input_ids, use_cache=False).logits[0].float()
+        finally:
+            self.lm.train(was_training)
+        return (ours - theirs).abs().max() / theirs.abs().max().clamp_min(1e-6)
+
+    def describe_head(self) -> str:
+        out = self.lm.get_output_embeddings()
+        return (f"lm_head {'with' if out.bias is not None else 'without'} bias, scale {self.scale} "
+                f"(config.logit_scale, 1 / config.logits_scaling), soft cap {self.softcap} "
+                "(config.final_logit_softcapping)")
+
+
+@torch.no_grad()
+def check_head(engine, input_ids: torch.Tensor, model_name: str) -> None:
+    """Refuse a model whose forward changes its logits in a way the head contract does not
+    capture: the loss would train on logits the model never produces. Runs through the engine
+    (under ZeRO-3 that gathers the parameters); every rank calls it."""
+    error = float(engine(input_ids=input_ids, compare_logits=True))
+    module = getattr(engine, "module", engine)  # a DeepSpeed engine, or the LossModule itself
+    tolerance = 1e-4 if next(module.parameters()).dtype == torch.float32 else 3e-2
+    if not error <= tolerance:
+        raise ConfigError(f"model {model_name} ({type(module.lm).__name__}): its logits differ from the fused loss's "
+                          f"(relative difference {error:.1e}); the loss applies {module.describe_head()}; this "
+                          "architecture changes its logits in another way, which sftmix_ds does not support")
 
 
 PREFIX = "lm."  # where the transformers model's parameters sit in this module's state dict

@@ -14,24 +14,26 @@ import torch
 
 from ..common import IGNORE, to_device
 from ..data import Example, collate
-from ..losses import auto_chunk_rows
+from ..losses import Head, auto_chunk_rows, head_logits
 
 
-def token_nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """-log p(target) for each row of hidden [M, d], in fp32, one [chunk, V] block at a time."""
-    chunk_size = chunk_size or auto_chunk_rows(weight.shape[0])
+def token_nll(hidden: torch.Tensor, head, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """-log p(target) for each row of hidden [M, d] under the model's head (a Head, or the LM-head
+    weight alone), in fp32, one [chunk, V] block at a time."""
+    head = head if isinstance(head, Head) else Head(head)
+    chunk_size = chunk_size or auto_chunk_rows(head.weight.shape[0])
     out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     for s in range(0, hidden.shape[0], chunk_size):
-        z = (hidden[s:s + chunk_size] @ weight.t()).float()
+        z = head_logits(hidden[s:s + chunk_size], head)
         out[s:s + chunk_size] = torch.logsumexp(z, -1) - z.gather(1, targets[s:s + chunk_size, None]).squeeze(1)
     return out
 
 
-def example_nll(hidden: torch.Tensor, weight: torch.Tensor, batch: dict, chunk_size: int = 0) -> dict:
+def example_nll(hidden: torch.Tensor, head, batch: dict, chunk_size: int = 0) -> dict:
     """Per-example sum of response-token NLL and response-token count; runs inside the engine's forward."""
     target = batch["labels"][:, 1:]
     mask = target != IGNORE
-    nll = token_nll(hidden[:, :-1][mask], weight, target[mask], chunk_size)
+    nll = token_nll(hidden[:, :-1][mask], head, target[mask], chunk_size)
     row_example = mask.nonzero()[:, 0]
     sums = torch.zeros(target.shape[0], dtype=torch.float32, device=hidden.device).index_add_(0, row_example, nll)
     return {"nll_sum": sums, "count": mask.sum(1)}

@@ -1,11 +1,16 @@
 """Fused LM-head cross-entropy with the SFTMix mixup term, never holding full logits.
 
+The head, as the model applies it: logits = cap(s (W h + b)), with an optional
+bias b (Phi-2), a scale s (Cohere's logit_scale, 1 / Granite's logits_scaling)
+and an optional soft cap cap(u) = c tanh(u / c) (Gemma-2's final_logit_softcapping).
 For rows h_i (final hidden states) with labels y_i and pairs (a_k, b_k, lam_k):
-    ntp_sum = sum_i CE(W h_i, y_i)                       over rows with a valid label
-    mix_sum = sum_k lam_k CE(W h_mix_k, y_a_k) + (1 - lam_k) CE(W h_mix_k, y_b_k)
+    ntp_sum = sum_i CE(head(h_i), y_i)                       over rows with a valid label
+    mix_sum = sum_k lam_k CE(head(h_mix_k), y_a_k) + (1 - lam_k) CE(head(h_mix_k), y_b_k)
     h_mix_k = lam_k h_a_k + (1 - lam_k) h_b_k
-Since W is linear, W h_mix_k = lam_k z_a_k + (1 - lam_k) z_b_k with z = W h, the
-logits already computed for ntp_sum: the mixup term adds no LM-head matmul.
+Since u = s (W h + b) is affine and lam + (1 - lam) = 1, u(h_mix_k) = lam_k u_a_k +
+(1 - lam_k) u_b_k with the u already computed for ntp_sum: the mixup term adds no
+LM-head matmul. The cap is applied after mixing, cap(lam u_a + (1 - lam) u_b), as
+the model would apply it to the mixed hidden state.
 
 Work is done in chunks of rows so [rows, V] logits exist one chunk at a time.
 Paired rows are processed in the same chunk as their partner. The backward pass
@@ -21,12 +26,20 @@ G over the recomputed logits in place, in their own 16-bit dtype).
 from __future__ import annotations
 
 import os
-from typing import List, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from ..common import IGNORE
+
+
+class Head(NamedTuple):
+    """An LM head as the model applies it: logits = cap(scale * (h W^T + bias))."""
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor] = None
+    scale: float = 1.0
+    softcap: Optional[float] = None
 
 
 CHUNK_ELEMENTS = 1 << 24  # logits per chunk in auto mode: 64 MiB in fp32
@@ -76,36 +89,58 @@ def _first_occurrence(chunks, M: int) -> List[torch.Tensor]:
     return list(torch.split(first, [rows.numel() for rows, _ in chunks]))
 
 
-def _chunk_terms(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, count: torch.Tensor, n_pairs: int,
+def pre_cap_logits(h: torch.Tensor, head: Head, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """u = s (W h + b) (the part of the head that is affine in h), scaled in `dtype` (default:
+    the matmul's)."""
+    u = h @ head.weight.t() if head.bias is None else torch.addmm(head.bias, h, head.weight.t())
+    u = u if dtype is None else u.to(dtype)
+    return u if head.scale == 1.0 else u * head.scale
+
+
+def soft_cap(u: torch.Tensor, cap: Optional[float]) -> torch.Tensor:
+    return u if cap is None else cap * torch.tanh(u / cap)
+
+
+def head_logits(h: torch.Tensor, head: Head, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The model's logits for hidden states h, in `dtype`."""
+    return soft_cap(pre_cap_logits(h, head, dtype), head.softcap)
+
+
+def _chunk_terms(h: torch.Tensor, head: Head, y: torch.Tensor, count: torch.Tensor, n_pairs: int,
                  lam: torch.Tensor, want_grad: bool, g_ntp: float = 1.0, g_mix: float = 1.0):
-    """Loss sums of one chunk and, if asked, G = d(g_ntp*ntp + g_mix*mix)/d logits (fp32)."""
-    z = (h @ weight.t()).to(_acc(h.dtype))
-    valid = (y != IGNORE) & count
+    """Loss sums of one chunk and, if asked, G = d(g_ntp*ntp + g_mix*mix)/d(W h + b) (fp32)."""
+    acc = _acc(h.dtype)
+    u = pre_cap_logits(h, head, acc)
+    z = soft_cap(u, head.softcap)
+    valid = ((y != IGNORE) & count).to(acc)
     y_safe = y.clamp_min(0)
     lse = torch.logsumexp(z, dim=-1)
     z_y = z.gather(1, y_safe[:, None]).squeeze(1)
     ntp = ((lse - z_y) * valid).sum()
     mix = z.new_zeros(())
     if n_pairs:
-        za, zb = z[:n_pairs], z[n_pairs:2 * n_pairs]
         ya, yb = y_safe[:n_pairs], y_safe[n_pairs:2 * n_pairs]
         wa, wb = _pair_weights(y, n_pairs, lam)
-        z_mix = lam[:, None] * za + (1 - lam[:, None]) * zb
+        z_mix = soft_cap(lam[:, None] * u[:n_pairs] + (1 - lam[:, None]) * u[n_pairs:2 * n_pairs], head.softcap)
         lse_mix = torch.logsumexp(z_mix, dim=-1)
         mix = (wa * (lse_mix - z_mix.gather(1, ya[:, None]).squeeze(1))
                + wb * (lse_mix - z_mix.gather(1, yb[:, None]).squeeze(1))).sum()
     if not want_grad:
         return ntp, mix, None
     G = torch.softmax(z, dim=-1).mul_((g_ntp * valid)[:, None])
-    G.scatter_add_(1, y_safe[:, None], -(g_ntp * valid)[:, None].to(G.dtype))
+    G.scatter_add_(1, y_safe[:, None], -(g_ntp * valid)[:, None])
+    if head.softcap is not None:  # d cap(u) / du = 1 - (cap(u) / c)^2
+        G.mul_(1 - (z / head.softcap).square())
     if n_pairs and g_mix != 0:
         G_mix = torch.softmax(z_mix, dim=-1).mul_((wa + wb)[:, None])
         G_mix.scatter_add_(1, ya[:, None], -wa[:, None])
         G_mix.scatter_add_(1, yb[:, None], -wb[:, None])
         G_mix.mul_(g_mix)
+        if head.softcap is not None:
+            G_mix.mul_(1 - (z_mix / head.softcap).square())
         G[:n_pairs].add_(lam[:, None] * G_mix)
         G[n_pairs:2 * n_pairs].add_((1 - lam[:, None]) * G_mix)
-    return ntp, mix, G
+    return ntp, mix, G.mul_(head.scale) if head.scale != 1.0 else G
 
 
 def _pair_weights(y: torch.Tensor, n_pairs: int, lam: torch.Tensor):
@@ -123,40 +158,43 @@ class _TritonChunks:
         self.kernels = triton_kernels
         self.saved = []
 
-    def terms(self, h, weight, y, count, n_pairs, lam):
-        z = h @ weight.t()
-        lse, lse_mix = self.kernels.chunk_lse(z, n_pairs, lam)
+    def terms(self, h, head, y, count, n_pairs, lam):
+        u = pre_cap_logits(h, head)
+        cap = head.softcap or 0.0
+        lse, lse_mix = self.kernels.chunk_lse(u, n_pairs, lam, cap)
         self.saved.append((lse, lse_mix))
         y_safe = y.clamp_min(0)
-        z_y = z.gather(1, y_safe[:, None]).squeeze(1).float()
-        ntp = ((lse - z_y) * ((y != IGNORE) & count)).sum()
+        z_y = soft_cap(u.gather(1, y_safe[:, None]).squeeze(1).float(), head.softcap)
+        ntp = ((lse - z_y) * ((y != IGNORE) & count).float()).sum()
         mix = lse.new_zeros(())
         if n_pairs:
             wa, wb = _pair_weights(y, n_pairs, lam)
-            za, zb = z[:n_pairs], z[n_pairs:2 * n_pairs]
+            ua, ub = u[:n_pairs], u[n_pairs:2 * n_pairs]
             ya, yb = y_safe[:n_pairs, None], y_safe[n_pairs:2 * n_pairs, None]
             at = lambda rows, ids: rows.gather(1, ids).squeeze(1).float()
-            mix_ya = lam * at(za, ya) + (1 - lam) * at(zb, ya)
-            mix_yb = lam * at(za, yb) + (1 - lam) * at(zb, yb)
+            mix_ya = soft_cap(lam * at(ua, ya) + (1 - lam) * at(ub, ya), head.softcap)
+            mix_yb = soft_cap(lam * at(ua, yb) + (1 - lam) * at(ub, yb), head.softcap)
             mix = (wa * (lse_mix - mix_ya) + wb * (lse_mix - mix_yb)).sum()
         return ntp, mix
 
-    def grad(self, index, h, weight, y, count, n_pairs, lam, g_ntp, g_mix):
+    def grad(self, index, h, head, y, count, n_pairs, lam, g_ntp, g_mix):
         lse, lse_mix = self.saved[index]
         wa, wb = _pair_weights(y, n_pairs, lam)
-        return self.kernels.chunk_grad_(h @ weight.t(), n_pairs, y.clamp_min(0), g_ntp * ((y != IGNORE) & count),
-                                        lse, lam, lse_mix, g_mix * wa, g_mix * wb)
+        G = self.kernels.chunk_grad_(pre_cap_logits(h, head), n_pairs, y.clamp_min(0),
+                                     ((y != IGNORE) & count).float() * g_ntp, lse, lam, lse_mix, g_mix * wa,
+                                     g_mix * wb, head.softcap or 0.0)
+        return G.mul_(head.scale) if head.scale != 1.0 else G
 
 
 class _TorchChunks:
     """Chunk terms in plain torch; the backward recomputes everything (as Cut Cross-Entropy does)."""
 
-    def terms(self, h, weight, y, count, n_pairs, lam):
-        ntp, mix, _ = _chunk_terms(h, weight, y, count, n_pairs, lam, want_grad=False)
+    def terms(self, h, head, y, count, n_pairs, lam):
+        ntp, mix, _ = _chunk_terms(h, head, y, count, n_pairs, lam, want_grad=False)
         return ntp, mix
 
-    def grad(self, index, h, weight, y, count, n_pairs, lam, g_ntp, g_mix):
-        return _chunk_terms(h, weight, y, count, n_pairs, lam, want_grad=True, g_ntp=g_ntp, g_mix=g_mix)[2]
+    def grad(self, index, h, head, y, count, n_pairs, lam, g_ntp, g_mix):
+        return _chunk_terms(h, head, y, count, n_pairs, lam, want_grad=True, g_ntp=g_ntp, g_mix=g_mix)[2]
 
 
 def triton_available() -> bool:
@@ -184,66 +222,77 @@ def pick_backend(backend: str, device: torch.device) -> str:
 
 class _FusedSFTMixLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, pair_a, pair_b, lam, chunk_size, backend):
+    def forward(ctx, hidden, weight, bias, labels, pair_a, pair_b, lam, scale, softcap, chunk_size, backend):
         chunks = _chunks(hidden.shape[0], pair_a, pair_b, chunk_size)
         counts = _first_occurrence(chunks, hidden.shape[0])
         impl = _TritonChunks() if backend == "triton" else _TorchChunks()
+        head = Head(weight, bias, scale, softcap)
         acc = _acc(hidden.dtype)
         ntp_sum = torch.zeros((), dtype=acc, device=hidden.device)
         mix_sum = torch.zeros((), dtype=acc, device=hidden.device)
         lam32 = lam.to(acc)
         p = 0
         for (rows, n_pairs), count in zip(chunks, counts):
-            ntp, mix = impl.terms(hidden[rows], weight, labels[rows], count, n_pairs, lam32[p:p + n_pairs])
+            ntp, mix = impl.terms(hidden[rows], head, labels[rows], count, n_pairs, lam32[p:p + n_pairs])
             ntp_sum += ntp
             mix_sum += mix
             p += n_pairs
-        ctx.save_for_backward(hidden, weight, labels, lam32)
-        ctx.chunks, ctx.counts, ctx.impl = chunks, counts, impl
+        ctx.save_for_backward(hidden, weight, bias, labels, lam32)
+        ctx.chunks, ctx.counts, ctx.impl, ctx.scale, ctx.softcap = chunks, counts, impl, scale, softcap
         return ntp_sum, mix_sum
 
     @staticmethod
     def backward(ctx, g_ntp, g_mix):
-        hidden, weight, labels, lam32 = ctx.saved_tensors
+        hidden, weight, bias, labels, lam32 = ctx.saved_tensors
+        head = Head(weight, bias, ctx.scale, ctx.softcap)
         g_ntp, g_mix = float(g_ntp), float(g_mix)
         acc = _acc(hidden.dtype)
         grad_h = torch.zeros(hidden.shape, dtype=acc, device=hidden.device)
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        grad_b = None if bias is None else torch.zeros(bias.shape, dtype=acc, device=bias.device)
         p = 0
         for index, ((rows, n_pairs), count) in enumerate(zip(ctx.chunks, ctx.counts)):
             h = hidden[rows]
-            G = ctx.impl.grad(index, h, weight, labels[rows], count, n_pairs, lam32[p:p + n_pairs], g_ntp, g_mix)
+            G = ctx.impl.grad(index, h, head, labels[rows], count, n_pairs, lam32[p:p + n_pairs], g_ntp, g_mix)
             p += n_pairs
             grad_h.index_add_(0, rows, (G.to(weight.dtype) @ weight).to(acc))
             grad_w.add_(G.t() @ h.to(G.dtype))  # a 16-bit G (triton) keeps this matmul in 16 bits
-        return grad_h.to(hidden.dtype), grad_w.to(weight.dtype), None, None, None, None, None, None
+            if grad_b is not None:
+                grad_b.add_(G.sum(0, dtype=acc))
+        return (grad_h.to(hidden.dtype), grad_w.to(weight.dtype), None if bias is None else grad_b.to(bias.dtype),
+                None, None, None, None, None, None, None, None)
 
 
 def fused_sftmix_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, pair_a: torch.Tensor,
-                      pair_b: torch.Tensor, lam: torch.Tensor, chunk_size: int = 0, backend: str = "auto"):
-    """(ntp_sum, mix_sum) as fp32 scalars (fp64 for fp64 inputs); see the module docstring. Gradients to hidden and weight are exact.
+                      pair_b: torch.Tensor, lam: torch.Tensor, chunk_size: int = 0, backend: str = "auto",
+                      bias: Optional[torch.Tensor] = None, scale: float = 1.0, softcap: Optional[float] = None):
+    """(ntp_sum, mix_sum) as fp32 scalars (fp64 for fp64 inputs); see the module docstring.
+    Gradients to hidden, weight and bias are exact.
 
     hidden [M, d], weight [V, d], labels [M] (may hold -100), pair_a/pair_b [P]
     row indices into hidden, lam [P]. P = 0 gives plain next-token CE.
     chunk_size: rows per chunk; 0 picks auto_chunk_rows(V).
     backend: torch | triton | auto (triton on CUDA when installed).
+    bias [V], scale, softcap: the rest of the model's head (see the module docstring).
     """
     if pair_a.shape != pair_b.shape or pair_a.shape != lam.shape:
         raise ValueError(f"pair_a {tuple(pair_a.shape)}, pair_b {tuple(pair_b.shape)} and lam {tuple(lam.shape)} "
                          "must have the same shape")
     chunk_size = chunk_size or auto_chunk_rows(weight.shape[0])
-    return _FusedSFTMixLoss.apply(hidden, weight, labels, pair_a.long(), pair_b.long(), lam, chunk_size,
+    return _FusedSFTMixLoss.apply(hidden, weight, bias, labels, pair_a.long(), pair_b.long(), lam, float(scale),
+                                  None if softcap is None else float(softcap), chunk_size,
                                   pick_backend(backend, hidden.device))
 
 
-def reference_sftmix_loss(hidden, weight, labels, pair_a, pair_b, lam):
-    """The naive version with full logits and mixed hidden states, for tests."""
+def reference_sftmix_loss(hidden, weight, labels, pair_a, pair_b, lam, bias=None, scale=1.0, softcap=None):
+    """The naive version with full logits and mixed hidden states, the head applied as a model
+    applies it, for tests."""
     acc = _acc(hidden.dtype)
-    logits = (hidden @ weight.t()).to(acc)
-    ntp = F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum")
+    head = lambda h: soft_cap(((h @ weight.t() if bias is None else h @ weight.t() + bias) * scale).to(acc), softcap)
+    ntp = F.cross_entropy(head(hidden), labels, ignore_index=IGNORE, reduction="sum")
     lam = lam.to(acc)
     h_mix = lam[:, None].to(hidden.dtype) * hidden[pair_a] + (1 - lam[:, None]).to(hidden.dtype) * hidden[pair_b]
-    z_mix = (h_mix @ weight.t()).to(acc)
+    z_mix = head(h_mix)
     ce_a = F.cross_entropy(z_mix, labels[pair_a], ignore_index=IGNORE, reduction="none")
     ce_b = F.cross_entropy(z_mix, labels[pair_b], ignore_index=IGNORE, reduction="none")
     mix = (lam * ce_a + (1 - lam) * ce_b).sum()

@@ -1,8 +1,10 @@
 """Triton kernels for one chunk of the fused SFTMix loss (see fused.py for the math).
 
-The chunk's logits z = h W^T are computed by a matmul outside (cuBLAS does that
-best); these kernels make the passes over the [rows, V] logits that the torch
-backend spends several full-size temporaries on:
+The chunk's pre-cap logits u = s (h W^T + b) are computed by a matmul outside
+(cuBLAS does that best); the model's logits are z = cap(u), with the soft cap
+applied in the kernels (CAPPED) when the model has one. These kernels make the
+passes over the [rows, V] logits that the torch backend spends several
+full-size temporaries on:
 
 - forward: one read of z gives the log-sum-exp of every row and, for the pairs,
   of the mixed logits lam z_a + (1 - lam) z_b (which are never stored);
@@ -26,8 +28,26 @@ NUM_WARPS = 8
 
 
 @triton.jit
-def _lse_kernel(Z, stride, LAM, LSE, LSE_MIX, n_pairs, V, BLOCK: tl.constexpr, PAIRED: tl.constexpr):
-    """Unpaired: program i -> LSE[2P + i]. Paired: program k -> LSE[k], LSE[P + k], LSE_MIX[k]."""
+def _cap(u, cap, CAPPED: tl.constexpr):
+    """The soft cap c tanh(u / c) (tanh x = 2 sigmoid(2x) - 1), or u itself."""
+    if CAPPED:
+        return cap * (2.0 * tl.sigmoid(2.0 * u / cap) - 1.0)
+    return u
+
+
+@triton.jit
+def _cap_slope(z, cap, CAPPED: tl.constexpr):
+    """d cap(u) / du at z = cap(u): 1 - (z / c)^2, or 1."""
+    if CAPPED:
+        return 1.0 - (z / cap) * (z / cap)
+    return 1.0
+
+
+@triton.jit
+def _lse_kernel(Z, stride, LAM, LSE, LSE_MIX, n_pairs, V, cap, BLOCK: tl.constexpr, PAIRED: tl.constexpr,
+                CAPPED: tl.constexpr):
+    """Unpaired: program i -> LSE[2P + i]. Paired: program k -> LSE[k], LSE[P + k], LSE_MIX[k].
+    Z holds the pre-cap logits u; the log-sum-exps are of cap(u) and cap(lam u_a + (1 - lam) u_b)."""
     pid = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     if PAIRED:
@@ -42,11 +62,11 @@ def _lse_kernel(Z, stride, LAM, LSE, LSE_MIX, n_pairs, V, BLOCK: tl.constexpr, P
         s_m = 0.0
         for start in range(0, V, BLOCK):
             mask = start + cols < V
-            za = tl.load(Z + row_a * stride + start + cols, mask=mask, other=0.0).to(tl.float32)
-            zb = tl.load(Z + row_b * stride + start + cols, mask=mask, other=0.0).to(tl.float32)
-            zm = tl.where(mask, lam * za + (1.0 - lam) * zb, -float("inf"))
-            za = tl.where(mask, za, -float("inf"))
-            zb = tl.where(mask, zb, -float("inf"))
+            ua = tl.load(Z + row_a * stride + start + cols, mask=mask, other=0.0).to(tl.float32)
+            ub = tl.load(Z + row_b * stride + start + cols, mask=mask, other=0.0).to(tl.float32)
+            zm = tl.where(mask, _cap(lam * ua + (1.0 - lam) * ub, cap, CAPPED), -float("inf"))
+            za = tl.where(mask, _cap(ua, cap, CAPPED), -float("inf"))
+            zb = tl.where(mask, _cap(ub, cap, CAPPED), -float("inf"))
             new_a = tl.maximum(m_a, tl.max(za, 0))
             s_a = s_a * tl.exp(m_a - new_a) + tl.sum(tl.exp(za - new_a), 0)
             m_a = new_a
@@ -65,7 +85,8 @@ def _lse_kernel(Z, stride, LAM, LSE, LSE_MIX, n_pairs, V, BLOCK: tl.constexpr, P
         s = 0.0
         for start in range(0, V, BLOCK):
             mask = start + cols < V
-            z = tl.load(Z + row * stride + start + cols, mask=mask, other=-float("inf")).to(tl.float32)
+            u = tl.load(Z + row * stride + start + cols, mask=mask, other=0.0).to(tl.float32)
+            z = tl.where(mask, _cap(u, cap, CAPPED), -float("inf"))
             new = tl.maximum(m, tl.max(z, 0))
             s = s * tl.exp(m - new) + tl.sum(tl.exp(z - new), 0)
             m = new
@@ -73,9 +94,9 @@ def _lse_kernel(Z, stride, LAM, LSE, LSE_MIX, n_pairs, V, BLOCK: tl.constexpr, P
 
 
 @triton.jit
-def _grad_kernel(Z, stride, Y, SCALE, LSE, LAM, LSE_MIX, WMA, WMB, n_pairs, V, BLOCK: tl.constexpr,
-                 PAIRED: tl.constexpr):
-    """Overwrite z with G = d loss / d z.
+def _grad_kernel(Z, stride, Y, SCALE, LSE, LAM, LSE_MIX, WMA, WMB, n_pairs, V, cap, BLOCK: tl.constexpr,
+                 PAIRED: tl.constexpr, CAPPED: tl.constexpr):
+    """Overwrite the pre-cap logits u with G = d loss / d u (z = cap(u); without a cap z = u).
 
     Row r: G_r = SCALE_r (softmax(z_r) - onehot(y_r)). Pair k adds the mixup gradient
     G_mix = (WMA_k + WMB_k) softmax(z_mix) - WMA_k onehot(y_a) - WMB_k onehot(y_b)
@@ -99,13 +120,16 @@ def _grad_kernel(Z, stride, Y, SCALE, LSE, LAM, LSE_MIX, WMA, WMB, n_pairs, V, B
         for start in range(0, V, BLOCK):
             idx = start + cols
             mask = idx < V
-            za = tl.load(Z + row_a * stride + idx, mask=mask, other=0.0).to(tl.float32)
-            zb = tl.load(Z + row_b * stride + idx, mask=mask, other=0.0).to(tl.float32)
+            ua = tl.load(Z + row_a * stride + idx, mask=mask, other=0.0).to(tl.float32)
+            ub = tl.load(Z + row_b * stride + idx, mask=mask, other=0.0).to(tl.float32)
+            za = _cap(ua, cap, CAPPED)
+            zb = _cap(ub, cap, CAPPED)
+            zm = _cap(lam * ua + (1.0 - lam) * ub, cap, CAPPED)
             hit_a = tl.where(idx == y_a, 1.0, 0.0)
             hit_b = tl.where(idx == y_b, 1.0, 0.0)
-            g_mix = (wma + wmb) * tl.exp(lam * za + (1.0 - lam) * zb - lse_m) - wma * hit_a - wmb * hit_b
-            g_a = scale_a * (tl.exp(za - lse_a) - hit_a) + lam * g_mix
-            g_b = scale_b * (tl.exp(zb - lse_b) - hit_b) + (1.0 - lam) * g_mix
+            g_mix = ((wma + wmb) * tl.exp(zm - lse_m) - wma * hit_a - wmb * hit_b) * _cap_slope(zm, cap, CAPPED)
+            g_a = scale_a * (tl.exp(za - lse_a) - hit_a) * _cap_slope(za, cap, CAPPED) + lam * g_mix
+            g_b = scale_b * (tl.exp(zb - lse_b) - hit_b) * _cap_slope(zb, cap, CAPPED) + (1.0 - lam) * g_mix
             tl.store(Z + row_a * stride + idx, g_a.to(Z.dtype.element_ty), mask=mask)
             tl.store(Z + row_b * stride + idx, g_b.to(Z.dtype.element_ty), mask=mask)
     else:
@@ -116,31 +140,33 @@ def _grad_kernel(Z, stride, Y, SCALE, LSE, LAM, LSE_MIX, WMA, WMB, n_pairs, V, B
         for start in range(0, V, BLOCK):
             idx = start + cols
             mask = idx < V
-            z = tl.load(Z + row * stride + idx, mask=mask, other=0.0).to(tl.float32)
-            g = scale * (tl.exp(z - lse) - tl.where(idx == y, 1.0, 0.0))
+            z = _cap(tl.load(Z + row * stride + idx, mask=mask, other=0.0).to(tl.float32), cap, CAPPED)
+            g = scale * (tl.exp(z - lse) - tl.where(idx == y, 1.0, 0.0)) * _cap_slope(z, cap, CAPPED)
             tl.store(Z + row * stride + idx, g.to(Z.dtype.element_ty), mask=mask)
 
 
-def _launch(kernel, z: torch.Tensor, n_pairs: int, *args) -> None:
+def _launch(kernel, z: torch.Tensor, n_pairs: int, cap: float, *args) -> None:
     block = min(BLOCK_V, triton.next_power_of_2(z.shape[1]))
+    shape = dict(BLOCK=block, CAPPED=cap > 0, num_warps=NUM_WARPS)
     if n_pairs:
-        kernel[(n_pairs,)](z, z.stride(0), *args, n_pairs, z.shape[1], BLOCK=block, PAIRED=True, num_warps=NUM_WARPS)
+        kernel[(n_pairs,)](z, z.stride(0), *args, n_pairs, z.shape[1], float(cap), PAIRED=True, **shape)
     if z.shape[0] > 2 * n_pairs:
-        kernel[(z.shape[0] - 2 * n_pairs,)](z, z.stride(0), *args, n_pairs, z.shape[1], BLOCK=block, PAIRED=False,
-                                           num_warps=NUM_WARPS)
+        kernel[(z.shape[0] - 2 * n_pairs,)](z, z.stride(0), *args, n_pairs, z.shape[1], float(cap), PAIRED=False,
+                                           **shape)
 
 
-def chunk_lse(z: torch.Tensor, n_pairs: int, lam: torch.Tensor):
-    """(lse of every row [n], lse of each pair's mixed logits [P]), fp32."""
-    lse = torch.empty(z.shape[0], dtype=torch.float32, device=z.device)
-    lse_mix = torch.empty(n_pairs, dtype=torch.float32, device=z.device)
-    _launch(_lse_kernel, z, n_pairs, lam.float().contiguous(), lse, lse_mix)
+def chunk_lse(u: torch.Tensor, n_pairs: int, lam: torch.Tensor, cap: float = 0.0):
+    """(lse of every row [n], lse of each pair's mixed logits [P]), fp32; cap > 0: of the soft-capped logits."""
+    lse = torch.empty(u.shape[0], dtype=torch.float32, device=u.device)
+    lse_mix = torch.empty(n_pairs, dtype=torch.float32, device=u.device)
+    _launch(_lse_kernel, u, n_pairs, cap, lam.float().contiguous(), lse, lse_mix)
     return lse, lse_mix
 
 
-def chunk_grad_(z: torch.Tensor, n_pairs: int, y: torch.Tensor, scale: torch.Tensor, lse: torch.Tensor,
-                lam: torch.Tensor, lse_mix: torch.Tensor, w_mix_a: torch.Tensor, w_mix_b: torch.Tensor) -> torch.Tensor:
-    """z overwritten with the gradient of the chunk's loss; y must hold valid ids (no -100)."""
-    _launch(_grad_kernel, z, n_pairs, y.contiguous(), scale.float().contiguous(), lse, lam.float().contiguous(),
+def chunk_grad_(u: torch.Tensor, n_pairs: int, y: torch.Tensor, scale: torch.Tensor, lse: torch.Tensor,
+                lam: torch.Tensor, lse_mix: torch.Tensor, w_mix_a: torch.Tensor, w_mix_b: torch.Tensor,
+                cap: float = 0.0) -> torch.Tensor:
+    """u (pre-cap logits) overwritten with the gradient of the chunk's loss; y must hold valid ids (no -100)."""
+    _launch(_grad_kernel, u, n_pairs, cap, y.contiguous(), scale.float().contiguous(), lse, lam.float().contiguous(),
             lse_mix, w_mix_a.float().contiguous(), w_mix_b.float().contiguous())
-    return z
+    return u

@@ -14,6 +14,7 @@ import torch
 from omegaconf import MISSING
 
 from ..data import Batches
+from ..losses import Head
 
 
 @dataclass
@@ -66,7 +67,8 @@ class Method:
     def batch_stats(self, batch: dict) -> Dict[str, float]:
         return {}
 
-    def loss_terms(self, hidden: torch.Tensor, weight: torch.Tensor, batch: dict) -> Dict[str, torch.Tensor]:
+    def loss_terms(self, hidden: torch.Tensor, head: Head, batch: dict) -> Dict[str, torch.Tensor]:
+        """head: the model's LM head (weight, bias, scale, soft cap; sftmix_ds.losses.Head)."""
         raise NotImplementedError
 
     def step_metrics(self, stats: Dict[str, float]) -> dict:

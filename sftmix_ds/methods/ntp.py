@@ -8,7 +8,7 @@ import torch
 from ..common import IGNORE
 from ..data import Batches, collate
 from ..data.batching import pack, response_tokens
-from ..losses import fused_sftmix_loss
+from ..losses import Head, fused_sftmix_loss
 from .base import Method, MethodConfig
 
 
@@ -45,9 +45,9 @@ class NTP(Method):
     def token_counts(self, batch: dict) -> dict:
         return {"ntp": response_tokens(batch["labels"])}
 
-    def loss_terms(self, hidden: torch.Tensor, weight: torch.Tensor, batch: dict) -> dict:
+    def loss_terms(self, hidden: torch.Tensor, head: Head, batch: dict) -> dict:
         rows, targets = response_rows(hidden, batch["labels"])
         empty = torch.zeros(0, dtype=torch.long, device=rows.device)
-        ntp_sum, _ = fused_sftmix_loss(rows, weight, targets, empty, empty, empty.to(rows.dtype), self.chunk_size,
-                                       self.loss_backend)
+        ntp_sum, _ = fused_sftmix_loss(rows, head.weight, targets, empty, empty, empty.to(rows.dtype), self.chunk_size,
+                                       self.loss_backend, head.bias, head.scale, head.softcap)
         return {"ntp": ntp_sum}

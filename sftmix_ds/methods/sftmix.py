@@ -21,7 +21,7 @@ import torch
 from ..config import ConfigError, model_config_path, one_of, positive
 from ..confidence import CONFIDENT, read_confidence_file, run_confidence_stage
 from ..data.batching import PairBatches, aligned_pairs, collate
-from ..losses import fused_sftmix_loss
+from ..losses import Head, fused_sftmix_loss
 from .base import MethodConfig
 from .ntp import NTP, lengths_if_grouped, response_rows
 
@@ -122,12 +122,13 @@ class SFTMix(NTP):
         counts["mix"] = int(batch["pair_a"].numel()) if "pair_a" in batch else 0
         return counts
 
-    def loss_terms(self, hidden: torch.Tensor, weight: torch.Tensor, batch: dict) -> dict:
+    def loss_terms(self, hidden: torch.Tensor, head: Head, batch: dict) -> dict:
         if "pair_a" not in batch:  # evaluation batches: plain NTP
-            return super().loss_terms(hidden, weight, batch)
+            return super().loss_terms(hidden, head, batch)
         rows, targets = response_rows(hidden, batch["labels"])
-        ntp_sum, mix_sum = fused_sftmix_loss(rows, weight, targets, batch["pair_a"], batch["pair_b"],
-                                             batch["lam"].to(rows.dtype), self.chunk_size, self.loss_backend)
+        ntp_sum, mix_sum = fused_sftmix_loss(rows, head.weight, targets, batch["pair_a"], batch["pair_b"],
+                                             batch["lam"].to(rows.dtype), self.chunk_size, self.loss_backend,
+                                             head.bias, head.scale, head.softcap)
         return {"ntp": ntp_sum, "mix": mix_sum}
 
     def batch_stats(self, batch: dict) -> dict:
