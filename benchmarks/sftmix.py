@@ -38,7 +38,7 @@ def measure_loss(kind: str, M: int, d: int, V: int, dtype: str) -> dict:
     import torch
 
     from sftmix_ds.inference import token_nll
-    from sftmix_ds.losses import fused_sftmix_loss, reference_sftmix_loss
+    from sftmix_ds.losses import Head, fused_sftmix_loss, reference_sftmix_loss
 
     cuda = torch.cuda.is_available()
     dev, dt = ("cuda" if cuda else "cpu"), getattr(torch, dtype)
@@ -60,7 +60,7 @@ def measure_loss(kind: str, M: int, d: int, V: int, dtype: str) -> dict:
             (ntp + 0.2 * mix).backward()
         elif kind == "score_fused":
             with torch.no_grad():
-                token_nll(hidden, weight, labels, 0)
+                token_nll(hidden, Head(weight), labels, 0)
         elif kind == "score_naive":
             with torch.no_grad():
                 torch.log_softmax((hidden @ weight.t()).float(), -1).gather(1, labels[:, None])

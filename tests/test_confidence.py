@@ -11,6 +11,7 @@ import torch
 from sftmix_ds.confidence import (CONFIDENT, UNCONFIDENT, ConfidenceFileError, confidence_records,
                                   read_confidence_file, write_confidence_file)
 from sftmix_ds.inference import example_nll, scoring_plan
+from sftmix_ds.losses import Head
 from sftmix_ds.data import collate, encode
 from sftmix_ds.data.tokenize import Example
 
@@ -32,7 +33,7 @@ def test_perplexity_equals_naive_full_logits(smollm2_path, tokenizer):
     batch = collate(examples, tokenizer.pad_token_id)
     with torch.no_grad():
         hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        got = example_nll(hidden, model.lm_head.weight, batch, chunk_size=7)
+        got = example_nll(hidden, Head(model.lm_head.weight), batch, chunk_size=7)
         for i, ex in enumerate(examples):  # naive: one example at a time, full logits, plain cross-entropy
             logits = model(input_ids=torch.tensor([ex.input_ids])).logits[0, :-1]
             nll = torch.nn.functional.cross_entropy(logits, torch.tensor(ex.labels[1:]), ignore_index=-100)

@@ -227,6 +227,7 @@ def test_packed_loss_and_gradients_equal_padded(attn):
     states it has alone, so the NTP loss and its gradients equal the padded batch's."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from sftmix_ds.losses import Head
     from sftmix_ds.methods.ntp import NTP
 
     torch.manual_seed(0)
@@ -241,7 +242,7 @@ def test_packed_loss_and_gradients_equal_padded(attn):
         hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=mask,
                                      position_ids=batch.get("position_ids"), use_cache=False).last_hidden_state
         model.zero_grad()
-        loss = method.loss_terms(hidden, model.get_output_embeddings().weight, batch)["ntp"]
+        loss = method.loss_terms(hidden, Head(model.get_output_embeddings().weight), batch)["ntp"]
         loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
     (padded, g_padded), (packed, g_packed) = results

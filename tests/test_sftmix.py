@@ -11,6 +11,7 @@ from sftmix_ds.confidence import CONFIDENT, confidence_records, write_confidence
 from sftmix_ds.data import encode
 from sftmix_ds.data.batching import PairBatches, aligned_pairs
 from sftmix_ds.data.tokenize import Example
+from sftmix_ds.losses import Head
 from sftmix_ds.methods.ntp import response_rows
 from sftmix_ds.methods.sftmix import SFTMix
 from sftmix_ds.tracking import MEASURED
@@ -102,7 +103,7 @@ def test_sftmix_loss_equals_naive_mixup_on_a_model(smollm2_path, tokenizer):
     batch = method.collate(exs, tokenizer.pad_token_id, key=(0, 0))
     hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     W = model.lm_head.weight
-    terms = method.loss_terms(hidden, W, batch)
+    terms = method.loss_terms(hidden, Head(W), batch)
     # naive: full logits; mix the hidden states of aligned response tokens explicitly
     labels = batch["labels"]
     ntp = torch.nn.functional.cross_entropy((hidden[:, :-1] @ W.t()).reshape(-1, W.shape[0]),
@@ -243,3 +244,68 @@ def test_length_grouping_cuts_padding_for_sftmix_as_for_ntp(tokenizer):
     b = make_mix(True)  # still every example once, pairs inside one micro-batch
     seen = [i for s in range(b.steps_per_epoch) for mb in b.micro_batches(0, s) for i in mb if i is not None]
     assert sorted(seen) == list(range(len(examples)))
+
+
+def test_mu_zero_skips_the_mixup_computation(monkeypatch):
+    """method.mu=0 keeps the paired batches, trains NTP only and never computes the mixed logits."""
+    import sftmix_ds.methods.ntp as ntp_module
+    from sftmix_ds.losses import fused_sftmix_loss
+
+    g = torch.Generator().manual_seed(0)
+    examples = [Example(f"e{i}", torch.randint(0, 50, (9,), generator=g).tolist(), [-100] * 3 +
+                        torch.randint(0, 50, (6,), generator=g).tolist()) for i in range(4)]
+    pairs_seen = []
+
+    def recording(hidden, weight, labels, pair_a, *args, **kw):
+        pairs_seen.append(pair_a.numel())
+        return fused_sftmix_loss(hidden, weight, labels, pair_a, *args, **kw)
+
+    monkeypatch.setattr(ntp_module, "fused_sftmix_loss", recording)
+    hidden = torch.randn(4, 9, 8, generator=g, dtype=torch.float64)
+    head = Head(torch.randn(50, 8, generator=g, dtype=torch.float64))
+    terms = {}
+    for mu in (0.0, 0.2):
+        method = SFTMix(mu=mu)
+        batch = method.collate(examples, 0, key=(0, 0))
+        terms[mu] = method.loss_terms(hidden, head, batch)
+    assert pairs_seen == [0]  # mu=0 went through the plain NTP loss; mu=0.2 did not call it
+    assert terms[0.0]["mix"].item() == 0.0 and terms[0.2]["mix"].item() > 0
+    torch.testing.assert_close(terms[0.0]["ntp"], terms[0.2]["ntp"])
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_sftmix_step_equals_the_padded_step(attn):
+    """Packing keeps each pair in its micro-batch and its response-token alignment; with position
+    ids restarting and no attention across examples, both loss terms and every gradient equal
+    the padded batch's."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, attn_implementation=attn))
+    g = torch.Generator().manual_seed(3)
+    examples = []
+    for i, (n_prompt, n_response) in enumerate([(3, 6), (5, 2), (2, 9), (4, 4), (6, 3), (2, 7)]):
+        ids = torch.randint(3, 100, (n_prompt + n_response,), generator=g).tolist()
+        examples.append(Example(f"e{i}", ids, [-100] * n_prompt + ids[n_prompt:]))
+    examples = examples[:3] + [None] + examples[3:] + [None]  # k = 4: 3 confident + an empty slot, 3 unconfident + one
+    results = []
+    for method in (SFTMix(), SFTMix(pack_width=24)):
+        batch = method.collate(examples, pad_id=0, key=(0, 1))
+        assert ("position_ids" in batch) == bool(method.pack_width)
+        mask = None if "position_ids" in batch else batch["attention_mask"]
+        hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=mask,
+                                     position_ids=batch.get("position_ids"), use_cache=False).last_hidden_state
+        model.zero_grad()
+        terms = method.loss_terms(hidden, Head(model.get_output_embeddings().weight), batch)
+        (terms["ntp"] + 0.2 * terms["mix"]).backward()
+        results.append((terms["ntp"].detach(), terms["mix"].detach(), batch["pair_a"].numel(), batch["lam"],
+                        [p.grad.clone() for p in model.parameters()]))
+    padded, packed = results
+    assert packed[0] > 0 and packed[1] > 0 and packed[2] == padded[2] and packed[2] > 0
+    assert batch["input_ids"].shape[0] < len([e for e in examples if e])  # examples share rows
+    torch.testing.assert_close(packed[0], padded[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed[1], padded[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed[3], padded[3])
+    for a, b in zip(packed[4], padded[4]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -99,10 +99,12 @@ def pack(examples: Sequence[Optional[Example]], pad_id: int, width: int) -> dict
     example longer than that). position_ids restart at 0 for every example, which tells the
     model (attention_mask=None) to attend within each example only; each example's first
     label is ignored so nothing is predicted across a boundary (unpacked, position 0 is
-    never a target either). The padded tail of a row is a sequence of its own."""
+    never a target either). The padded tail of a row is a sequence of its own.
+    placements[i] = (row, start, length) of examples[i] (None for an empty slot)."""
     real = sorted((e for e in examples if e is not None), key=lambda e: -len(e.input_ids))
     if not real:
-        return {**collate(examples[:1], pad_id), "position_ids": torch.zeros((1, 1), dtype=torch.long)}
+        return {**collate(examples[:1], pad_id), "position_ids": torch.zeros((1, 1), dtype=torch.long),
+                "placements": [None] * len(examples)}
     width = max(width, len(real[0].input_ids))
     rows, free = [], []
     for e in real:
@@ -117,10 +119,12 @@ def pack(examples: Sequence[Optional[Example]], pad_id: int, width: int) -> dict
     labels = torch.full((len(rows), longest), IGNORE, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
     position_ids = torch.zeros((len(rows), longest), dtype=torch.long)
+    where = {}
     for r, row in enumerate(rows):
         start = 0
         for e in row:
             n = len(e.input_ids)
+            where[id(e)] = (r, start, n)
             input_ids[r, start:start + n] = torch.tensor(e.input_ids)
             labels[r, start + 1:start + n] = torch.tensor(e.labels[1:])
             position_ids[r, start:start + n] = torch.arange(n)
@@ -128,7 +132,8 @@ def pack(examples: Sequence[Optional[Example]], pad_id: int, width: int) -> dict
         attention_mask[r, :start] = 1
         position_ids[r, start:] = torch.arange(longest - start)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "position_ids": position_ids,
-            "ids": [e.id if e is not None else None for e in examples]}
+            "ids": [e.id if e is not None else None for e in examples],
+            "placements": [where[id(e)] if e is not None else None for e in examples]}
 
 
 def response_tokens(labels: torch.Tensor) -> int:
@@ -204,22 +209,35 @@ class PairBatches(Batches):
         return out
 
 
-def aligned_pairs(labels: torch.Tensor, n_pairs: int):
-    """Row indices of the mixed response tokens of a pair batch laid out [a_1..a_k, b_1..b_k].
+def aligned_pairs(labels: torch.Tensor, n_pairs: int, placements: Optional[Sequence] = None):
+    """Row indices of the mixed response tokens of a pair batch whose examples are [a_1..a_k, b_1..b_k].
 
     Rows are numbered as the loss flattens them: the response positions (those
-    whose next token is a response token) of each example in order. For pair j
-    the n-th response token of a_j is matched with the n-th of b_j, for
+    whose next token is a response token) in row-major order. placements[i] =
+    (row, start, length) says where example i sits (pack() lays out several per
+    row; None: absent); by default example i is row i from position 0. For
+    pair j the n-th response token of a_j is matched with the n-th of b_j, for
     n < min of the two response lengths. Returns (pair_a, pair_b, pair_of_row),
     the last giving for each mixed row the pair it belongs to.
     """
-    counts = (labels[:, 1:] != IGNORE).sum(1)
-    offsets = torch.cumsum(counts, 0) - counts
+    is_response = labels[:, 1:] != IGNORE
+    flat_index = (torch.cumsum(is_response.flatten(), 0) - 1).view_as(is_response)
+    if placements is None:
+        placements = [(i, 0, labels.shape[1]) for i in range(labels.shape[0])]
+
+    def rows_of(i):
+        if placements[i] is None:
+            return torch.zeros(0, dtype=torch.long)
+        row, start, length = placements[i]
+        span = slice(start, start + length - 1)
+        return flat_index[row, span][is_response[row, span]]
+
     pair_a, pair_b, pair_of_row = [], [], []
     for j in range(n_pairs):
-        n = int(min(counts[j], counts[n_pairs + j]))
-        pair_a.append(offsets[j] + torch.arange(n))
-        pair_b.append(offsets[n_pairs + j] + torch.arange(n))
+        a, b = rows_of(j), rows_of(n_pairs + j)
+        n = min(a.numel(), b.numel())
+        pair_a.append(a[:n])
+        pair_b.append(b[:n])
         pair_of_row.append(torch.full((n,), j))
     cat = lambda parts: torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
     return cat(pair_a), cat(pair_b), cat(pair_of_row)

@@ -17,10 +17,9 @@ from ..data import Example, collate
 from ..losses import Head, auto_chunk_rows, head_logits
 
 
-def token_nll(hidden: torch.Tensor, head, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """-log p(target) for each row of hidden [M, d] under the model's head (a Head, or the LM-head
-    weight alone), in fp32, one [chunk, V] block at a time."""
-    head = head if isinstance(head, Head) else Head(head)
+def token_nll(hidden: torch.Tensor, head: Head, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """-log p(target) for each row of hidden [M, d] under the model's head, in fp32, one [chunk, V]
+    block at a time."""
     chunk_size = chunk_size or auto_chunk_rows(head.weight.shape[0])
     out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     for s in range(0, hidden.shape[0], chunk_size):
@@ -29,7 +28,7 @@ def token_nll(hidden: torch.Tensor, head, targets: torch.Tensor, chunk_size: int
     return out
 
 
-def example_nll(hidden: torch.Tensor, head, batch: dict, chunk_size: int = 0) -> dict:
+def example_nll(hidden: torch.Tensor, head: Head, batch: dict, chunk_size: int = 0) -> dict:
     """Per-example sum of response-token NLL and response-token count; runs inside the engine's forward."""
     target = batch["labels"][:, 1:]
     mask = target != IGNORE

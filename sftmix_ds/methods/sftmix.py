@@ -20,7 +20,7 @@ import torch
 
 from ..config import ConfigError, model_config_path, one_of, positive
 from ..confidence import CONFIDENT, read_confidence_file, run_confidence_stage
-from ..data.batching import PairBatches, aligned_pairs, collate
+from ..data.batching import PairBatches, aligned_pairs, collate, pack
 from ..losses import Head, fused_sftmix_loss
 from .base import MethodConfig
 from .ntp import NTP, lengths_if_grouped, response_rows
@@ -65,8 +65,6 @@ class SFTMix(NTP):
         positive("method.alpha", m.alpha)
         positive("method.mu", m.mu, zero_ok=True)
         one_of("method.lam_per", m.lam_per, ("pair", "batch"))
-        if t.packing:
-            raise ConfigError("train.packing=true: only for ntp and s3ft; method=sftmix pairs whole examples row by row")
         if t.micro_batch_size % 2:
             raise ConfigError(f"train.micro_batch_size={t.micro_batch_size}: must be even for method=sftmix "
                               "(each micro-batch holds k confident + k unconfident examples)")
@@ -107,9 +105,9 @@ class SFTMix(NTP):
                              .beta(self.alpha, self.alpha) for a, b in pairs], dtype=torch.float32)
 
     def collate(self, examples, pad_id: int, key: tuple = (0, 0)) -> dict:
-        batch = collate(examples, pad_id)
+        batch = pack(examples, pad_id, self.pack_width) if self.pack_width else collate(examples, pad_id)
         k = len(examples) // 2
-        pair_a, pair_b, pair_of_row = aligned_pairs(batch["labels"], k)
+        pair_a, pair_b, pair_of_row = aligned_pairs(batch["labels"], k, batch.pop("placements", None))
         ids = [(e.id if e is not None else "") for e in examples]
         lam = self.draw_lam(list(zip(ids[:k], ids[k:])), key)
         present = torch.tensor([examples[j] is not None and examples[k + j] is not None for j in range(k)],
@@ -125,6 +123,8 @@ class SFTMix(NTP):
     def loss_terms(self, hidden: torch.Tensor, head: Head, batch: dict) -> dict:
         if "pair_a" not in batch:  # evaluation batches: plain NTP
             return super().loss_terms(hidden, head, batch)
+        if self.weights["mix"] == 0:  # mu = 0: the paired batches without the Mixup term, which is not computed
+            return {**super().loss_terms(hidden, head, batch), "mix": hidden.new_zeros((), dtype=torch.float32)}
         rows, targets = response_rows(hidden, batch["labels"])
         ntp_sum, mix_sum = fused_sftmix_loss(rows, head.weight, targets, batch["pair_a"], batch["pair_b"],
                                              batch["lam"].to(rows.dtype), self.chunk_size, self.loss_backend,
