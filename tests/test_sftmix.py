@@ -156,7 +156,8 @@ def confidence_file(tmp_path_factory):
 BASE = ["model=tiny", "method=sftmix", "train.max_steps=2", "train.lr=1e-3", "train.adam_eps=1e-4",
         "train.warmup_ratio=0",
         "train.export_dtype=fp32", "train.eval_every=0", "method.mu=0.5"]
-LAYOUTS = {"m8a1r1z3": (8, 1, 0, 3), "m2a2r2z3": (2, 2, 2, 3), "m4a1r2z2": (4, 1, 2, 2)}
+LAYOUTS = {"m8a1r1z3": (8, 1, 0, 3), "m2a2r2z3": (2, 2, 2, 3), "m4a1r2z2": (4, 1, 2, 2), "m4a1r2z3_packed": (4, 1, 2, 3)}
+PACKED = ["train.packing=true", "data.max_length=256"]  # rows of 256 tokens: each micro-batch's 4 examples share rows
 
 
 @pytest.fixture(scope="module")
@@ -166,8 +167,8 @@ def runs(tmp_path_factory, confidence_file):
     for name, (mb, accum, nproc, zero) in LAYOUTS.items():
         out[name] = str(root / name)
         train_cli(BASE + [f"method.confidence_file={confidence_file}", f"train.micro_batch_size={mb}",
-                          f"train.grad_accum={accum}", f"deepspeed=zero{zero}", f"output_dir={out[name]}"],
-                  nproc=nproc)
+                          f"train.grad_accum={accum}", f"deepspeed=zero{zero}", f"output_dir={out[name]}"]
+                  + (PACKED if name.endswith("packed") else []), nproc=nproc)
     return out
 
 
