@@ -397,6 +397,7 @@ class Recipe:
             self.strategy.export(self.export_dir, self.model, self.tokenizer, t.export_dtype, prefix=PREFIX)
             log.info("exported %s model to %s; final metrics %s", t.export_dtype, self.export_dir, record)
         self.strategy.release()
+        self.model = self.engine = None  # the stage's model goes with its engine, before evaluation loads one
         if done and cfg.eval is not None:
             results = evaluate_model(cfg, cfg.eval.model_path or self.export_dir, os.path.join(cfg.output_dir, "eval"))
             summary = {f"eval/{g}/{n}": r["accuracy"] for g in ("tasks", "general") for n, r in results[g].items()}

@@ -64,6 +64,7 @@ def reference_run_config(cfg, ref_model_cfg, out_dir: str):
         ref.output_dir = out_dir
         ref.resume = "auto"
         ref.data.eval_files = []
+        ref.eval = None  # the reference run is not the model being studied
         ref.train.epochs, ref.train.max_steps, ref.train.stop_after_steps = 1, -1, 0
         ref.train.export_count = cfg.method.checkpoints
         # Score in the precision the reference trained in (fp32 on CPU).

@@ -212,9 +212,15 @@ class DeepSpeedStrategy:
         return out
 
     def release(self) -> None:
-        """Drop the engine (and with it model, optimizer and ZeRO state) before the next stage."""
+        """Drop the engine (and with it model, optimizer and ZeRO state) before the next stage,
+        logging the stage's peak memory (on CUDA the peak counter then starts again)."""
+        log.info("stage peak memory: %.2f GB (%s)", self.peak_memory_gb(),
+                 "this stage's" if self.on_gpu else "the process's so far: resident memory cannot be reset")
+        if self.on_gpu:
+            torch.cuda.reset_peak_memory_stats()
         if self.engine is not None:
             self.engine.destroy()
+            _drop_zero3_globals()
         self.engine, self._hf_ds_config = None, None
         import gc
 
@@ -386,6 +392,20 @@ def wait_for_build_locks(wait_s: float) -> None:
             log.warning("waiting up to %.0f s for %s (another process is building an extension)", wait_s, locks[0])
             announced = True
         time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
+
+
+def _drop_zero3_globals() -> None:
+    """ZeRO-3 keeps references that engine.destroy() leaves in place, each of which keeps the
+    whole model (and so its parameters and optimizer state) alive into the next stage: the
+    outermost module on a module-level stack, and a class-wide lru_cache keyed by modules."""
+    from deepspeed.runtime.zero import parameter_offload
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+
+    parameter_offload.FWD_MODULE_STACK.clear()
+    method = PartitionedParameterCoordinator.__dict__.get("_PartitionedParameterCoordinator__params_to_release")
+    for cell in getattr(method, "__closure__", None) or ():  # under DeepSpeed's nvtx wrapper
+        if hasattr(cell.cell_contents, "cache_clear"):
+            cell.cell_contents.cache_clear()
 
 
 def _unlink_shm_buffer(rank: int) -> None:
