@@ -175,3 +175,39 @@ def test_reference_run_config_uses_the_reference_model():
     bad.method.reference_model = "nope"
     with pytest.raises(Exception, match="method.reference_model='nope'"):
         validate(bad)
+
+
+def test_random_split_is_balanced_deterministic_and_seeded():
+    from sftmix_ds.confidence.split import random_split_records
+
+    ids = [f"ex{i}" for i in range(101)]
+    split = lambda seed, order=ids: {r["id"]: r["split"] for r in random_split_records(order, seed)}
+    first = split(7)
+    assert sum(s == CONFIDENT for s in first.values()) == 50 and len(first) == 101  # floor(N/2) confident
+    assert split(7, list(reversed(ids))) == first  # the same ids in another order: the same split
+    assert split(8) != first
+    others = [split(seed) for seed in range(20)]
+    share = sum(o["ex0"] == CONFIDENT for o in others) / len(others)
+    assert 0.2 < share < 0.8  # an id is not always on the same side across seeds
+
+
+def test_random_confidence_source_trains_and_writes_the_stage_files(tmp_path):
+    from sftmix_ds.config import CONF_DIR, ConfigError, register_configs, validate
+    from hydra import compose, initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        for overrides, message in ((["method.confidence_source=file"], "set method.confidence_file"),
+                                   (["method.confidence_source=random", "method.confidence_file=/etc/hostname"],
+                                    "both set"), (["method.confidence_source=online"], "must be one of")):
+            with pytest.raises(ConfigError, match=message):
+                validate(compose(config_name="train", overrides=["model=tiny", *overrides]))
+    proc = launch_cli("train.py", ["model=tiny", "method.confidence_source=random", "train.max_steps=1",
+                                   "train.eval_every=0", "train.export_final=false", f"output_dir={tmp_path}"])
+    assert "reference run" not in proc.stderr
+    (stage_dir,) = glob.glob(os.path.join(tmp_path, "confidence", "random-*"))
+    records = _confidence(str(tmp_path))
+    assert len(records) == 128 and sum(r["split"] == CONFIDENT for r in records.values()) == 64
+    assert os.path.exists(os.path.join(stage_dir, "confidence.png"))
+    with open(os.path.join(stage_dir, "summary.json")) as f:
+        assert json.load(f)["source"] == "random"

@@ -95,6 +95,14 @@ HOSTILE = {
 }
 
 
+def needs_sandbox():
+    from sftmix_ds.inference.sandbox import isolation
+
+    if isolation()[0] is None:
+        pytest.skip(f"this machine cannot sandbox code ({isolation()[2]}); python_tests is refused here, as "
+                    "test_no_sandbox_refuses_code_unless_allowed checks")
+
+
 @pytest.fixture(scope="module")
 def problem():
     with open(os.path.join(ROOT, "sftmix_ds", "builtin_data", "humaneval.jsonl")) as f:
@@ -118,6 +126,7 @@ def leftovers() -> list:
 
 @pytest.mark.parametrize("name", list(HOSTILE))
 def test_hostile_candidate_is_judged_wrong_and_leaves_nothing(name, problem, tmp_path):
+    needs_sandbox()
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(1)
@@ -143,6 +152,7 @@ def test_hostile_candidate_is_judged_wrong_and_leaves_nothing(name, problem, tmp
 def test_judge_memory_stays_bounded_whatever_the_candidate_prints(problem):
     """A 400 MiB print: the judge's peak memory grows by less than 64 MiB (fresh process, so its
     peak is its own)."""
+    needs_sandbox()
     code = ("import resource, json\n"
             "from sftmix_ds.inference.judges import python_tests\n"
             f"record = json.loads({json.dumps(json.dumps(problem))})\n"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 from typing import Dict, List, Sequence
 
 from ..common import atomic_file
@@ -25,6 +26,18 @@ def confidence_records(perplexities: Sequence[Dict[str, float]]) -> List[dict]:
     ids = sorted(perplexities[0])
     records = [{"id": i, "perplexities": [p[i] for p in perplexities],
                 "confidence": -sum(p[i] for p in perplexities) / len(perplexities)} for i in ids]
+    ranked = sorted(records, key=lambda r: (-r["confidence"], r["id"]))
+    for rank, r in enumerate(ranked):
+        r["split"] = CONFIDENT if rank < len(ranked) // 2 else UNCONFIDENT
+    return ranked
+
+
+def random_split_records(ids: Sequence[str], seed: int) -> List[dict]:
+    """A random half/half split in the confidence file's format: each id gets a uniform draw as its
+    "confidence" (from a generator seeded by the seed and the set of ids, so the split does not
+    depend on the ids' order) and no perplexities; the median split is then as usual."""
+    rng = random.Random(json.dumps([seed, sorted(ids)]))
+    records = [{"id": i, "perplexities": [], "confidence": rng.random()} for i in sorted(ids)]
     ranked = sorted(records, key=lambda r: (-r["confidence"], r["id"]))
     for rank, r in enumerate(ranked):
         r["split"] = CONFIDENT if rank < len(ranked) // 2 else UNCONFIDENT

@@ -26,10 +26,10 @@ from ..config import ConfigError, load_model_config, resolve_precision
 from ..data import load_split
 from ..engine import DeepSpeedStrategy, LossModule, check_head, dist_env
 from ..models import load_tokenizer, prepare_model
-from ..tracking import log_stage_summary
 from ..common import write_json_atomic
 from ..inference import example_nll, score, scoring_plan
-from .split import confidence_records, plot_confidence, summarize, write_confidence_file
+from ..tracking import log_stage_summary
+from .split import confidence_records, plot_confidence, random_split_records, summarize, write_confidence_file
 
 log = logging.getLogger(__name__)
 CONFIDENCE_FILE = "confidence.jsonl"
@@ -82,6 +82,8 @@ def run_confidence_stage(cfg) -> str:
 
     if cfg.method.confidence_file:
         return cfg.method.confidence_file
+    if cfg.method.confidence_source == "random":
+        return random_confidence_file(cfg)
     rank, _, world_size = dist_env()
     ref_model_cfg = reference_model_config(cfg)
     ref_path = prepare_model(ref_model_cfg, cfg.model_cache_dir)
@@ -112,16 +114,33 @@ def run_confidence_stage(cfg) -> str:
         checkpoints = exports
 
     perplexities = [score_checkpoint(cfg, path, examples, pad_id, stage_dir) for path in checkpoints]
-    records = confidence_records(perplexities)
+    return publish_split(cfg, confidence_records(perplexities), stage_dir, fp, {"checkpoints": checkpoints})
+
+
+def publish_split(cfg, records, stage_dir: str, fp: str, extra: dict) -> str:
+    """confidence.jsonl, its histogram and summary.json in stage_dir (rank 0), and the log line."""
+    out_path = os.path.join(stage_dir, CONFIDENCE_FILE)
     summary = summarize(records)
-    if rank == 0:
+    if dist_env()[0] == 0:
+        os.makedirs(stage_dir, exist_ok=True)
         write_confidence_file(out_path, records, fp)
         plot_confidence(records, os.path.join(stage_dir, "confidence.png"))
-        write_json_atomic(os.path.join(stage_dir, "summary.json"), {**summary, "checkpoints": checkpoints}, indent=1)
+        write_json_atomic(os.path.join(stage_dir, "summary.json"), {**summary, **extra}, indent=1)
         log_stage_summary(cfg, "confidence", summary, stage_dir, os.path.join(stage_dir, "confidence.png"))
     log.info("stage 1: %s -> %s", summary, out_path)
     DeepSpeedStrategy.barrier_if_initialized()
     return out_path
+
+
+def random_confidence_file(cfg) -> str:
+    """method.confidence_source=random: a seeded half/half split of the training ids (the ablation:
+    Mixup across a split that carries no confidence), in the same files as stage 1's."""
+    tokenizer, _ = load_tokenizer(prepare_model(cfg.model, cfg.model_cache_dir))
+    ids = [e.id for e in load_split(cfg.data, tokenizer, cfg.data.train_files)]
+    fp = hashlib.sha256(json.dumps([cfg.train.seed, sorted(ids)]).encode()).hexdigest()[:16]
+    stage_dir = os.path.join(cfg.method.stage_dir or os.path.join(cfg.output_dir, "confidence"), f"random-{fp}")
+    return publish_split(cfg, random_split_records(ids, cfg.train.seed), stage_dir, fp,
+                         {"source": "random", "seed": cfg.train.seed})
 
 
 def score_checkpoint(cfg, model_path: str, examples, pad_id: int, stage_dir: str) -> dict:

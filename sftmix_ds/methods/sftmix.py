@@ -32,7 +32,9 @@ log = logging.getLogger(__name__)
 class SFTMixConfig(MethodConfig):
     name: str = "sftmix"
     _target_: str = "sftmix_ds.methods.sftmix.SFTMix"
-    # Stage 1 (confidence). A file from an earlier run skips it.
+    # Stage 1 (confidence): reference (the paper: a one-epoch reference run scored at C checkpoints) |
+    # random (a seeded half/half split: the ablation) | file (confidence_file, from an earlier run).
+    confidence_source: str = "reference"
     confidence_file: Optional[str] = None
     checkpoints: int = 4  # C reference checkpoints, evenly spaced over one epoch, the last at its end
     # A model group option (conf/model/NAME.yaml) for the reference run; null: the target model.
@@ -65,6 +67,11 @@ class SFTMix(NTP):
         positive("method.alpha", m.alpha)
         positive("method.mu", m.mu, zero_ok=True)
         one_of("method.lam_per", m.lam_per, ("pair", "batch"))
+        one_of("method.confidence_source", m.confidence_source, ("reference", "random", "file"))
+        if m.confidence_source == "file" and not m.confidence_file:
+            raise ConfigError("method.confidence_source=file: set method.confidence_file=PATH")
+        if m.confidence_source == "random" and m.confidence_file:
+            raise ConfigError("method.confidence_source=random and method.confidence_file are both set; drop one")
         if t.micro_batch_size % 2:
             raise ConfigError(f"train.micro_batch_size={t.micro_batch_size}: must be even for method=sftmix "
                               "(each micro-batch holds k confident + k unconfident examples)")
