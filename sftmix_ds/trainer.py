@@ -122,11 +122,12 @@ def find_resume(cfg) -> list:
 # The data files are compared by the examples they give, not by their paths. An entry ending in
 # "." or "_" covers every key it begins.
 RESUMABLE_CHANGES = ("output_dir", "resume", "resume_force", "model_cache_dir", "logger.", "eval", "data.cache_dir",
-                     "data.train_files", "data.eval_files", "method.stage_dir", "method.confidence_file",
-                     "method.targets_file", "deepspeed.timeout_minutes", "train.log_every", "train.eval_every",
-                     "train.save_every", "train.keep_checkpoints", "train.stop_after_steps", "train.export_",
-                     "train.nonfinite", "train.max_nonfinite_steps", "train.gradient_checkpointing", "train.compile",
-                     "train.loss_backend", "train.loss_chunk_size", "model.attn_implementation")
+                     "data.train_files", "data.eval_files", "method.stage_dir", "method.confidence_source",
+                     "method.confidence_file", "method.targets_file", "method.allow_unsandboxed_code",
+                     "deepspeed.timeout_minutes", "deepspeed.build_lock_wait_minutes", "train.log_every",
+                     "train.eval_every", "train.save_every", "train.keep_checkpoints", "train.stop_after_steps",
+                     "train.export_", "train.nonfinite", "train.max_nonfinite_steps", "train.gradient_checkpointing",
+                     "train.compile", "train.loss_backend", "train.loss_chunk_size", "model.attn_implementation")
 
 
 def resumable_change(key: str) -> bool:
