@@ -1,7 +1,8 @@
 """Padding, packing and length grouping for ntp and sftmix, and what each stage's memory costs.
 
-    python benchmarks/batching.py                 # SmolLM2-135M on the embedded data, CPU-sized
-    python benchmarks/batching.py --skip-memory   # the batching table only
+    python benchmarks/batching.py                   # both parts, SmolLM2-135M on the embedded data
+    python benchmarks/batching.py --skip-memory     # the batching table only
+    python benchmarks/batching.py --skip-batching   # the memory table only
 
 Batching: for method in (ntp, sftmix) and layout in (padded, grouped, packed), one
 launch/train.py run of --steps steps on the embedded arithmetic data (sftmix with a
@@ -10,7 +11,7 @@ fixed random confidence split, so stage 1 does not run); tokens/s is real
 padding share is computed from the same batches the run takes (tokens computed
 that are padding). Memory: the README's default SFTMix job (stage 1 and 2) and the
 same job with method=ntp, each one process; peak resident memory of the whole
-process. Writes benchmarks/results/batching_cpu.md.
+process. Writes benchmarks/results/batching_cpu.md and stage_memory_cpu.md.
 """
 import argparse
 import json
@@ -85,6 +86,7 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=512, help="data.max_length: the packed row width")
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--skip-batching", action="store_true")
     ap.add_argument("--out", default=os.path.join(ROOT, "outputs", "bench_batching"))
     ap.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results"))
     args = ap.parse_args()
@@ -98,6 +100,20 @@ def main() -> None:
     rng = random.Random(0)
     write_confidence_file(confidence, confidence_records([{i: rng.uniform(1, 5) for i in ids}]), "benchmark")
 
+    os.makedirs(args.results, exist_ok=True)
+    if not args.skip_batching:
+        write(os.path.join(args.results, "batching_cpu.md"), batching_table(args, confidence))
+    if not args.skip_memory:
+        write(os.path.join(args.results, "stage_memory_cpu.md"), memory_table(args))
+
+
+def write(path: str, lines: list) -> None:
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def batching_table(args, confidence: str) -> list:
     rows = {}
     for method in ("ntp", "sftmix"):
         for layout, switches in LAYOUTS.items():
@@ -128,23 +144,23 @@ def main() -> None:
               f"sftmix {rows['sftmix', 'packed']['tokens_per_s'] / rows['sftmix', 'padded']['tokens_per_s']:.2f}x "
               "(goal: at least 1.3x)."]
 
-    if not args.skip_memory:
-        peaks = {}
-        for method in ("ntp", "sftmix"):
-            peaks[method] = run([f"method={method}"], os.path.join(args.out, f"default-{method}"))
-            print(method, "peak RSS GB", peaks[method], flush=True)
-        lines += ["", "## Peak memory of the README's default job", "",
-                  "The default job (`python launch/train.py`: SmolLM2-135M, 128 examples, 1 epoch, ZeRO-3, "
-                  "1 process) with `method=ntp` and with the default `method=sftmix` (stage 1: a reference run "
-                  "and 4 scoring passes, then stage 2): peak resident memory of the whole process.", "",
-                  "| job | peak RSS (GB) |", "|---|---|",
-                  f"| ntp | {peaks['ntp']:.2f} |", f"| sftmix (stage 1 + stage 2) | {peaks['sftmix']:.2f} |", "",
-                  f"sftmix / ntp: {peaks['sftmix'] / peaks['ntp']:.2f}x (goal: at most 1.1x; before stages released "
-                  "their engines: 11.9 GB against 7.2 GB, 1.65x)."]
-    os.makedirs(args.results, exist_ok=True)
-    with open(os.path.join(args.results, "batching_cpu.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return lines
+
+
+def memory_table(args) -> list:
+    peaks = {}
+    for method in ("ntp", "sftmix"):
+        peaks[method] = run([f"method={method}"], os.path.join(args.out, f"default-{method}"))
+        print(method, "peak RSS GB", peaks[method], flush=True)
+    return ["# Peak memory of the README's default job (CPU)", "",
+            f"`python benchmarks/batching.py --skip-batching`: the default job (`python launch/train.py`: "
+            f"SmolLM2-135M, 128 examples, 1 epoch, ZeRO-3, 1 process, {os.cpu_count()} CPU cores) with "
+            "`method=ntp` and with the default `method=sftmix` (stage 1: a reference run and 4 scoring passes, "
+            "then stage 2): peak resident memory of the whole process.", "",
+            "| job | peak RSS (GB) |", "|---|---|",
+            f"| ntp | {peaks['ntp']:.2f} |", f"| sftmix (stage 1 + stage 2) | {peaks['sftmix']:.2f} |", "",
+            f"sftmix / ntp: {peaks['sftmix'] / peaks['ntp']:.2f}x (goal: at most 1.1x; before stages released "
+            "their engines: 11.9 GB against 7.2 GB, 1.65x)."]
 
 
 if __name__ == "__main__":

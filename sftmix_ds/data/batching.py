@@ -95,26 +95,29 @@ def collate(examples: Sequence[Optional[Example]], pad_id: int) -> dict:
 
 
 def pack(examples: Sequence[Optional[Example]], pad_id: int, width: int) -> dict:
-    """Examples packed first-fit-decreasing into rows of at most `width` tokens (wider for an
-    example longer than that). position_ids restart at 0 for every example, which tells the
-    model (attention_mask=None) to attend within each example only; each example's first
-    label is ignored so nothing is predicted across a boundary (unpacked, position 0 is
-    never a target either). The padded tail of a row is a sequence of its own.
+    """Examples packed into as few rows of at most `width` tokens as fit (wider for an example
+    longer than that), balanced: longest first, each onto the least-filled row, so the rows end
+    near the same length and little of the batch is padding. position_ids restart at 0 for every
+    example, which tells the model (attention_mask=None) to attend within each example only; each
+    example's first label is ignored so nothing is predicted across a boundary (unpacked, position
+    0 is never a target either). The padded tail of a row is a sequence of its own.
     placements[i] = (row, start, length) of examples[i] (None for an empty slot)."""
     real = sorted((e for e in examples if e is not None), key=lambda e: -len(e.input_ids))
     if not real:
         return {**collate(examples[:1], pad_id), "position_ids": torch.zeros((1, 1), dtype=torch.long),
                 "placements": [None] * len(examples)}
     width = max(width, len(real[0].input_ids))
-    rows, free = [], []
-    for e in real:
-        k = next((r for r, room in enumerate(free) if room >= len(e.input_ids)), len(rows))
-        if k == len(rows):
-            rows.append([])
-            free.append(width)
-        rows[k].append(e)
-        free[k] -= len(e.input_ids)
-    longest = width - min(free)
+    n_rows = math.ceil(sum(len(e.input_ids) for e in real) / width)
+    while True:
+        rows, fill = [[] for _ in range(n_rows)], [0] * n_rows
+        for e in real:
+            k = min(range(n_rows), key=fill.__getitem__)
+            rows[k].append(e)
+            fill[k] += len(e.input_ids)
+        if max(fill) <= width:
+            break
+        n_rows += 1  # balancing overfilled a row: one more (at len(real) rows every example has its own)
+    longest = max(fill)
     input_ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), longest), IGNORE, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
