@@ -2,7 +2,6 @@
 and held-out response perplexity; results as eval.json and eval.md in the output folder."""
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
