@@ -27,7 +27,7 @@ from tqdm import tqdm
 from .common import atomic_file, to_device
 from .config import ConfigError, validate
 from .data import Batches, collate, load_split
-from .engine import PREFIX, DeepSpeedStrategy, LossModule, check_head, complete_checkpoints, dist_env
+from .engine import PREFIX, DeepSpeedStrategy, LossModule, check_head, complete_checkpoints, dist_env, sample_ids
 from .eval import eval_sets, evaluate_model
 from .models import load_tokenizer, prepare_model
 from .faults import maybe_die, maybe_poison
@@ -180,11 +180,6 @@ def evaluate(engine, strategy, method, examples, micro_batch_size: int, pad_id: 
     engine.train()
     loss_sum, count = strategy.all_reduce_sum(total).tolist()
     return loss_sum / max(count, 1)
-
-
-def sample_ids(examples, device, length: int = 32) -> torch.Tensor:
-    """A short real input ([1, length] token ids) for checks that need one."""
-    return torch.tensor([examples[0].input_ids[:length]], device=device)
 
 
 def export_steps(total_steps: int, count: int) -> set:

@@ -18,13 +18,12 @@ import math
 import os
 from functools import partial
 
-import torch
 from omegaconf import OmegaConf, open_dict
 from tqdm import tqdm
 
 from ..config import ConfigError, load_model_config, resolve_precision
 from ..data import load_split
-from ..engine import DeepSpeedStrategy, LossModule, check_head, dist_env
+from ..engine import DeepSpeedStrategy, LossModule, check_head, dist_env, sample_ids
 from ..models import load_tokenizer, prepare_model
 from ..common import write_json_atomic
 from ..inference import example_nll, score, scoring_plan
@@ -153,7 +152,7 @@ def score_checkpoint(cfg, model_path: str, examples, pad_id: int, stage_dir: str
     model = strategy.load_model(model_path, cfg.model.attn_implementation)
     fn = partial(example_nll, chunk_size=cfg.train.loss_chunk_size)
     engine = strategy.prepare_inference(LossModule(model, fn, strategy))
-    check_head(engine, torch.tensor([examples[0].input_ids[:32]], device=strategy.device), model_path)
+    check_head(engine, sample_ids(examples, strategy.device), model_path)
     n_batches = len(scoring_plan(examples, cfg.method.score_batch_size, strategy.world_size, strategy.rank))
     with tqdm(total=n_batches, desc=f"score {os.path.basename(model_path)}", disable=strategy.rank != 0) as bar:
         perplexity = score(engine, strategy, examples, cfg.method.score_batch_size, pad_id, progress=bar)

@@ -1,2 +1,2 @@
 from .strategy import BuildLockError, CheckpointError, DeepSpeedStrategy, complete_checkpoints, dist_env
-from .wrapper import PREFIX, LossModule, check_head
+from .wrapper import PREFIX, LossModule, check_head, sample_ids

@@ -63,6 +63,11 @@ class LossModule(nn.Module):
                 "(config.final_logit_softcapping)")
 
 
+def sample_ids(examples, device, length: int = 32) -> torch.Tensor:
+    """A short real input for check_head: the first tokens of the first example, [1, length]."""
+    return torch.tensor([examples[0].input_ids[:length]], device=device)
+
+
 @torch.no_grad()
 def check_head(engine, input_ids: torch.Tensor, model_name: str) -> None:
     """Refuse a model whose forward changes its logits in a way the head contract does not
