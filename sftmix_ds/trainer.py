@@ -24,11 +24,12 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from .common import atomic_file, to_device
+from .common import atomic_file, evenly_spaced, to_device
 from .config import ConfigError, validate
 from .data import Batches, collate, load_split
 from .engine import PREFIX, DeepSpeedStrategy, LossModule, check_head, complete_checkpoints, dist_env, sample_ids
 from .eval import eval_sets, evaluate_model
+from .inference import score
 from .models import load_tokenizer, prepare_model
 from .faults import maybe_die, maybe_poison
 from .tracking import MetricsLog, append_jsonl, keep_steps_up_to
@@ -182,11 +183,6 @@ def evaluate(engine, strategy, method, examples, micro_batch_size: int, pad_id: 
     return loss_sum / max(count, 1)
 
 
-def export_steps(total_steps: int, count: int) -> set:
-    """`count` evenly spaced steps, the last one at the end."""
-    return {round(total_steps * c / count) for c in range(1, count + 1)} if count else set()
-
-
 class Recipe:
     """One training run in three phases, as torchtune's recipes: setup() builds data, method,
     engine and run state; train() runs the steps (one step: _train_step; what follows it:
@@ -235,11 +231,11 @@ class Recipe:
         np.random.seed(t.seed)
         torch.manual_seed(t.seed)
         self.batches = self.method.batches(self.train_set, t, self.world_size, self.rank)
-        self.total_steps = t.max_steps if t.max_steps > 0 else t.epochs * self.batches.steps_per_epoch
+        self.total_steps = t.max_steps if t.max_steps > 0 else self.batches.steps(t.epochs)
         if t.export_count > self.total_steps:
             raise ConfigError(f"train.export_count={t.export_count}: this run has only {self.total_steps} optimizer "
                               "steps to export at")
-        self.exports = export_steps(self.total_steps, t.export_count)
+        self.exports = set(evenly_spaced(self.total_steps, t.export_count))
         self.strategy = DeepSpeedStrategy(cfg.deepspeed, t)
         if self.rank == 0:
             os.makedirs(cfg.output_dir, exist_ok=True)
@@ -262,6 +258,7 @@ class Recipe:
         if self.resume_from:
             resumed, client_state = self.strategy.load_checkpoint(self.resume_from, self._check_same_run)
             self.step = client_state["step"]
+            self.method.load_state(client_state.get("method", {}))
             log.info("resumed from %s at step %d", resumed, self.step)
         self.metrics = MetricsLog(cfg, enabled=self.rank == 0, fresh=resumed is None)
         self.samples_path = os.path.join(cfg.output_dir, "samples.jsonl")  # the example ids of every step
@@ -302,10 +299,11 @@ class Recipe:
         grad_accum is: the normalisers (and the method's batch stats) before the first forward,
         and the loss sums with the non-finite and preemption flags before the last backward."""
         started = time.perf_counter()
-        epoch, in_epoch = divmod(self.step, self.batches.steps_per_epoch)
+        epoch, in_epoch = self.batches.locate(self.step)
+        plan = self.batches.plan(epoch)
         micro = [self.method.collate([self.train_set[i] if i is not None else None for i in mb], self.pad_id,
                                      key=(epoch, in_epoch))
-                 for mb in self.batches.micro_batches(epoch, in_epoch)]
+                 for mb in plan.micro_batches(epoch, in_epoch)]
         local = Counter()
         for b in micro:
             local.update({**self.method.token_counts(b), **self.method.batch_stats(b),
@@ -317,12 +315,12 @@ class Recipe:
         self.step += 1
         if self.rank == 0:
             append_jsonl(self.samples_path, {"step": self.step, "ids": [
-                self.train_set[i].id for i in self.batches.step_examples(epoch, in_epoch)],
+                self.train_set[i].id for i in plan.step_examples(epoch, in_epoch)],
                 **({"skipped": True} if skipped else {})})
         self.guard.check_grad_norm(self.step, self.strategy.grad_norm(), skipped, self.ckpt_root)
         maybe_die("after_step", self.rank, self.step)
         elapsed = time.perf_counter() - started
-        record = {"step": self.step, "epoch": epoch + (in_epoch + 1) / self.batches.steps_per_epoch, "lr": lr,
+        record = {"step": self.step, "epoch": epoch + (in_epoch + 1) / plan.steps_per_epoch, "lr": lr,
                   "grad_norm": self.strategy.grad_norm(), "tokens_per_s": totals["tokens"] / elapsed,
                   "step_s": elapsed, "peak_mem_gb": self.strategy.peak_memory_gb()}
         record.update({f"loss/{n}": 0.0 if skipped else sums[f"loss/{n}"] / max(norms[n], 1) for n in self.names})
@@ -364,10 +362,12 @@ class Recipe:
         """Eval, logs, exports and checkpoints after a step, as OpenRLHF's save_logs_and_checkpoints;
         True when the run stops here (preemption or train.stop_after_steps) for a later resume."""
         t, step = self.t, self.step
+        method_metrics = self.method.after_step(step, self._score_train_set)
+        record.update(method_metrics)
         if self.eval_set and ((t.eval_every and step % t.eval_every == 0) or step == self.total_steps):
             record["eval_loss"] = evaluate(self.engine, self.strategy, self.method, self.eval_set, t.micro_batch_size,
                                            self.pad_id)
-        if step % t.log_every == 0 or "eval_loss" in record or step == self.total_steps:
+        if step % t.log_every == 0 or "eval_loss" in record or method_metrics or step == self.total_steps:
             self.metrics.log(record)
         self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
         self.bar.update(1)
@@ -376,12 +376,20 @@ class Recipe:
                                  t.export_dtype, prefix=PREFIX)
         stopping = step < self.total_steps and (self.signalled or (t.stop_after_steps and step >= t.stop_after_steps))
         if (t.save_every and step % t.save_every == 0) or stopping:
-            self.strategy.save_checkpoint(self.ckpt_root, step, {"step": step}, t.keep_checkpoints,
+            self.strategy.save_checkpoint(self.ckpt_root, step, {"step": step, "method": self.method.state()},
+                                          t.keep_checkpoints,
                                           meta={"identity": self.identity})
         if stopping:
             why = "SIGUSR1 (preemption or time limit)" if self.signalled else "train.stop_after_steps"
             log.info("stopping at step %d after a checkpoint, for %s; resume=auto continues", step, why)
         return bool(stopping)
+
+    def _score_train_set(self, batch_size: int) -> dict:
+        """{id: response perplexity} of every training example under the weights now; all ranks."""
+        n_batches = math.ceil(len(self.train_set) / batch_size / self.world_size)
+        with tqdm(total=n_batches, desc=f"score step {self.step}", disable=self.rank != 0, leave=False) as bar:
+            return score(self.engine, self.strategy, self.train_set, batch_size, self.pad_id, progress=bar,
+                         chunk_size=self.t.loss_chunk_size)
 
     # -- cleanup ---------------------------------------------------------------------------------
 

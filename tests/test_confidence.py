@@ -15,6 +15,8 @@ from sftmix_ds.losses import Head
 from sftmix_ds.data import collate, encode
 from sftmix_ds.data.tokenize import Example
 
+from sftmix_ds.tracking import MEASURED
+
 from .conftest import ROOT, launch_cli
 
 CONVERSATIONS = [
@@ -199,7 +201,12 @@ def test_random_confidence_source_trains_and_writes_the_stage_files(tmp_path):
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         for overrides, message in ((["method.confidence_source=file"], "set method.confidence_file"),
                                    (["method.confidence_source=random", "method.confidence_file=/etc/hostname"],
-                                    "both set"), (["method.confidence_source=online"], "must be one of")):
+                                    "both set"), (["method.confidence_source=guess"], "must be one of"),
+                                   (["method.confidence_source=online"], "train.epochs=1 leaves no epoch"),
+                                   (["method.confidence_source=online", "train.epochs=2",
+                                     "method.reference_model=tiny"], "drop method.reference_model"),
+                                   (["method.confidence_source=online", "train.epochs=2",
+                                     "method.warmup_epochs=0"], "method.warmup_epochs")):
             with pytest.raises(ConfigError, match=message):
                 validate(compose(config_name="train", overrides=["model=tiny", *overrides]))
     proc = launch_cli("train.py", ["model=tiny", "method.confidence_source=random", "train.max_steps=1",
@@ -211,3 +218,106 @@ def test_random_confidence_source_trains_and_writes_the_stage_files(tmp_path):
     assert os.path.exists(os.path.join(stage_dir, "confidence.png"))
     with open(os.path.join(stage_dir, "summary.json")) as f:
         assert json.load(f)["source"] == "random"
+
+
+# --- confidence_source=online: the run's own warm-up epochs, scored in place ---------------------------
+
+ONLINE = ["model=tiny", "data=jsonl", "train.epochs=2", "train.lr=1e-3", "train.adam_eps=1e-4",
+          "train.warmup_ratio=0", "train.export_dtype=fp32", "train.eval_every=0"]
+SFTMIX_ONLINE = ["method=sftmix", "method.confidence_source=online", "method.checkpoints=2",
+                 "method.score_batch_size=4", "method.mu=0.5"]
+ONE_PROCESS = ["train.micro_batch_size=4", "deepspeed=zero3"]
+TWO_RANKS = ["train.micro_batch_size=2", "deepspeed=zero3"]  # the same global batch of 4
+
+
+def _metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(folder, "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def online(tmp_path_factory):
+    """32 examples, global batch 4: 8 NTP steps (scored at steps 4 and 8), then 8 SFTMix steps."""
+    root = tmp_path_factory.mktemp("online")
+    data = root / "d.jsonl"
+    with open(os.path.join(ROOT, "sftmix_ds", "builtin_data", "arith_train.jsonl")) as f:
+        data.write_text("".join(f.readlines()[:32]))
+    common = ONLINE + [f"data.train_files=[{data}]"]
+    runs = {name: str(root / name) for name in ("one", "two", "ntp")}
+    launch_cli("train.py", common + ONE_PROCESS + SFTMIX_ONLINE + ["train.export_count=2", f"output_dir={runs['one']}"])
+    launch_cli("train.py", common + TWO_RANKS + SFTMIX_ONLINE + [f"output_dir={runs['two']}"], nproc=2)
+    launch_cli("train.py", common + ONE_PROCESS + ["method=ntp", "train.export_count=4", f"output_dir={runs['ntp']}"])
+    return {"root": root, "common": common, **runs}
+
+
+def _online_split(run_dir):
+    path = os.path.join(run_dir, "confidence", "online", "confidence.jsonl")
+    records = read_confidence_file(path)
+    return {r["id"]: r for r in records}
+
+
+def test_online_warm_up_epoch_is_an_ntp_epoch_and_its_split_is_stage1s_of_those_states(online):
+    one, ntp = _metrics(online["one"]), _metrics(online["ntp"])
+    assert len(one) == len(ntp) == 16
+    strip = lambda r: {k: v for k, v in r.items() if k not in MEASURED and not k.startswith(("confidence/", "pairs",
+                                                                                             "lam_", "loss/mix",
+                                                                                             "tokens/mix"))}
+    assert [strip(r) for r in one[:8]] == [strip(r) for r in ntp[:8]]  # exactly: the warm-up epoch is NTP
+    assert all(r["pairs"] == 0 and r["tokens/mix"] == 0 for r in one[:8])
+    assert all(r["pairs"] == 2 and r["tokens/mix"] > 0 for r in one[8:])  # then every micro-batch is pairs
+    assert one[7]["confidence/n"] == 32 and "confidence/n" not in one[6]
+    # Scoring between steps changed nothing: after epoch 1 (step 8) the weights are the NTP run's, bitwise.
+    w, ref_w = (_weights(os.path.join(online[name], "model_step_8")) for name in ("one", "ntp"))
+    assert w.keys() == ref_w.keys() and all(torch.equal(w[k], ref_w[k]) for k in w)
+    # Stage 1's scoring of the NTP run's states at the scoring points gives the same split.
+    split = _online_split(online["one"])
+    assert len(split) == 32 and sum(r["split"] == CONFIDENT for r in split.values()) == 16
+    given = ",".join(os.path.join(online["ntp"], f"model_step_{s}") for s in (4, 8))
+    stage1 = str(online["root"] / "stage1")
+    score_cli(online["common"] + ONE_PROCESS + ["method.checkpoints=2", "method.score_batch_size=4",
+                                                f"method.score_checkpoints=[{given}]", f"output_dir={stage1}"])
+    ref = _confidence(stage1)
+    assert ref.keys() == split.keys()
+    for i in ref:
+        assert split[i]["perplexities"] == pytest.approx(ref[i]["perplexities"], rel=1e-5)
+        assert split[i]["split"] == ref[i]["split"]
+
+
+def test_online_two_ranks_zero3_equal_one_process(online):
+    a, b = _online_split(online["one"]), _online_split(online["two"])
+    assert a.keys() == b.keys()
+    for i in a:
+        assert b[i]["perplexities"] == pytest.approx(a[i]["perplexities"], rel=1e-5)
+        assert b[i]["split"] == a[i]["split"]
+    for r, g in zip(_metrics(online["one"]), _metrics(online["two"]), strict=True):
+        for key in ("loss/ntp", "loss/mix", "lam_mean", "tokens/mix"):
+            assert g[key] == pytest.approx(r[key], rel=1e-5), key
+    w, ref_w = (_weights(os.path.join(online[name], "model")) for name in ("two", "one"))
+    for k in ref_w:
+        torch.testing.assert_close(w[k], ref_w[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_online_split_is_in_the_checkpoint_kill_9_in_epoch_2_resumes_bitwise(online):
+    """Stopped in the warm-up between the scoring points (step 6: one of two scored), resumed and
+    killed in epoch 2 (step 11, after the checkpoint at step 9), resumed again: the same run."""
+    run = str(online["root"] / "resumed")
+    args = online["common"] + TWO_RANKS + SFTMIX_ONLINE + ["train.save_every=3", f"output_dir={run}"]
+    launch_cli("train.py", args + ["train.stop_after_steps=6"], nproc=2)
+    proc = launch_cli("train.py", args, nproc=2, check=False, timeout=300, env={"SFTMIX_FAULT": "after_step:1:11"})
+    assert proc.returncode != 0 and "resumed from" in proc.stderr and "step_6" in proc.stderr
+    proc = launch_cli("train.py", args, nproc=2)
+    assert "resumed from" in proc.stderr and "step_9" in proc.stderr
+    clean = online["two"]
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in MEASURED} for r in rs]
+    assert strip(_metrics(run)) == strip(_metrics(clean))
+    with open(os.path.join(run, "samples.jsonl")) as f, open(os.path.join(clean, "samples.jsonl")) as g:
+        assert f.read() == g.read()  # the same examples at every step
+    assert _online_split(run) == _online_split(clean)
+    w, ref_w = (_weights(os.path.join(d, "model")) for d in (run, clean))
+    assert w.keys() == ref_w.keys() and all(torch.equal(w[k], ref_w[k]) for k in w)

@@ -102,7 +102,7 @@ def plot_confidence(records: List[dict], path: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.hist(conf, bins=min(50, max(5, len(conf) // 4)), color="#4878a8")
     ax.axvline(threshold, color="#c44e52", linestyle="--", label=f"median split ({threshold:.3g})")
-    ax.set_xlabel("confidence = -mean perplexity over reference checkpoints")
+    ax.set_xlabel("confidence = -mean perplexity over the scored model states")
     ax.set_ylabel("examples")
     ax.legend()
     fig.tight_layout()

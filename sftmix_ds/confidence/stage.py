@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import os
-from functools import partial
 
 from omegaconf import OmegaConf, open_dict
 from tqdm import tqdm
@@ -79,6 +78,8 @@ def run_confidence_stage(cfg) -> str:
     """The confidence file for cfg's training data: the given one, a finished one, or a new one."""
     from ..trainer import train  # the reference run is an ordinary training run
 
+    if cfg.method.confidence_source == "online":
+        raise ValueError("confidence_source=online has no stage 1: the run itself scores its first epochs")
     if cfg.method.confidence_file:
         return cfg.method.confidence_file
     if cfg.method.confidence_source == "random":
@@ -116,8 +117,9 @@ def run_confidence_stage(cfg) -> str:
     return publish_split(cfg, confidence_records(perplexities), stage_dir, fp, {"checkpoints": checkpoints})
 
 
-def publish_split(cfg, records, stage_dir: str, fp: str, extra: dict) -> str:
-    """confidence.jsonl, its histogram and summary.json in stage_dir (rank 0), and the log line."""
+def publish_split(cfg, records, stage_dir: str, fp: str, extra: dict, wandb_stage_run: bool = True) -> str:
+    """confidence.jsonl, its histogram and summary.json in stage_dir (rank 0), and the log line;
+    with wandb_stage_run, the summary as a wandb run of its own (not from inside a training run)."""
     out_path = os.path.join(stage_dir, CONFIDENCE_FILE)
     summary = summarize(records)
     if dist_env()[0] == 0:
@@ -125,7 +127,8 @@ def publish_split(cfg, records, stage_dir: str, fp: str, extra: dict) -> str:
         write_confidence_file(out_path, records, fp)
         plot_confidence(records, os.path.join(stage_dir, "confidence.png"))
         write_json_atomic(os.path.join(stage_dir, "summary.json"), {**summary, **extra}, indent=1)
-        log_stage_summary(cfg, "confidence", summary, stage_dir, os.path.join(stage_dir, "confidence.png"))
+        if wandb_stage_run:
+            log_stage_summary(cfg, "confidence", summary, stage_dir, os.path.join(stage_dir, "confidence.png"))
     log.info("stage 1: %s -> %s", summary, out_path)
     DeepSpeedStrategy.barrier_if_initialized()
     return out_path
@@ -150,12 +153,12 @@ def score_checkpoint(cfg, model_path: str, examples, pad_id: int, stage_dir: str
             return json.load(f)
     strategy = DeepSpeedStrategy(cfg.deepspeed, cfg.train)
     model = strategy.load_model(model_path, cfg.model.attn_implementation)
-    fn = partial(example_nll, chunk_size=cfg.train.loss_chunk_size)
-    engine = strategy.prepare_inference(LossModule(model, fn, strategy))
+    engine = strategy.prepare_inference(LossModule(model, example_nll, strategy))
     check_head(engine, sample_ids(examples, strategy.device), model_path)
     n_batches = len(scoring_plan(examples, cfg.method.score_batch_size, strategy.world_size, strategy.rank))
     with tqdm(total=n_batches, desc=f"score {os.path.basename(model_path)}", disable=strategy.rank != 0) as bar:
-        perplexity = score(engine, strategy, examples, cfg.method.score_batch_size, pad_id, progress=bar)
+        perplexity = score(engine, strategy, examples, cfg.method.score_batch_size, pad_id, progress=bar,
+                           chunk_size=cfg.train.loss_chunk_size)
     strategy.release()
     if strategy.rank == 0:
         os.makedirs(stage_dir, exist_ok=True)

@@ -78,6 +78,52 @@ class Batches:
         return [g[(m * self.world + self.rank) * self.mb:(m * self.world + self.rank + 1) * self.mb]
                 for m in range(self.accum)]
 
+    # The schedule interface the recipe uses (Phases implements it too): every epoch alike here.
+    def steps(self, epochs: int) -> int:
+        return epochs * self.steps_per_epoch
+
+    def locate(self, step: int) -> tuple:
+        """(epoch, step within it) of the run's step `step` (0-based)."""
+        return divmod(step, self.steps_per_epoch)
+
+    def plan(self, epoch: int) -> "Batches":
+        """The batches of that epoch."""
+        return self
+
+
+class Phases:
+    """A run whose first `first_epochs` epochs take batches from `first` and whose later epochs take
+    them from what `make_later()` returns, built on first use: it may depend on what the first
+    epochs learned (online SFTMix: pairs from the split that NTP epochs gave). `later_steps` is
+    its steps per epoch, known in advance so the run's length (and lr schedule) is too."""
+
+    def __init__(self, first: Batches, first_epochs: int, make_later, later_steps: int):
+        self.first, self.first_epochs, self.make_later, self.later_steps = first, first_epochs, make_later, later_steps
+        self.global_batch = first.global_batch
+        self.first_steps = first_epochs * first.steps_per_epoch
+        self._later = None
+
+    def steps(self, epochs: int) -> int:
+        if epochs <= self.first_epochs:
+            return epochs * self.first.steps_per_epoch
+        return self.first_steps + (epochs - self.first_epochs) * self.later_steps
+
+    def locate(self, step: int) -> tuple:
+        if step < self.first_steps:
+            return self.first.locate(step)
+        epoch, in_epoch = divmod(step - self.first_steps, self.later_steps)
+        return self.first_epochs + epoch, in_epoch
+
+    def plan(self, epoch: int):
+        if epoch < self.first_epochs:
+            return self.first
+        if self._later is None:
+            self._later = self.make_later()
+            if self._later.steps_per_epoch != self.later_steps:
+                raise RuntimeError(f"the later epochs have {self._later.steps_per_epoch} steps each, "
+                                   f"{self.later_steps} were planned")
+        return self._later
+
 
 def collate(examples: Sequence[Optional[Example]], pad_id: int) -> dict:
     """Right-pad to the longest example; None slots become one-token padding examples without loss."""

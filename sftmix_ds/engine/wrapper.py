@@ -34,7 +34,9 @@ class LossModule(nn.Module):
         out = self.lm.get_output_embeddings()
         return Head(out.weight, out.bias, self.scale, self.softcap)
 
-    def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None, compare_logits=False, **extra):
+    def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None, compare_logits=False,
+                loss_terms=None, **extra):
+        """loss_terms: another function of the same signature for this call (scoring during training)."""
         if compare_logits:
             return self._logit_error(input_ids)
         if position_ids is not None:  # packed rows: with attention_mask=None, position_ids mark the examples
@@ -42,7 +44,7 @@ class LossModule(nn.Module):
         hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                        use_cache=False).last_hidden_state
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, **extra}
-        return self.loss_terms(hidden, self.head(), batch)
+        return (loss_terms or self.loss_terms)(hidden, self.head(), batch)
 
     def _logit_error(self, input_ids) -> torch.Tensor:
         """max |our logits - the model's own| / max |the model's own|, dropout off."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-from functools import partial
 
 from ..common import atomic_file, write_json_atomic
 from ..data import load_conversations, load_split, require_final_answer
@@ -58,9 +57,8 @@ def evaluate_model(cfg, model_path: str, out_dir: str) -> dict:
         tokenizer, pad_id = load_tokenizer(model_path)
         examples = load_split(cfg.data, tokenizer, e.perplexity_files)
         model = strategy.load_model(model_path, cfg.model.attn_implementation)
-        engine = strategy.prepare_inference(LossModule(model, partial(example_nll, chunk_size=cfg.train.loss_chunk_size),
-                                                       strategy))
-        nll = score_nll(engine, strategy, examples, e.batch_size, pad_id)
+        engine = strategy.prepare_inference(LossModule(model, example_nll, strategy))
+        nll = score_nll(engine, strategy, examples, e.batch_size, pad_id, chunk_size=cfg.train.loss_chunk_size)
         strategy.release()
         total, count = sum(s for s, _ in nll.values()), sum(c for _, c in nll.values())
         results["perplexity"] = {"perplexity": math.exp(total / count), "nll": total / count, "tokens": count,

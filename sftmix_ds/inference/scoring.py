@@ -8,6 +8,7 @@ every example is scored exactly once; results are gathered to every rank.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Dict, List, Sequence
 
 import torch
@@ -47,25 +48,31 @@ def scoring_plan(examples: Sequence[Example], batch_size: int, world_size: int, 
     return mine + [[] for _ in range(math.ceil(len(batches) / world_size) - len(mine))]
 
 
-def score(engine, strategy, examples: Sequence[Example], batch_size: int, pad_id: int, progress=None) -> Dict[str, float]:
+def score(engine, strategy, examples: Sequence[Example], batch_size: int, pad_id: int, progress=None,
+          chunk_size: int = 0) -> Dict[str, float]:
     """{id: perplexity} for every example, gathered from all ranks."""
     return {i: math.exp(s / c) for i, (s, c) in score_nll(engine, strategy, examples, batch_size, pad_id,
-                                                           progress).items()}
+                                                           progress, chunk_size).items()}
 
 
 def score_nll(engine, strategy, examples: Sequence[Example], batch_size: int, pad_id: int,
-              progress=None) -> Dict[str, tuple]:
-    """{id: (summed response-token NLL, response-token count)} for every example, from all ranks."""
+              progress=None, chunk_size: int = 0) -> Dict[str, tuple]:
+    """{id: (summed response-token NLL, response-token count)} for every example, from all ranks.
+    `engine` wraps a sftmix_ds LossModule (its own loss is not used: this one computes
+    example_nll, so a training engine can score too); its train/eval mode is left as it was."""
     results = []
+    nll_terms = partial(example_nll, chunk_size=chunk_size)
+    was_training = engine.training
     engine.eval()
     with torch.no_grad():
         for indices in scoring_plan(examples, batch_size, strategy.world_size, strategy.rank):
             batch = collate([examples[i] for i in indices] or [None], pad_id)
-            out = engine(**to_device(batch, strategy.device))
+            out = engine(**to_device(batch, strategy.device), loss_terms=nll_terms)
             for i, s, c in zip(indices, out["nll_sum"].tolist(), out["count"].tolist()):
                 results.append((examples[i].id, (s, c)))
             if progress is not None:
                 progress.update(1)
+    engine.train(was_training)
     gathered = strategy.all_gather_object(results)
     nll = dict(r for part in gathered for r in part)
     n_scored = sum(len(part) for part in gathered)

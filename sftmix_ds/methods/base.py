@@ -35,6 +35,8 @@ class Method:
     loss_terms(...)      per loss term, its sum over the batch (runs inside the engine's forward)
     weights              per loss term, its weight once normalised: loss = sum w_n term_n / count_n
     step_metrics(stats)  metrics of a step from the summed batch_stats
+    after_step(step, score)  work between steps (SFTMix online: score the training set); metrics to log
+    state(), load_state  what the method learns during the run, saved in and restored from checkpoints
     identity()           what else a checkpoint must share with the run resuming it (JSON-able)
     """
 
@@ -73,6 +75,18 @@ class Method:
 
     def step_metrics(self, stats: Dict[str, float]) -> dict:
         return {}
+
+    def after_step(self, step: int, score) -> dict:
+        """Called on every rank after optimizer step `step` (1-based), before its checkpoint.
+        score(batch_size) -> {id: response perplexity} of every training example under the
+        current weights (inference only; collective). Returns metrics for that step's record."""
+        return {}
+
+    def state(self) -> dict:
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        """state: what state() returned when the checkpoint being resumed was saved."""
 
     def identity(self) -> dict:
         return {}

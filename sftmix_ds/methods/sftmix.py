@@ -9,6 +9,8 @@ Both normalisers are global token counts (all ranks, whole accumulation window).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import zlib
@@ -18,9 +20,12 @@ from typing import List, Optional
 import numpy as np
 import torch
 
+from ..common import evenly_spaced
 from ..config import ConfigError, model_config_path, one_of, positive
-from ..confidence import CONFIDENT, read_confidence_file, run_confidence_stage
-from ..data.batching import PairBatches, aligned_pairs, collate, pack
+from ..confidence import CONFIDENT, confidence_records, read_confidence_file, run_confidence_stage
+from ..confidence.split import summarize
+from ..confidence.stage import CONFIDENCE_FILE, publish_split
+from ..data.batching import PairBatches, Phases, aligned_pairs, collate, pack
 from ..losses import Head, fused_sftmix_loss
 from .base import MethodConfig
 from .ntp import NTP, lengths_if_grouped, response_rows
@@ -33,10 +38,13 @@ class SFTMixConfig(MethodConfig):
     name: str = "sftmix"
     _target_: str = "sftmix_ds.methods.sftmix.SFTMix"
     # Stage 1 (confidence): reference (the paper: a one-epoch reference run scored at C checkpoints) |
-    # random (a seeded half/half split: the ablation) | file (confidence_file, from an earlier run).
+    # online (this project's variant: this run's own first warmup_epochs epochs train plain NTP and are
+    # scored at C points, the later ones train SFTMix pairs) | random (a seeded half/half split: the
+    # ablation) | file (confidence_file, from an earlier run).
     confidence_source: str = "reference"
     confidence_file: Optional[str] = None
-    checkpoints: int = 4  # C reference checkpoints, evenly spaced over one epoch, the last at its end
+    checkpoints: int = 4  # C scoring points, evenly spaced over the (reference or warm-up) epochs, the last at the end
+    warmup_epochs: int = 1  # online only
     # A model group option (conf/model/NAME.yaml) for the reference run; null: the target model.
     reference_model: Optional[str] = None
     score_batch_size: int = 8
@@ -52,12 +60,17 @@ class SFTMixConfig(MethodConfig):
 
 class SFTMix(NTP):
     def __init__(self, name: str = "sftmix", mu: float = 0.2, alpha: float = 0.5, lam_per: str = "pair",
-                 **options):
+                 confidence_source: str = "reference", checkpoints: int = 4, warmup_epochs: int = 1,
+                 score_batch_size: int = 8, **options):
         super().__init__(name, **options)
         self.weights = {"ntp": 1.0, "mix": mu}
         self.alpha, self.lam_per = alpha, lam_per
+        self.online = confidence_source == "online"
+        self.checkpoints, self.warmup_epochs, self.score_batch_size = checkpoints, warmup_epochs, score_batch_size
         self.split = None  # id -> confident | unconfident
         self.seed = 0
+        self.scores = {}  # online: step -> {id: perplexity} at each scoring point reached
+        self.score_steps = []
 
     @staticmethod
     def check_config(cfg) -> None:
@@ -67,11 +80,21 @@ class SFTMix(NTP):
         positive("method.alpha", m.alpha)
         positive("method.mu", m.mu, zero_ok=True)
         one_of("method.lam_per", m.lam_per, ("pair", "batch"))
-        one_of("method.confidence_source", m.confidence_source, ("reference", "random", "file"))
+        one_of("method.confidence_source", m.confidence_source, ("reference", "online", "random", "file"))
+        positive("method.warmup_epochs", m.warmup_epochs)
         if m.confidence_source == "file" and not m.confidence_file:
             raise ConfigError("method.confidence_source=file: set method.confidence_file=PATH")
-        if m.confidence_source == "random" and m.confidence_file:
-            raise ConfigError("method.confidence_source=random and method.confidence_file are both set; drop one")
+        if m.confidence_source in ("random", "online") and m.confidence_file:
+            raise ConfigError(f"method.confidence_source={m.confidence_source} and method.confidence_file are both "
+                              "set; drop one")
+        if m.confidence_source == "online":
+            if m.reference_model or m.score_checkpoints:
+                raise ConfigError("method.confidence_source=online scores this run's own model: drop "
+                                  "method.reference_model / method.score_checkpoints, or use confidence_source=reference")
+            if t.max_steps <= 0 and t.epochs <= m.warmup_epochs:
+                raise ConfigError(f"method.confidence_source=online: train.epochs={t.epochs} leaves no epoch after "
+                                  f"the method.warmup_epochs={m.warmup_epochs} NTP epoch(s) for SFTMix pairs; "
+                                  "raise train.epochs")
         if t.micro_batch_size % 2:
             raise ConfigError(f"train.micro_batch_size={t.micro_batch_size}: must be even for method=sftmix "
                               "(each micro-batch holds k confident + k unconfident examples)")
@@ -81,16 +104,37 @@ class SFTMix(NTP):
             raise ConfigError(f"method.reference_model={m.reference_model!r}: no conf/model/{m.reference_model}.yaml")
 
     def before_training(self, cfg, train_set, tokenizer):
+        self.seed, self.cfg = cfg.train.seed, cfg
+        if self.online:  # the split comes from this run's own warm-up epochs (after_step)
+            self.ids = [e.id for e in train_set]
+            return train_set
         path = run_confidence_stage(cfg)
         records = read_confidence_file(path, expected_ids=[e.id for e in train_set])
         self.split = {r["id"]: r["split"] for r in records}
-        self.seed = cfg.train.seed
         return train_set
 
     def identity(self) -> dict:
-        return {"split": sorted(self.split.items())}
+        return {"split": "online" if self.online else sorted(self.split.items())}
 
-    def batches(self, train_set, train_cfg, world_size: int, rank: int) -> PairBatches:
+    def batches(self, train_set, train_cfg, world_size: int, rank: int):
+        if not self.online:
+            return self._pair_batches(train_set, train_cfg, world_size, rank)
+        half = len(train_set) // 2  # the median split's sizes, known before the split is
+        planned = PairBatches(range(half), range(half, len(train_set)), train_cfg.micro_batch_size,
+                              train_cfg.grad_accum, world_size, rank, train_cfg.seed).steps_per_epoch
+        phases = Phases(super().batches(train_set, train_cfg, world_size, rank), self.warmup_epochs,
+                        lambda: self._pair_batches(train_set, train_cfg, world_size, rank), planned)
+        if self.checkpoints > phases.first_steps:
+            raise ConfigError(f"method.checkpoints={self.checkpoints}: the {self.warmup_epochs} warm-up epoch(s) "
+                              f"have only {phases.first_steps} optimizer steps to score at; use at most "
+                              f"{phases.first_steps}, or a smaller train.micro_batch_size")
+        self.score_steps = evenly_spaced(phases.first_steps, self.checkpoints)
+        if 0 < train_cfg.max_steps < self.score_steps[-1]:
+            raise ConfigError(f"train.max_steps={train_cfg.max_steps} ends before the online split is made at step "
+                              f"{self.score_steps[-1]} (the end of method.warmup_epochs={self.warmup_epochs})")
+        return phases
+
+    def _pair_batches(self, train_set, train_cfg, world_size: int, rank: int) -> PairBatches:
         confident = [i for i, e in enumerate(train_set) if self.split[e.id] == CONFIDENT]
         unconfident = [i for i, e in enumerate(train_set) if self.split[e.id] != CONFIDENT]
         batches = PairBatches(confident, unconfident, train_cfg.micro_batch_size, train_cfg.grad_accum, world_size,
@@ -99,6 +143,42 @@ class SFTMix(NTP):
             log.info("sftmix: %d confident / %d unconfident examples: %d without a partner train with NTP only "
                      "each epoch", len(confident), len(unconfident), batches.leftovers)
         return batches
+
+    # -- online confidence: scoring points during the warm-up epochs, the split in the checkpoint --
+
+    def after_step(self, step: int, score) -> dict:
+        if step not in self.score_steps or step in self.scores:
+            return {}
+        self.scores[step] = score(self.score_batch_size)
+        if len(self.scores) < len(self.score_steps):
+            return {}
+        summary = self._make_split(publish=True)
+        return {f"confidence/{k}": v for k, v in summary.items()}
+
+    def state(self) -> dict:
+        return {"online_scores": self.scores} if self.online else {}
+
+    def load_state(self, state: dict) -> None:
+        if self.online:
+            self.scores = dict(state.get("online_scores", {}))
+            if len(self.scores) == len(self.score_steps):
+                self._make_split(publish=not os.path.exists(os.path.join(self._stage_dir(), CONFIDENCE_FILE)))
+
+    def _stage_dir(self) -> str:
+        return os.path.join(self.cfg.method.stage_dir or os.path.join(self.cfg.output_dir, "confidence"), "online")
+
+    def _make_split(self, publish: bool) -> dict:
+        """The median split of -mean perplexity over the scoring points, as stage 1 makes it."""
+        records = confidence_records([self.scores[s] for s in self.score_steps])
+        self.split = {r["id"]: r["split"] for r in records}
+        if publish:
+            fp = hashlib.sha256(json.dumps([self.seed, self.ids, self.score_steps]).encode()).hexdigest()[:16]
+            publish_split(self.cfg, records, self._stage_dir(), fp,
+                          {"source": "online", "scored_at_steps": self.score_steps}, wandb_stage_run=False)
+        return summarize(records)
+
+    def paired(self, epoch: int) -> bool:
+        return not self.online or epoch >= self.warmup_epochs
 
     def draw_lam(self, pairs: list, key: tuple) -> torch.Tensor:
         """lam ~ Beta(alpha, alpha) for each (id_a, id_b) pair, from a generator keyed by the
@@ -112,6 +192,8 @@ class SFTMix(NTP):
                              .beta(self.alpha, self.alpha) for a, b in pairs], dtype=torch.float32)
 
     def collate(self, examples, pad_id: int, key: tuple = (0, 0)) -> dict:
+        if not self.paired(key[0]):  # online warm-up: plain NTP batches
+            return super().collate(examples, pad_id, key)
         batch = pack(examples, pad_id, self.pack_width) if self.pack_width else collate(examples, pad_id)
         k = len(examples) // 2
         pair_a, pair_b, pair_of_row = aligned_pairs(batch["labels"], k, batch.pop("placements", None))
@@ -128,9 +210,9 @@ class SFTMix(NTP):
         return counts
 
     def loss_terms(self, hidden: torch.Tensor, head: Head, batch: dict) -> dict:
-        if "pair_a" not in batch:  # evaluation batches: plain NTP
-            return super().loss_terms(hidden, head, batch)
-        if self.weights["mix"] == 0:  # mu = 0: the paired batches without the Mixup term, which is not computed
+        # Evaluation and online warm-up batches are plain NTP; with mu = 0 the paired batches train
+        # without the Mixup term, which is then not computed.
+        if "pair_a" not in batch or self.weights["mix"] == 0:
             return {**super().loss_terms(hidden, head, batch), "mix": hidden.new_zeros((), dtype=torch.float32)}
         rows, targets = response_rows(hidden, batch["labels"])
         ntp_sum, mix_sum = fused_sftmix_loss(rows, head.weight, targets, batch["pair_a"], batch["pair_b"],
@@ -139,6 +221,8 @@ class SFTMix(NTP):
         return {"ntp": ntp_sum, "mix": mix_sum}
 
     def batch_stats(self, batch: dict) -> dict:
+        if "pair_lam" not in batch:
+            return {"lam_sum": 0.0, "pairs": 0}
         return {"lam_sum": float(batch["pair_lam"].sum()), "pairs": batch["pair_lam"].numel()}
 
     def step_metrics(self, stats: dict) -> dict:
