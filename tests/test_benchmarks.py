@@ -35,3 +35,22 @@ def test_throughput_benchmark_matches_trl_losses_at_toy_size(tmp_path):
     assert "MFU: model FLOPs/token = 6 * (parameters - input embedding)" in table
     diff = float(re.search(r"first 3 losses differ by at most ([0-9.e+-]+)", table).group(1))
     assert diff < 1e-4
+
+
+def test_confidence_sources_benchmark_at_toy_size(tmp_path):
+    """Every source runs as a whole job; online trains exactly the NTP run's tokens and scores C epochs' worth."""
+    import re
+
+    results = tmp_path / "results"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "confidence_sources.py"), "--toy",
+                           "--out", str(tmp_path / "runs"), "--results", str(results)], capture_output=True,
+                          text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = (results / "confidence_sources_cpu.md").read_text()
+    rows = {m.group(1): [int(m.group(2)), int(m.group(3))]
+            for m in re.finditer(r"^\| ([a-z ]+) \| \d+ \| [0-9.]+x \| (\d+) \| (\d+) \|$", table, re.M)}
+    assert rows.keys() == {"ntp", "sftmix online", "sftmix reference", "sftmix random"}
+    ntp_tokens = rows["ntp"][0]
+    assert rows["sftmix online"] == [ntp_tokens, ntp_tokens]  # C=2 passes over 2 epochs' data / 2
+    assert rows["sftmix random"] == [ntp_tokens, 0]
+    assert rows["sftmix reference"][0] == ntp_tokens * 3 // 2  # one reference epoch more
