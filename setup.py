@@ -20,6 +20,7 @@ setup(
         "matplotlib",
         "pyarrow",
         "filelock",
+        "peft",
     ],
     entry_points={"console_scripts": [
         "sftmix-train = sftmix_ds.cli:train_main",

@@ -116,6 +116,8 @@ class TrainLoopConfig:
     export_count: int = 0
     # Export the final model to OUTPUT_DIR/model (false: benchmarks; a re-run then trains again).
     export_final: bool = True
+    # With peft=lora: also export the merged plain model (OUTPUT_DIR/model) beside OUTPUT_DIR/adapter.
+    export_merged: bool = True
     # Speed switches. Activation checkpointing: recompute each block's activations in backward.
     gradient_checkpointing: bool = False
     # torch.compile each decoder block (the loss and ZeRO-3's hooks stay eager).
@@ -154,6 +156,17 @@ class EvalConfig:
 
 
 @dataclass
+class PeftConfig:
+    # none: full fine-tuning | lora: LoRA adapters (the peft library) on target_modules, all else frozen.
+    kind: str = "none"
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.1
+    # Names of linear layers in the decoder blocks (q_proj, ...); null: all of them.
+    target_modules: Optional[List[str]] = None
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = MISSING
     data: DataConfig = MISSING
@@ -161,6 +174,7 @@ class TrainConfig:
     deepspeed: DeepSpeedConfig = MISSING
     logger: LoggerConfig = MISSING
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
     output_dir: str = MISSING
     # auto: continue from the newest complete checkpoint in output_dir, if any;
     # none: start fresh (refused if output_dir already has checkpoints);
@@ -202,6 +216,7 @@ def register_configs() -> None:
     cs.store(group="deepspeed", name="deepspeed_schema", node=DeepSpeedConfig)
     cs.store(group="logger", name="logger_schema", node=LoggerConfig)
     cs.store(group="eval", name="eval_schema", node=EvalConfig)
+    cs.store(group="peft", name="peft_schema", node=PeftConfig)
 
 
 def method_schemas() -> list:
@@ -330,12 +345,28 @@ def validate(cfg) -> None:
     if cfg.eval is not None and not t.export_final and not cfg.eval.model_path:
         raise ConfigError("eval is set but train.export_final=false: there is no exported model to evaluate "
                           "(set eval.model_path or train.export_final=true)")
+    check_peft(cfg)
     if cfg.resume not in ("auto", "none") and not os.path.isfile(os.path.join(cfg.resume, "complete.json")):
         raise ConfigError(f"resume={cfg.resume!r}: must be auto, none, or a complete checkpoint folder "
                           "(OUTPUT_DIR/checkpoints/step_N holding complete.json)")
     if cfg.eval is not None:
         check_eval(cfg.eval)
     method_class(cfg.method).check_config(cfg)
+
+
+def check_peft(cfg) -> None:
+    p = cfg.peft
+    one_of("peft.kind", p.kind, ("none", "lora"))
+    if p.kind == "none":
+        return
+    positive("peft.r", p.r)
+    positive("peft.alpha", p.alpha)
+    in_range("peft.dropout", p.dropout, 0, 1, high_open=True)
+    if p.target_modules is not None and not p.target_modules:
+        raise ConfigError("peft.target_modules=[]: name at least one layer, or null for all linear layers")
+    if cfg.eval is not None and not cfg.train.export_merged and not cfg.eval.model_path:
+        raise ConfigError("eval is set but train.export_merged=false: evaluation reads the merged model; set "
+                          "train.export_merged=true or eval.model_path")
 
 
 def check_output_dir(path: str) -> None:

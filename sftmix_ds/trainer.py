@@ -24,6 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from .adapters import adapter_summary, apply_lora, check_lora_targets
 from .common import atomic_file, evenly_spaced, to_device
 from .config import ConfigError, validate
 from .data import Batches, collate, load_split
@@ -98,6 +99,9 @@ class PreemptionFlag:
 
 
 def finished(cfg) -> bool:
+    """The final export is there (with LoRA and train.export_merged=false: the adapter folder)."""
+    if cfg.peft.kind == "lora" and not cfg.train.export_merged:
+        return os.path.exists(os.path.join(cfg.output_dir, "adapter", "adapter_config.json"))
     return os.path.exists(os.path.join(cfg.output_dir, "model", "config.json"))
 
 
@@ -215,6 +219,8 @@ class Recipe:
         """Model files, tokenizer, tokenized splits and the method's stage: all before any process group."""
         cfg, t = self.cfg, self.t
         self.model_path = prepare_model(cfg.model, cfg.model_cache_dir)
+        if cfg.peft.kind == "lora":
+            check_lora_targets(self.model_path, cfg.peft)
         self.tokenizer, self.pad_id = load_tokenizer(self.model_path)
         train_set = load_split(cfg.data, self.tokenizer, cfg.data.train_files)
         self.eval_set = load_split(cfg.data, self.tokenizer, cfg.data.eval_files) if cfg.data.eval_files else []
@@ -242,6 +248,9 @@ class Recipe:
             with atomic_file(os.path.join(cfg.output_dir, "config.yaml")) as f:
                 f.write(OmegaConf.to_yaml(cfg, resolve=True))
         self.model = self.strategy.load_model(self.model_path, cfg.model.attn_implementation)
+        if cfg.peft.kind == "lora":
+            self.model = apply_lora(self.model, cfg.peft)
+            log.info("%s", adapter_summary(self.model))
         self.engine = self.strategy.prepare(LossModule(self.model, self.method.loss_terms, self.strategy),
                                             self.total_steps)
         check_head(self.engine, sample_ids(self.train_set, self.strategy.device), cfg.model.name)
@@ -398,8 +407,14 @@ class Recipe:
         cfg, t = self.cfg, self.t
         done = self.step == self.total_steps
         if done and t.export_final:
-            self.strategy.export(self.export_dir, self.model, self.tokenizer, t.export_dtype, prefix=PREFIX)
-            log.info("exported %s model to %s; final metrics %s", t.export_dtype, self.export_dir, record)
+            lora = cfg.peft.kind == "lora"
+            merged = self.export_dir if t.export_merged or not lora else None
+            adapter = os.path.join(cfg.output_dir, "adapter") if lora else None
+            self.strategy.export(merged, self.model, self.tokenizer, t.export_dtype, prefix=PREFIX,
+                                 adapter_dir=adapter)
+            log.info("exported %s %s; final metrics %s", t.export_dtype,
+                     " and ".join(f"{what} to {where}" for what, where in (("model", merged), ("adapter", adapter))
+                                  if where), record)
         self.strategy.release()
         self.model = self.engine = None  # the stage's model goes with its engine, before evaluation loads one
         if done and cfg.eval is not None:

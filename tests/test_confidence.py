@@ -209,6 +209,13 @@ def test_random_confidence_source_trains_and_writes_the_stage_files(tmp_path):
                                      "method.warmup_epochs=0"], "method.warmup_epochs")):
             with pytest.raises(ConfigError, match=message):
                 validate(compose(config_name="train", overrides=["model=tiny", *overrides]))
+    for overrides, message in ((["method.checkpoints=17"], "method.checkpoints=17: the 1 warm-up epoch(s) have "
+                                                           "only 16 optimizer steps"),
+                               (["train.max_steps=12"], "train.max_steps=12 ends before the online split is made "
+                                                        "at step 16")):
+        proc = launch_cli("train.py", ["model=tiny", "method.confidence_source=online", "train.epochs=2", *overrides,
+                                       f"output_dir={tmp_path}/bad"], check=False)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
     proc = launch_cli("train.py", ["model=tiny", "method.confidence_source=random", "train.max_steps=1",
                                    "train.eval_every=0", "train.export_final=false", f"output_dir={tmp_path}"])
     assert "reference run" not in proc.stderr

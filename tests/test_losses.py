@@ -64,6 +64,28 @@ def test_fused_equals_reference_for_every_head_float64(head, chunk_size):
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_frozen_head_gets_no_gradient_and_the_rest_is_unchanged(backend):
+    """A head that does not require grad (LoRA): no dW (nor db) is computed; the loss and dh equal
+    the reference's, and autograd never sees a weight gradient."""
+    if backend == "triton":
+        pytest.importorskip("triton")  # on CPU in triton's interpreter (conftest)
+    hidden, weight, labels, pair_a, pair_b, lam = make_case(torch.float32)
+    bias = (torch.randn(weight.shape[0], generator=torch.Generator().manual_seed(5)) * 0.7)
+    frozen_w, frozen_b = weight.detach(), bias  # neither requires grad
+    ntp, mix = fused_sftmix_loss(hidden, frozen_w, labels, pair_a, pair_b, lam, chunk_size=4, backend=backend,
+                                 bias=frozen_b, scale=2.5, softcap=4.0)
+    (ntp + 0.3 * mix).backward()
+    assert frozen_w.grad is None and frozen_b.grad is None
+    h = hidden.detach().clone().requires_grad_()
+    ref_ntp, ref_mix = reference_sftmix_loss(h, frozen_w, labels, pair_a, pair_b, lam, bias=frozen_b, scale=2.5,
+                                             softcap=4.0)
+    (ref_ntp + 0.3 * ref_mix).backward()
+    torch.testing.assert_close(ntp, ref_ntp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mix, ref_mix, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hidden.grad, h.grad, rtol=1e-4, atol=1e-5)
+
+
 def test_the_soft_cap_is_applied_after_mixing():
     """cap(lam u_a + (1 - lam) u_b), not lam cap(u_a) + (1 - lam) cap(u_b): the two differ."""
     hidden, weight, labels, pair_a, pair_b, lam = make_case(torch.float64)

@@ -44,9 +44,10 @@ def confidence_file(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("method", ["ntp", "sftmix"])
-def test_kill_9_one_rank_then_resume_equals_uninterrupted(method, tmp_path, confidence_file):
-    args = COMMON + [f"method={method}"] + ([f"method.confidence_file={confidence_file}"] if method == "sftmix" else [])
+@pytest.mark.parametrize("method,peft", [("ntp", "none"), ("sftmix", "none"), ("sftmix", "lora")])
+def test_kill_9_one_rank_then_resume_equals_uninterrupted(method, peft, tmp_path, confidence_file):
+    args = COMMON + [f"method={method}", f"peft={peft}"] + (
+        [f"method.confidence_file={confidence_file}"] if method == "sftmix" else [])
     clean, crashed = str(tmp_path / "clean"), str(tmp_path / "crashed")
     train_cli(args + [f"output_dir={clean}"], nproc=2)
     # The job stops (a hang would hit the timeout and fail the test).
@@ -58,6 +59,9 @@ def test_kill_9_one_rank_then_resume_equals_uninterrupted(method, tmp_path, conf
     assert "resumed from" in proc.stderr and "step_2" in proc.stderr
     assert same_weights(clean, crashed)  # bitwise, fp32 on CPU
     assert same_history(clean, crashed)
+    if peft == "lora":
+        wa, wb = (load_file(os.path.join(d, "adapter", "adapter_model.safetensors")) for d in (clean, crashed))
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path):

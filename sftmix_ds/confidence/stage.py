@@ -79,7 +79,8 @@ def run_confidence_stage(cfg) -> str:
     from ..trainer import train  # the reference run is an ordinary training run
 
     if cfg.method.confidence_source == "online":
-        raise ValueError("confidence_source=online has no stage 1: the run itself scores its first epochs")
+        raise ConfigError("method.confidence_source=online has no separate stage 1: the training run scores its "
+                          "own warm-up epochs (launch/train.py)")
     if cfg.method.confidence_file:
         return cfg.method.confidence_file
     if cfg.method.confidence_source == "random":

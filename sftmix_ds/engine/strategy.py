@@ -329,13 +329,18 @@ class DeepSpeedStrategy:
         raise CheckpointError(f"no usable checkpoint among {len(candidates)}: " + " | ".join(reasons) +
                               "; remove the broken folders to start over, or restore them")
 
-    def export(self, out_dir: str, model, tokenizer, dtype: str, prefix: str = "") -> None:
+    def export(self, out_dir: Optional[str], model, tokenizer, dtype: str, prefix: str = "",
+               adapter_dir: Optional[str] = None) -> None:
         """Consolidated 16-bit (or fp32) safetensors + config + tokenizer, loadable by from_pretrained.
 
         `model` is the transformers model inside the engine's module, whose
-        parameters appear under `prefix` in the engine's state dict.
+        parameters appear under `prefix` in the engine's state dict. A LoRA model
+        (sftmix_ds.adapters) is exported merged to out_dir (None: not at all), and
+        its adapter folder to adapter_dir when given.
         """
         from huggingface_hub import save_torch_state_dict
+
+        from ..adapters import is_peft, merged_state, save_adapter
 
         if self.cfg.zero_stage == 3:
             state = self.engine._zero3_consolidated_16bit_state_dict()  # collective
@@ -344,8 +349,13 @@ class DeepSpeedStrategy:
         if self.rank == 0:
             export_dtype = torch_dtype(dtype)
             # clone: ZeRO-1/2 parameters are views into one flat buffer, which safetensors refuses
-            state = {k[len(prefix):]: v.detach().to("cpu", export_dtype).clone()
-                     for k, v in state.items() if k.startswith(prefix)}
+            state = {k[len(prefix):]: v.detach().to("cpu").clone() for k, v in state.items() if k.startswith(prefix)}
+            if is_peft(model):
+                if adapter_dir:
+                    save_adapter(model, {k: v.to(export_dtype) for k, v in state.items()}, adapter_dir)
+                state, model = merged_state(model, state), model.get_base_model()
+            state = {k: v.to(export_dtype) for k, v in state.items()}
+        if self.rank == 0 and out_dir is not None:
             if getattr(model.config, "tie_word_embeddings", False):
                 state.pop("lm_head.weight", None)
             empty = [k for k, v in state.items() if v.numel() == 0]

@@ -247,20 +247,25 @@ class _FusedSFTMixLoss(torch.autograd.Function):
         head = Head(weight, bias, ctx.scale, ctx.softcap)
         g_ntp, g_mix = float(g_ntp), float(g_mix)
         acc = _acc(hidden.dtype)
-        grad_h = torch.zeros(hidden.shape, dtype=acc, device=hidden.device)
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
-        grad_b = None if bias is None else torch.zeros(bias.shape, dtype=acc, device=bias.device)
+        # A frozen head (LoRA) needs no dW: that matmul, its [V, d] buffer and its reduction are skipped.
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
         p = 0
         for index, ((rows, n_pairs), count) in enumerate(zip(ctx.chunks, ctx.counts)):
             h = hidden[rows]
             G = ctx.impl.grad(index, h, head, labels[rows], count, n_pairs, lam32[p:p + n_pairs], g_ntp, g_mix)
             p += n_pairs
-            grad_h.index_add_(0, rows, (G.to(weight.dtype) @ weight).to(acc))
-            grad_w.add_(G.t() @ h.to(G.dtype))  # a 16-bit G (triton) keeps this matmul in 16 bits
-            if grad_b is not None:
+            if need_h:
+                grad_h.index_add_(0, rows, (G.to(weight.dtype) @ weight).to(acc))
+            if need_w:
+                grad_w.add_(G.t() @ h.to(G.dtype))  # a 16-bit G (triton) keeps this matmul in 16 bits
+            if need_b:
                 grad_b.add_(G.sum(0, dtype=acc))
-        return (grad_h.to(hidden.dtype), grad_w.to(weight.dtype), None if bias is None else grad_b.to(bias.dtype),
-                None, None, None, None, None, None, None, None)
+        cast = lambda g, like: None if g is None else g.to(like.dtype)
+        return (cast(grad_h, hidden), cast(grad_w, weight), cast(grad_b, bias), None, None, None, None, None, None,
+                None, None)
 
 
 def fused_sftmix_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, pair_a: torch.Tensor,
