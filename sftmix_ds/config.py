@@ -105,6 +105,9 @@ class TrainLoopConfig:
     # Stop cleanly (after a checkpoint) at this step, e.g. before a Slurm time
     # limit; a later run with resume=auto continues. 0: run to the end.
     stop_after_steps: int = 0
+    # Resuming on another rank count keeps the checkpoint's global batch (so every step trains the
+    # same examples), deriving grad_accum when it was not changed; true: continue with a new one.
+    allow_new_global_batch: bool = False
     # A NaN/inf loss: stop, or skip the step (needs grad_accum=1); too many in a row stops.
     nonfinite: str = "stop"  # stop | skip
     max_nonfinite_steps: int = 3

@@ -21,14 +21,15 @@ from collections import Counter
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 from tqdm import tqdm
 
 from .adapters import adapter_summary, apply_lora, check_lora_targets
 from .common import atomic_file, evenly_spaced, to_device
 from .config import ConfigError, validate
 from .data import Batches, collate, load_split
-from .engine import PREFIX, DeepSpeedStrategy, LossModule, check_head, complete_checkpoints, dist_env, sample_ids
+from .engine import (PREFIX, DeepSpeedStrategy, LossModule, check_head, complete_checkpoints, dist_env,
+                     read_complete, sample_ids)
 from .eval import eval_sets, evaluate_model
 from .inference import score
 from .models import load_tokenizer, prepare_model
@@ -127,6 +128,9 @@ def find_resume(cfg) -> list:
 # The data files are compared by the examples they give, not by their paths. An entry ending in
 # "." or "_" covers every key it begins.
 RESUMABLE_CHANGES = ("output_dir", "resume", "resume_force", "model_cache_dir", "logger.", "eval", "data.cache_dir",
+                     # the layout, as long as the global batch (compared on its own) is kept:
+                     "train.micro_batch_size", "train.grad_accum",
+                     "train.allow_new_global_batch",
                      "data.train_files", "data.eval_files", "method.stage_dir", "method.confidence_source",
                      "method.confidence_file", "method.targets_file", "method.allow_unsandboxed_code",
                      "deepspeed.timeout_minutes", "deepspeed.build_lock_wait_minutes", "train.log_every",
@@ -139,9 +143,10 @@ def resumable_change(key: str) -> bool:
     return any(key == c or key.startswith(c if c.endswith((".", "_")) else c + ".") for c in RESUMABLE_CHANGES)
 
 
-def run_identity(cfg, train_set, method) -> dict:
+def run_identity(cfg, train_set, method, global_batch: int) -> dict:
     """What a checkpoint must share with the run that resumes it: the training examples (and the
-    method's state, e.g. SFTMix's split) by digest, and every setting but RESUMABLE_CHANGES."""
+    method's state, e.g. SFTMix's split) by digest, the global batch, and every setting but
+    RESUMABLE_CHANGES."""
     flat = {}
 
     def walk(node, prefix=""):
@@ -153,6 +158,7 @@ def run_identity(cfg, train_set, method) -> dict:
 
     walk(OmegaConf.to_container(cfg, resolve=True))
     settings = {k: v for k, v in flat.items() if not resumable_change(k)}
+    settings["global_batch"] = global_batch
     h = hashlib.sha256()
     for e in train_set:
         h.update(json.dumps([e.id, e.input_ids, e.labels]).encode())
@@ -166,6 +172,8 @@ def identity_changes(old: dict, new: dict) -> list:
         changes.append("the training examples differ (other data, tokenizer, max_length or method state)")
     before, after = old.get("settings", {}), new["settings"]
     for key in sorted(set(before) | set(after)):
+        if key == "global_batch" and key not in before:  # a checkpoint from before it was recorded
+            continue
         if before.get(key, "<unset>") != after.get(key, "<unset>"):
             changes.append(f"{key}: {before.get(key, '<unset>')!r} -> {after.get(key, '<unset>')!r}")
     return changes
@@ -210,10 +218,59 @@ class Recipe:
             log.info("%s/model exists: this run is finished (resume=none with a new output_dir trains again)",
                      self.cfg.output_dir)
             return False
+        self._fit_allocation()
         self._setup_data()
         self._setup_engine()
         self._setup_state()
         return True
+
+    def _fit_allocation(self) -> None:
+        """Resuming with another rank count than the checkpoint's: load it through a universal
+        checkpoint (another ZeRO stage is refused), and keep its global batch (micro-batch x accumulation x ranks), which
+        defines the examples of every step: grad_accum is derived when it was left as it was;
+        otherwise the user's settings must keep it, or train.allow_new_global_batch=true."""
+        if not self.resume_from:
+            self.universal = False
+            return
+        meta = read_complete(self.resume_from[0])
+        t, stage = self.t, self.cfg.deepspeed.zero_stage
+        written = (meta["world_size"], meta.get("zero_stage", stage))
+        if written[1] != stage:
+            # DeepSpeed 0.19's universal loader fails (a bare AssertionError) across stages, both ways.
+            raise ConfigError(f"resume: {self.resume_from[0]} was written under ZeRO-{written[1]} and "
+                              f"deepspeed.zero_stage={stage}; DeepSpeed cannot load a checkpoint under another ZeRO "
+                              f"stage, resume with deepspeed.zero_stage={written[1]} (any rank count)")
+        self.universal = written != (self.world_size, stage)
+        if not self.universal or "global_batch" not in meta:
+            return  # the same layout, or a checkpoint from before layouts were recorded (refused at load)
+        saved = meta["global_batch"]
+        now = t.micro_batch_size * t.grad_accum * self.world_size
+        log.info("resume: %s was written by %d ranks under ZeRO-%d; resuming on %d ranks under ZeRO-%d",
+                 self.resume_from[0], *written, self.world_size, stage)
+        if now == saved:
+            return
+        per_rank, rest = divmod(saved, t.micro_batch_size * self.world_size)
+        unchanged = (meta.get("grad_accum"), meta.get("micro_batch_size")) == (t.grad_accum, t.micro_batch_size)
+        if unchanged and not rest and not t.allow_new_global_batch:
+            log.info("resume: keeping the global batch of %d: train.grad_accum %d -> %d on %d ranks", saved,
+                     t.grad_accum, per_rank, self.world_size)
+            with open_dict(self.cfg):
+                self.cfg.train.grad_accum = per_rank
+            return
+        if t.allow_new_global_batch:
+            log.warning("resume: train.allow_new_global_batch=true: global batch %d -> %d; the examples of the steps "
+                        "from here differ from the original run's (some of this epoch may repeat or be skipped)",
+                        saved, now)
+            return
+        ways = [f"train.micro_batch_size={m} train.grad_accum={saved // (m * self.world_size)}"
+                for m in range(1, saved + 1) if saved % (m * self.world_size) == 0][:3]
+        raise ConfigError(f"resume: the checkpoint's global batch is {saved} examples per step, and "
+                          f"train.micro_batch_size={t.micro_batch_size} x train.grad_accum={t.grad_accum} x "
+                          f"{self.world_size} ranks = {now}; "
+                          + (f"keep it with {' or '.join(ways)}" if ways else
+                             f"no micro-batch x accumulation gives {saved} on {self.world_size} ranks (use a rank "
+                             f"count dividing {saved})")
+                          + ", or continue with a new global batch with train.allow_new_global_batch=true")
 
     def _setup_data(self) -> None:
         """Model files, tokenizer, tokenized splits and the method's stage: all before any process group."""
@@ -243,6 +300,8 @@ class Recipe:
                               "steps to export at")
         self.exports = set(evenly_spaced(self.total_steps, t.export_count))
         self.strategy = DeepSpeedStrategy(cfg.deepspeed, t)
+        if self.universal:
+            self.strategy.use_universal_checkpoints()
         if self.rank == 0:
             os.makedirs(cfg.output_dir, exist_ok=True)
             with atomic_file(os.path.join(cfg.output_dir, "config.yaml")) as f:
@@ -263,7 +322,7 @@ class Recipe:
         """The step to start from, logs trimmed to it, and the per-run guards."""
         cfg, t = self.cfg, self.t
         self.step, resumed = 0, None
-        self.identity = run_identity(cfg, self.train_set, self.method)
+        self.identity = run_identity(cfg, self.train_set, self.method, self.batches.global_batch)
         if self.resume_from:
             resumed, client_state = self.strategy.load_checkpoint(self.resume_from, self._check_same_run)
             self.step = client_state["step"]
@@ -284,6 +343,8 @@ class Recipe:
             log.warning("%s: written before checkpoints recorded their run's settings; not compared", folder)
             return
         changes = identity_changes(meta["identity"], self.identity)
+        if self.t.allow_new_global_batch:
+            changes = [c for c in changes if not c.startswith("global_batch:")]
         if not changes:
             return
         what = "; ".join(changes[:8]) + (f"; and {len(changes) - 8} more" if len(changes) > 8 else "")
@@ -387,7 +448,8 @@ class Recipe:
         if (t.save_every and step % t.save_every == 0) or stopping:
             self.strategy.save_checkpoint(self.ckpt_root, step, {"step": step, "method": self.method.state()},
                                           t.keep_checkpoints,
-                                          meta={"identity": self.identity})
+                                          meta={"identity": self.identity, "global_batch": self.batches.global_batch,
+                                                "micro_batch_size": t.micro_batch_size, "grad_accum": t.grad_accum})
         if stopping:
             why = "SIGUSR1 (preemption or time limit)" if self.signalled else "train.stop_after_steps"
             log.info("stopping at step %d after a checkpoint, for %s; resume=auto continues", step, why)

@@ -54,3 +54,17 @@ def test_confidence_sources_benchmark_at_toy_size(tmp_path):
     assert rows["sftmix online"] == [ntp_tokens, ntp_tokens]  # C=2 passes over 2 epochs' data / 2
     assert rows["sftmix random"] == [ntp_tokens, 0]
     assert rows["sftmix reference"][0] == ntp_tokens * 3 // 2  # one reference epoch more
+
+
+def test_lora_benchmark_at_toy_size(tmp_path):
+    import re
+
+    results = tmp_path / "results"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "lora.py"), "--toy", "--out",
+                           str(tmp_path / "runs"), "--results", str(results)], capture_output=True, text=True,
+                          timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = (results / "lora_cpu.md").read_text()
+    for method in ("ntp", "sftmix"):
+        assert re.search(rf"^\| {method} \| \d+ \| \d+ \| [0-9.]+x \| [0-9.]+ \| [0-9.]+ \| [0-9.]+x \|$", table, re.M)
+    assert "| frozen (LoRA: dW skipped) |" in table

@@ -90,12 +90,89 @@ def test_disk_full_while_saving_stops_cleanly_and_keeps_the_previous_checkpoint(
     assert os.path.exists(os.path.join(ckpts, "step_2", "complete.json"))
 
 
-def test_resume_on_fewer_ranks_is_refused_clearly(tmp_path):
+# --- another allocation: resume through DeepSpeed's universal checkpoints -------------------------
+
+ELASTIC = ["model=tiny", "train.max_steps=6", "train.save_every=2", "train.lr=1e-3", "train.adam_eps=1e-4",
+           "train.micro_batch_size=2", "train.export_dtype=fp32", "train.eval_every=0"]
+
+
+@pytest.fixture(scope="module")
+def elastic_clean(tmp_path_factory, confidence_file):
+    """Uninterrupted runs: 2 ranks ZeRO-3 (global batch 2 x 1 x 2 = 4), ntp and sftmix."""
+    root = tmp_path_factory.mktemp("elastic")
+    runs = {}
+    for method in ("ntp", "sftmix"):
+        runs[method] = str(root / method)
+        train_cli(ELASTIC + _method(method, confidence_file) + ["deepspeed=zero3", f"output_dir={runs[method]}"],
+                  nproc=2)
+    return runs
+
+
+def _method(method, confidence_file):
+    return [f"method={method}"] + ([f"method.confidence_file={confidence_file}"] if method == "sftmix" else [])
+
+
+def _same_run_within_fp32(a, b):
+    """Same examples at every step; losses and weights equal to fp32 reduction-order noise
+    (relative 1e-6 on the losses, 1e-5 on the weights). Measured: bitwise equal here."""
+    assert lines(os.path.join(a, "samples.jsonl")) == lines(os.path.join(b, "samples.jsonl"))
+    for r, g in zip(lines(os.path.join(a, "metrics.jsonl")), lines(os.path.join(b, "metrics.jsonl")), strict=True):
+        assert g["loss"] == pytest.approx(r["loss"], rel=1e-6) and g["lr"] == r["lr"], r["step"]
+    wa, wb = (load_file(os.path.join(d, "model", "model.safetensors")) for d in (a, b))
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+@pytest.mark.parametrize("method", ["ntp", "sftmix"])
+def test_two_ranks_then_one_with_the_global_batch_kept(method, elastic_clean, confidence_file, tmp_path):
+    """Stopped at step 3 on 2 ranks, resumed on 1: grad_accum 1 -> 2 is derived, the checkpoint is
+    converted to a universal one once, and the run goes on as the uninterrupted 2-rank run."""
     run = str(tmp_path / "run")
-    train_cli(COMMON + ["method=ntp", "train.stop_after_steps=2", f"output_dir={run}"], nproc=2)
-    proc = train_cli(COMMON + ["method=ntp", f"output_dir={run}"], check=False)
-    assert proc.returncode == 2
-    assert "written by 2 ranks, resuming with 1" in proc.stderr and "Traceback" not in proc.stderr
+    args = ELASTIC + _method(method, confidence_file) + ["deepspeed=zero3", f"output_dir={run}"]
+    train_cli(args + ["train.stop_after_steps=3"], nproc=2)
+    proc = train_cli(args)
+    assert "keeping the global batch of 4: train.grad_accum 1 -> 2 on 1 ranks" in proc.stderr
+    assert "universal checkpoint" in proc.stderr and "resumed from" in proc.stderr
+    _same_run_within_fp32(elastic_clean[method], run)
+
+
+def test_one_rank_then_two_and_another_zero_stage_is_refused(elastic_clean, tmp_path):
+    """1 rank x accum 2, stopped at 3, resumed on 2 ranks x accum 1 (given explicitly). Another ZeRO
+    stage is refused: DeepSpeed 0.19.8 cannot load a ZeRO-2 checkpoint under ZeRO-3 or the reverse."""
+    run = str(tmp_path / "run")
+    train_cli(ELASTIC + ["method=ntp", "train.grad_accum=2", "deepspeed=zero3", "train.stop_after_steps=3",
+                         f"output_dir={run}"])
+    proc = train_cli(ELASTIC + ["method=ntp", "deepspeed=zero2", f"output_dir={run}"], nproc=2, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "was written under ZeRO-3 and deepspeed.zero_stage=2; DeepSpeed cannot load" in proc.stderr
+    proc = train_cli(ELASTIC + ["method=ntp", "train.grad_accum=1", "deepspeed=zero3", f"output_dir={run}"], nproc=2)
+    assert "written by 1 ranks under ZeRO-3; resuming on 2 ranks under ZeRO-3" in proc.stderr
+    _same_run_within_fp32(elastic_clean["ntp"], run)
+
+
+def test_a_conversion_cut_short_is_never_used_and_is_redone(elastic_clean, tmp_path):
+    run = str(tmp_path / "run")
+    args = ELASTIC + ["method=ntp", "deepspeed=zero3", f"output_dir={run}"]
+    train_cli(args + ["train.stop_after_steps=2"], nproc=2)
+    proc = train_cli(args, check=False, env={"SFTMIX_FAULT": "in_convert:0:2"})  # killed before the rename
+    step_2 = os.path.join(run, "checkpoints", "step_2")
+    assert proc.returncode != 0 and not os.path.exists(os.path.join(step_2, "universal"))
+    assert os.path.isdir(os.path.join(step_2, "universal.tmp"))
+    train_cli(args)
+    _same_run_within_fp32(elastic_clean["ntp"], run)
+
+
+def test_a_global_batch_that_cannot_be_kept_is_refused_naming_the_settings(elastic_clean, tmp_path):
+    run = str(tmp_path / "run")
+    args = ELASTIC + ["method=ntp", "deepspeed=zero3", f"output_dir={run}"]
+    train_cli(args + ["train.stop_after_steps=2"], nproc=2)
+    proc = train_cli(args + ["train.grad_accum=3"], check=False)  # 1 rank x 2 x 3 = 6, the checkpoint's is 4
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert ("the checkpoint's global batch is 4 examples per step, and train.micro_batch_size=2 x "
+            "train.grad_accum=3 x 1 ranks = 6; keep it with train.micro_batch_size=1 train.grad_accum=4 or "
+            "train.micro_batch_size=2 train.grad_accum=2") in proc.stderr
+    proc = train_cli(args + ["train.grad_accum=3", "train.allow_new_global_batch=true"])
+    assert "global batch 4 -> 6" in proc.stderr
 
 
 def test_nan_loss_stop_and_skip_policies(tmp_path):

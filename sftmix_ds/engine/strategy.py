@@ -24,6 +24,9 @@ from ..faults import maybe_die, maybe_disk_full
 
 log = logging.getLogger(__name__)
 COMPLETE = "complete.json"
+# A checkpoint's conversion to DeepSpeed's universal format (for another rank count or ZeRO
+# stage) lives in this subfolder, complete once UNIVERSAL_DONE is in it.
+UNIVERSAL, UNIVERSAL_DONE = "universal", "converted.json"
 
 
 class CheckpointError(RuntimeError):
@@ -262,8 +265,8 @@ class DeepSpeedStrategy:
                                   f"{done[-1] if done else 'none'}; free space and run again with resume=auto")
         manifest = self._manifest(folder)
         if self.rank == 0:
-            write_json_atomic(os.path.join(folder, COMPLETE), {"step": step, "world_size": self.world_size,
-                                                               "files": manifest, **(meta or {})})
+            write_json_atomic(os.path.join(folder, COMPLETE), {"step": step, **self.layout(), "files": manifest,
+                                                               **(meta or {})})
             for old in complete_checkpoints(ckpt_root)[:-keep] if keep else []:
                 shutil.rmtree(old, ignore_errors=True)
         self.barrier()
@@ -297,27 +300,47 @@ class DeepSpeedStrategy:
         problems = [p for part in self.all_gather_object(problems) for p in part]
         return "; ".join(problems[:5]) if problems else None
 
+    def layout(self) -> dict:
+        """What a checkpoint's files depend on: the rank count and the ZeRO stage."""
+        return {"world_size": self.world_size, "zero_stage": self.cfg.zero_stage}
+
+    def use_universal_checkpoints(self) -> None:
+        """Load checkpoints through their universal conversion (another rank count or ZeRO stage
+        than they were written with). Before prepare()."""
+        self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
+
     def load_checkpoint(self, candidates: list, check_meta=None) -> tuple:
         """Load the newest usable checkpoint of `candidates` (newest first): one whose files all
         match its manifest and that DeepSpeed can read; the others are passed over, saying why.
-        check_meta(folder, meta) may refuse one (raising), e.g. for other run settings.
+        check_meta(folder, meta) may refuse one (raising), e.g. for other run settings. With
+        use_universal_checkpoints() each is loaded from its universal conversion (made once).
         Returns (folder, client state). Collective."""
         reasons = []
+        universal = self.ds_config.get("checkpoint", {}).get("load_universal", False)
         for folder in candidates:
             meta = read_complete(folder)
-            if meta["world_size"] != self.world_size:
-                raise CheckpointError(f"{folder}: written by {meta['world_size']} ranks, resuming with "
-                                      f"{self.world_size}; resume with the same number of ranks (changing it needs "
-                                      "a universal checkpoint)")
+            written = {"world_size": meta["world_size"], "zero_stage": meta.get("zero_stage", self.cfg.zero_stage)}
+            if written != self.layout() and not universal:
+                raise CheckpointError(f"{folder}: written with {written}, resuming with {self.layout()} "
+                                      "without a universal checkpoint")
             if check_meta is not None:
                 check_meta(folder, meta)
             problem = self._verify(folder, meta)
             if problem is None:
                 try:
-                    root, tag = os.path.split(os.path.normpath(folder))
-                    _, client_state = self.engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,
-                                                                  load_lr_scheduler_states=True)
-                    _set_rng_state(torch.load(os.path.join(folder, f"rng_rank{self.rank}.pt"), weights_only=False))
+                    if universal:
+                        _, client_state = self.engine.load_checkpoint(folder, tag=self._universal(folder),
+                                                                      load_optimizer_states=True,
+                                                                      load_lr_scheduler_states=True)
+                        _unshare_adam_steps(self.engine.optimizer)
+                    else:
+                        root, tag = os.path.split(os.path.normpath(folder))
+                        _, client_state = self.engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,
+                                                                      load_lr_scheduler_states=True)
+                        _set_rng_state(torch.load(os.path.join(folder, f"rng_rank{self.rank}.pt"),
+                                                  weights_only=False))
+                except CheckpointError:
+                    raise
                 except Exception as e:  # a shard that passed no manifest (an old checkpoint), or a bug
                     problem = f"DeepSpeed could not load it ({type(e).__name__}: {e})"
                 if self.any_rank(problem is not None):
@@ -328,6 +351,36 @@ class DeepSpeedStrategy:
             reasons.append(f"{os.path.basename(folder)}: {problem}")
         raise CheckpointError(f"no usable checkpoint among {len(candidates)}: " + " | ".join(reasons) +
                               "; remove the broken folders to start over, or restore them")
+
+    def _universal(self, folder: str) -> str:
+        """The tag (subfolder) of `folder`'s universal conversion, made by rank 0 the first time
+        (into a temporary folder renamed when done, so a conversion cut short is never used)
+        and reused after. Collective."""
+        out = os.path.join(folder, UNIVERSAL)
+        error = None
+        if self.rank == 0 and not os.path.isfile(os.path.join(out, UNIVERSAL_DONE)):
+            tmp = f"{out}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            log.info("resume: converting %s to a universal checkpoint (once; kept in %s)", folder, out)
+            started = time.perf_counter()
+            try:
+                _ds_to_universal(folder, tmp)
+                maybe_die("in_convert", self.rank, read_complete(folder)["step"])
+                size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(tmp) for f in fs)
+                write_json_atomic(os.path.join(tmp, UNIVERSAL_DONE),
+                                  {"seconds": round(time.perf_counter() - started, 1), "bytes": size})
+                shutil.rmtree(out, ignore_errors=True)
+                os.replace(tmp, out)
+                log.info("resume: universal checkpoint %s: %.1f s, %.1f MB", out, time.perf_counter() - started,
+                         size / 1e6)
+            except Exception as e:  # every rank must learn of it, or the others wait at the barrier
+                error = e
+        if self.any_rank(error is not None):
+            detail = f"{type(error).__name__}: {error}" if error else "on rank 0; its log says why"
+            raise CheckpointError(f"{folder}: converting it to a universal checkpoint failed ({detail}); resume with the "
+                                  f"rank count and ZeRO stage it was written with ({read_complete(folder)['world_size']} "
+                                  "ranks)")
+        return UNIVERSAL
 
     def export(self, out_dir: Optional[str], model, tokenizer, dtype: str, prefix: str = "",
                adapter_dir: Optional[str] = None) -> None:
@@ -476,6 +529,33 @@ def _merge(base: dict, extra: dict) -> dict:
     for k, v in extra.items():
         base[k] = _merge(dict(base.get(k, {})), v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
     return base
+
+
+def _unshare_adam_steps(optimizer) -> None:
+    """DeepSpeed's universal loader gives every parameter group's Adam state one shared `step`
+    tensor, which torch's Adam then increments once per group per step: the bias correction of
+    all groups but the first runs ahead (seen as a loss drift right after resume). One tensor each."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    for state in inner.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+
+
+def _ds_to_universal(folder: str, out: str) -> None:
+    """DeepSpeed's own converter (deepspeed/checkpoint/ds_to_universal.py) on one checkpoint
+    folder, in a fresh process: its worker pool must not fork this one (threads, process group)."""
+    import subprocess
+    import sys
+
+    workers = str(max(1, min(4, (os.cpu_count() or 1) // 2)))
+    proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", folder,
+                           "--output_folder", out, "--num_extract_workers", workers, "--num_merge_workers", workers,
+                           # ZeRO-1/2: the converter wants Megatron's layout info, empty without TP/PP
+                           "--inject_missing_state"],
+                          capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"deepspeed.checkpoint.ds_to_universal exited with {proc.returncode}: "
+                           f"{proc.stderr.strip()[-1500:]}")
 
 
 def _rng_state() -> dict:
