@@ -226,9 +226,10 @@ class Recipe:
 
     def _fit_allocation(self) -> None:
         """Resuming with another rank count than the checkpoint's: load it through a universal
-        checkpoint (another ZeRO stage is refused), and keep its global batch (micro-batch x accumulation x ranks), which
-        defines the examples of every step: grad_accum is derived when it was left as it was;
-        otherwise the user's settings must keep it, or train.allow_new_global_batch=true."""
+        checkpoint (another ZeRO stage is refused) and keep its global batch (micro-batch x
+        accumulation x ranks), which defines the examples of every step: grad_accum is derived
+        when it was left as it was; otherwise the user's settings must keep it, or
+        train.allow_new_global_batch=true."""
         if not self.resume_from:
             self.universal = False
             return
@@ -241,8 +242,11 @@ class Recipe:
                               f"deepspeed.zero_stage={stage}; DeepSpeed cannot load a checkpoint under another ZeRO "
                               f"stage, resume with deepspeed.zero_stage={written[1]} (any rank count)")
         self.universal = written != (self.world_size, stage)
-        if not self.universal or "global_batch" not in meta:
-            return  # the same layout, or a checkpoint from before layouts were recorded (refused at load)
+        if not self.universal:
+            return
+        if "global_batch" not in meta:
+            raise ConfigError(f"resume: {self.resume_from[0]} was written by {written[0]} ranks before checkpoints "
+                              f"recorded their global batch; resume it on {written[0]} ranks")
         saved = meta["global_batch"]
         now = t.micro_batch_size * t.grad_accum * self.world_size
         log.info("resume: %s was written by %d ranks under ZeRO-%d; resuming on %d ranks under ZeRO-%d",

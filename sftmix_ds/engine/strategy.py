@@ -24,8 +24,8 @@ from ..faults import maybe_die, maybe_disk_full
 
 log = logging.getLogger(__name__)
 COMPLETE = "complete.json"
-# A checkpoint's conversion to DeepSpeed's universal format (for another rank count or ZeRO
-# stage) lives in this subfolder, complete once UNIVERSAL_DONE is in it.
+# A checkpoint's conversion to DeepSpeed's universal format (to resume on another rank count)
+# lives in this subfolder, complete once UNIVERSAL_DONE is in it.
 UNIVERSAL, UNIVERSAL_DONE = "universal", "converted.json"
 
 
@@ -305,8 +305,8 @@ class DeepSpeedStrategy:
         return {"world_size": self.world_size, "zero_stage": self.cfg.zero_stage}
 
     def use_universal_checkpoints(self) -> None:
-        """Load checkpoints through their universal conversion (another rank count or ZeRO stage
-        than they were written with). Before prepare()."""
+        """Load checkpoints through their universal conversion (another rank count than they were
+        written by). Before prepare()."""
         self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
 
     def load_checkpoint(self, candidates: list, check_meta=None) -> tuple:
@@ -377,9 +377,8 @@ class DeepSpeedStrategy:
                 error = e
         if self.any_rank(error is not None):
             detail = f"{type(error).__name__}: {error}" if error else "on rank 0; its log says why"
-            raise CheckpointError(f"{folder}: converting it to a universal checkpoint failed ({detail}); resume with the "
-                                  f"rank count and ZeRO stage it was written with ({read_complete(folder)['world_size']} "
-                                  "ranks)")
+            raise CheckpointError(f"{folder}: converting it to a universal checkpoint failed ({detail}); resume "
+                                  f"on the {read_complete(folder)['world_size']} ranks it was written by")
         return UNIVERSAL
 
     def export(self, out_dir: Optional[str], model, tokenizer, dtype: str, prefix: str = "",

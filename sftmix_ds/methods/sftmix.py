@@ -90,7 +90,8 @@ class SFTMix(NTP):
         if m.confidence_source == "online":
             if m.reference_model or m.score_checkpoints:
                 raise ConfigError("method.confidence_source=online scores this run's own model: drop "
-                                  "method.reference_model / method.score_checkpoints, or use confidence_source=reference")
+                                  "method.reference_model / method.score_checkpoints, or use "
+                                  "confidence_source=reference")
             if t.max_steps <= 0 and t.epochs <= m.warmup_epochs:
                 raise ConfigError(f"method.confidence_source=online: train.epochs={t.epochs} leaves no epoch after "
                                   f"the method.warmup_epochs={m.warmup_epochs} NTP epoch(s) for SFTMix pairs; "
