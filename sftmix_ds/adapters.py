@@ -67,9 +67,9 @@ def is_peft(model) -> bool:
     return hasattr(model, "peft_config")
 
 
-def save_adapter(model, state: Dict[str, torch.Tensor], out_dir: str) -> None:
-    """The adapter folder (adapter_config.json, adapter_model.safetensors) from the gathered
-    full state (the PeftModel's own key names), written whole or not at all."""
+def save_adapter(model, state: Dict[str, torch.Tensor], out_dir: str, dtype: torch.dtype) -> None:
+    """The adapter folder (adapter_config.json, adapter_model.safetensors, tensors in `dtype`) from
+    the gathered full state (the PeftModel's own key names), written whole or not at all."""
     import shutil
 
     from peft.utils import get_peft_model_state_dict
@@ -79,7 +79,8 @@ def save_adapter(model, state: Dict[str, torch.Tensor], out_dir: str) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     adapter = get_peft_model_state_dict(model, state_dict=state, adapter_name=ADAPTER)
-    save_file({k: v.contiguous() for k, v in adapter.items()}, os.path.join(tmp, "adapter_model.safetensors"))
+    save_file({k: v.to(dtype).contiguous() for k, v in adapter.items()},
+              os.path.join(tmp, "adapter_model.safetensors"))
     model.peft_config[ADAPTER].save_pretrained(tmp)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)

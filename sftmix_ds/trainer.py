@@ -31,7 +31,7 @@ from .data import Batches, collate, load_split
 from .engine import (PREFIX, DeepSpeedStrategy, LossModule, check_head, complete_checkpoints, dist_env,
                      read_complete, sample_ids)
 from .eval import eval_sets, evaluate_model
-from .inference import score
+from .inference import score, scoring_plan
 from .models import load_tokenizer, prepare_model
 from .faults import maybe_die, maybe_poison
 from .tracking import MetricsLog, append_jsonl, keep_steps_up_to
@@ -461,7 +461,7 @@ class Recipe:
 
     def _score_train_set(self, batch_size: int) -> dict:
         """{id: response perplexity} of every training example under the weights now; all ranks."""
-        n_batches = math.ceil(len(self.train_set) / batch_size / self.world_size)
+        n_batches = len(scoring_plan(self.train_set, batch_size, self.world_size, self.rank))
         with tqdm(total=n_batches, desc=f"score step {self.step}", disable=self.rank != 0, leave=False) as bar:
             return score(self.engine, self.strategy, self.train_set, batch_size, self.pad_id, progress=bar,
                          chunk_size=self.t.loss_chunk_size)

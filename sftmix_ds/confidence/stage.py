@@ -70,6 +70,11 @@ def reference_run_config(cfg, ref_model_cfg, out_dir: str):
     return ref
 
 
+def stage_root(cfg) -> str:
+    """Where stage-1 outputs go: method.stage_dir, or OUTPUT_DIR/confidence."""
+    return cfg.method.stage_dir or os.path.join(cfg.output_dir, "confidence")
+
+
 def _step_of(path: str) -> int:
     return int(path.rsplit("_", 1)[1])
 
@@ -91,7 +96,7 @@ def run_confidence_stage(cfg) -> str:
     tokenizer, pad_id = load_tokenizer(ref_path)
     examples = load_split(cfg.data, tokenizer, cfg.data.train_files)
     fp = fingerprint(cfg, ref_model_cfg, examples, world_size)
-    stage_dir = os.path.join(cfg.method.stage_dir or os.path.join(cfg.output_dir, "confidence"), fp)
+    stage_dir = os.path.join(stage_root(cfg), fp)
     out_path = os.path.join(stage_dir, CONFIDENCE_FILE)
     if os.path.exists(out_path):
         log.info("stage 1: reusing %s", out_path)
@@ -141,7 +146,7 @@ def random_confidence_file(cfg) -> str:
     tokenizer, _ = load_tokenizer(prepare_model(cfg.model, cfg.model_cache_dir))
     ids = [e.id for e in load_split(cfg.data, tokenizer, cfg.data.train_files)]
     fp = hashlib.sha256(json.dumps([cfg.train.seed, sorted(ids)]).encode()).hexdigest()[:16]
-    stage_dir = os.path.join(cfg.method.stage_dir or os.path.join(cfg.output_dir, "confidence"), f"random-{fp}")
+    stage_dir = os.path.join(stage_root(cfg), f"random-{fp}")
     return publish_split(cfg, random_split_records(ids, cfg.train.seed), stage_dir, fp,
                          {"source": "random", "seed": cfg.train.seed})
 

@@ -404,7 +404,7 @@ class DeepSpeedStrategy:
             state = {k[len(prefix):]: v.detach().to("cpu").clone() for k, v in state.items() if k.startswith(prefix)}
             if is_peft(model):
                 if adapter_dir:
-                    save_adapter(model, {k: v.to(export_dtype) for k, v in state.items()}, adapter_dir)
+                    save_adapter(model, state, adapter_dir, export_dtype)
                 state, model = merged_state(model, state), model.get_base_model()
             state = {k: v.to(export_dtype) for k, v in state.items()}
         if self.rank == 0 and out_dir is not None:

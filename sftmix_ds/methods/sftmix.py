@@ -24,7 +24,7 @@ from ..common import evenly_spaced
 from ..config import ConfigError, model_config_path, one_of, positive
 from ..confidence import CONFIDENT, confidence_records, read_confidence_file, run_confidence_stage
 from ..confidence.split import summarize
-from ..confidence.stage import CONFIDENCE_FILE, publish_split
+from ..confidence.stage import CONFIDENCE_FILE, publish_split, stage_root
 from ..data.batching import PairBatches, Phases, aligned_pairs, collate, pack
 from ..losses import Head, fused_sftmix_loss
 from .base import MethodConfig
@@ -166,7 +166,7 @@ class SFTMix(NTP):
                 self._make_split(publish=not os.path.exists(os.path.join(self._stage_dir(), CONFIDENCE_FILE)))
 
     def _stage_dir(self) -> str:
-        return os.path.join(self.cfg.method.stage_dir or os.path.join(self.cfg.output_dir, "confidence"), "online")
+        return os.path.join(stage_root(self.cfg), "online")
 
     def _make_split(self, publish: bool) -> dict:
         """The median split of -mean perplexity over the scoring points, as stage 1 makes it."""
