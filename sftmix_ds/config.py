@@ -13,6 +13,7 @@ import inspect
 import math
 import os
 import pkgutil
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -46,6 +47,9 @@ class DataConfig:
     name: str = MISSING
     train_files: List[str] = MISSING
     eval_files: List[str] = field(default_factory=list)
+    # More held-out sets by name (+data.eval_sets.NAME=[a.jsonl]): each one's mean response-token
+    # loss is logged as eval_loss/NAME whenever eval_loss is.
+    eval_sets: Dict[str, List[str]] = field(default_factory=dict)
     # auto: detect per record; alpaca | chat | prompt_completion force one.
     format: str = "auto"
     system_prompt: Optional[str] = None
@@ -100,6 +104,8 @@ class TrainLoopConfig:
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
     log_every: int = 1
     eval_every: int = 0  # steps; 0: only at the end
+    eval_each_epoch: bool = False  # also at the end of every epoch
+    eval_on_start: bool = False  # also before the first step (logged as step 0)
     save_every: int = 0  # steps; 0: no intermediate checkpoints
     keep_checkpoints: int = 2
     # Stop cleanly (after a checkpoint) at this step, e.g. before a Slurm time
@@ -311,6 +317,10 @@ def validate(cfg) -> None:
     if not d.train_files:
         raise ConfigError("data.train_files: at least one file is needed")
     positive("data.max_length", d.max_length)
+    for name, files in d.eval_sets.items():
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or not files:
+            raise ConfigError(f"data.eval_sets.{name}: a set needs a name of letters, digits, '_', '.' or '-' and "
+                              "at least one file")
     one_of("deepspeed.zero_stage", ds.zero_stage, (0, 1, 2, 3))
     if ds.offload_params and ds.zero_stage != 3:
         raise ConfigError("deepspeed.offload_params: needs deepspeed.zero_stage=3")

@@ -27,11 +27,11 @@ from tqdm import tqdm
 from .adapters import adapter_summary, apply_lora, check_lora_targets
 from .common import atomic_file, evenly_spaced, to_device
 from .config import ConfigError, validate
-from .data import Batches, collate, load_split
+from .data import load_split
 from .engine import (PREFIX, DeepSpeedStrategy, LossModule, check_head, complete_checkpoints, dist_env,
                      read_complete, sample_ids)
 from .eval import eval_sets, evaluate_model
-from .inference import score, scoring_plan
+from .inference import score, score_nll, scoring_plan
 from .models import load_tokenizer, prepare_model
 from .faults import maybe_die, maybe_poison
 from .tracking import MetricsLog, append_jsonl, keep_steps_up_to
@@ -131,10 +131,11 @@ RESUMABLE_CHANGES = ("output_dir", "resume", "resume_force", "model_cache_dir", 
                      # the layout, as long as the global batch (compared on its own) is kept:
                      "train.micro_batch_size", "train.grad_accum",
                      "train.allow_new_global_batch",
-                     "data.train_files", "data.eval_files", "method.stage_dir", "method.confidence_source",
+                     "data.train_files", "data.eval_files", "data.eval_sets", "method.stage_dir",
+                     "method.confidence_source",
                      "method.confidence_file", "method.targets_file", "method.allow_unsandboxed_code",
                      "deepspeed.timeout_minutes", "deepspeed.build_lock_wait_minutes", "train.log_every",
-                     "train.eval_every", "train.save_every", "train.keep_checkpoints", "train.stop_after_steps",
+                     "train.eval_", "train.save_every", "train.keep_checkpoints", "train.stop_after_steps",
                      "train.export_", "train.nonfinite", "train.max_nonfinite_steps", "train.gradient_checkpointing",
                      "train.compile", "train.loss_backend", "train.loss_chunk_size", "model.attn_implementation")
 
@@ -179,20 +180,11 @@ def identity_changes(old: dict, new: dict) -> list:
     return changes
 
 
-def evaluate(engine, strategy, method, examples, micro_batch_size: int, pad_id: int) -> float:
-    """Mean response-token CE over `examples`, split across ranks."""
-    batches = Batches(len(examples), micro_batch_size, 1, strategy.world_size, strategy.rank, seed=0, shuffle=False)
-    total = torch.zeros(2, dtype=torch.float64)
-    engine.eval()
-    with torch.no_grad():
-        for step in range(batches.steps_per_epoch):
-            (indices,) = batches.micro_batches(0, step)
-            batch = collate([examples[i] if i is not None else None for i in indices], pad_id)  # no pairs
-            terms = engine(**to_device(batch, strategy.device))
-            total += torch.tensor([float(terms["ntp"]), method.token_counts(batch)["ntp"]], dtype=torch.float64)
-    engine.train()
-    loss_sum, count = strategy.all_reduce_sum(total).tolist()
-    return loss_sum / max(count, 1)
+def evaluate(engine, strategy, examples, batch_size: int, pad_id: int, chunk_size: int) -> float:
+    """Mean response-token NLL over `examples`: the scoring pass (each example once across ranks,
+    batches sorted by length), so held-out loss and SFTMix's perplexities are one computation."""
+    nll = score_nll(engine, strategy, examples, batch_size, pad_id, chunk_size=chunk_size)
+    return sum(s for s, _ in nll.values()) / max(sum(c for _, c in nll.values()), 1)
 
 
 class Recipe:
@@ -284,7 +276,8 @@ class Recipe:
             check_lora_targets(self.model_path, cfg.peft)
         self.tokenizer, self.pad_id = load_tokenizer(self.model_path)
         train_set = load_split(cfg.data, self.tokenizer, cfg.data.train_files)
-        self.eval_set = load_split(cfg.data, self.tokenizer, cfg.data.eval_files) if cfg.data.eval_files else []
+        named = {"eval_loss": cfg.data.eval_files, **{f"eval_loss/{n}": f for n, f in cfg.data.eval_sets.items()}}
+        self.eval_sets = {key: load_split(cfg.data, self.tokenizer, files) for key, files in named.items() if files}
         if cfg.eval is not None:
             eval_sets(cfg.eval)  # bad evaluation data fails now, not after training
         self.method = instantiate(cfg.method, chunk_size=t.loss_chunk_size, loss_backend=t.loss_backend,
@@ -318,7 +311,7 @@ class Recipe:
                                             self.total_steps)
         check_head(self.engine, sample_ids(self.train_set, self.strategy.device), cfg.model.name)
         log.info("%s: %d train / %d eval examples, %d ranks, global batch %d, %d steps, %s, ZeRO-%d",
-                 cfg.method.name, len(self.train_set), len(self.eval_set), self.world_size,
+                 cfg.method.name, len(self.train_set), sum(map(len, self.eval_sets.values())), self.world_size,
                  self.batches.global_batch, self.total_steps, self.strategy.dtype,
                  self.engine.zero_optimization_stage())
 
@@ -361,6 +354,8 @@ class Recipe:
 
     def train(self) -> dict:
         record: dict = {}
+        if self.step == 0 and self.t.eval_on_start and self.eval_sets:
+            self.metrics.log({"step": 0, "epoch": 0.0, **self._evaluate()})
         while self.step < self.total_steps:
             record = self._train_step()
             if self._after_step(record):
@@ -438,10 +433,12 @@ class Recipe:
         t, step = self.t, self.step
         method_metrics = self.method.after_step(step, self._score_train_set)
         record.update(method_metrics)
-        if self.eval_set and ((t.eval_every and step % t.eval_every == 0) or step == self.total_steps):
-            record["eval_loss"] = evaluate(self.engine, self.strategy, self.method, self.eval_set, t.micro_batch_size,
-                                           self.pad_id)
-        if step % t.log_every == 0 or "eval_loss" in record or method_metrics or step == self.total_steps:
+        epoch_end = float(record["epoch"]).is_integer()
+        evaluating = (t.eval_every and step % t.eval_every == 0) or (t.eval_each_epoch and epoch_end)
+        if self.eval_sets and (evaluating or step == self.total_steps):
+            record.update(self._evaluate())
+        evaluated = bool(self.eval_sets.keys() & record.keys())
+        if step % t.log_every == 0 or evaluated or method_metrics or step == self.total_steps:
             self.metrics.log(record)
         self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
         self.bar.update(1)
@@ -458,6 +455,11 @@ class Recipe:
             why = "SIGUSR1 (preemption or time limit)" if self.signalled else "train.stop_after_steps"
             log.info("stopping at step %d after a checkpoint, for %s; resume=auto continues", step, why)
         return bool(stopping)
+
+    def _evaluate(self) -> dict:
+        """{eval_loss[/NAME]: mean response-token loss} of each held-out set."""
+        return {key: evaluate(self.engine, self.strategy, examples, self.t.micro_batch_size, self.pad_id,
+                              self.t.loss_chunk_size) for key, examples in self.eval_sets.items()}
 
     def _score_train_set(self, batch_size: int) -> dict:
         """{id: response perplexity} of every training example under the weights now; all ranks."""

@@ -46,8 +46,8 @@ def fingerprint(cfg, ref_model_cfg, examples, world_size: int) -> str:
                 "checkpoints": cfg.method.checkpoints, "score_checkpoints": list(cfg.method.score_checkpoints),
                 "train": OmegaConf.to_container(cfg.train, resolve=True), "world_size": world_size,
                 "precision": resolve_precision(cfg.train.precision)}
-    for volatile in ("log_every", "eval_every", "save_every", "keep_checkpoints", "stop_after_steps",
-                     "export_dtype", "export_count", "epochs", "max_steps"):
+    for volatile in ("log_every", "eval_every", "eval_each_epoch", "eval_on_start", "save_every", "keep_checkpoints",
+                     "stop_after_steps", "export_dtype", "export_count", "epochs", "max_steps"):
         settings["train"].pop(volatile, None)
     h.update(json.dumps(settings, sort_keys=True).encode())
     return h.hexdigest()[:16]
@@ -61,7 +61,7 @@ def reference_run_config(cfg, ref_model_cfg, out_dir: str):
         ref.model = ref_model_cfg
         ref.output_dir = out_dir
         ref.resume = "auto"
-        ref.data.eval_files = []
+        ref.data.eval_files, ref.data.eval_sets = [], {}
         ref.eval = None  # the reference run is not the model being studied
         ref.train.epochs, ref.train.max_steps, ref.train.stop_after_steps = 1, -1, 0
         ref.train.export_count = cfg.method.checkpoints
