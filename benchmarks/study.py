@@ -68,7 +68,7 @@ def parse_args(argv=None):
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--lrs", default="3e-5,1e-4,3e-4", help="the NTP learning-rate sweep, comma separated")
-    ap.add_argument("--micro-batch", type=int, default=8)
+    ap.add_argument("--micro-batch", type=int, default=16, help="= the global batch (one process)")
     ap.add_argument("--precision", default="bf16", help="train.precision (bf16: AMX on recent Xeons, GPUs)")
     ap.add_argument("--zero-stage", type=int, default=2, help="one process: ZeRO-2 skips ZeRO-3's gather hooks")
     ap.add_argument("--max-new-tokens", type=int, default=48)
