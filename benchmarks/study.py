@@ -38,13 +38,13 @@ sys.path.insert(0, ROOT)
 from sftmix_ds.common import write_json_atomic  # noqa: E402
 
 # Arm -> the method overrides. {split} is the reference run's confidence file, {targets} S3FT's.
-# Packing (ntp, s3ft) gives the same loss as padded batches, without the padding's compute.
-ARMS = {"ntp": ["method=ntp", "train.packing=true"],
+# Every arm packs its micro-batches (the same loss terms as padded ones, without the padding's compute).
+ARMS = {"ntp": ["method=ntp"],
         "sftmix": ["method=sftmix", "method.confidence_file={split}"],
         "sftmix_mu0": ["method=sftmix", "method.confidence_file={split}", "method.mu=0"],
         "sftmix_random": ["method=sftmix", "method.confidence_source=random"],
         "sftmix_online": ["method=sftmix", "method.confidence_source=online"],
-        "s3ft": ["method=s3ft", "method.targets_file={targets}", "train.packing=true"]}
+        "s3ft": ["method=s3ft", "method.targets_file={targets}"]}
 ARM_LABELS = {"base": "base (no training)", "ntp": "ntp", "sftmix": "sftmix (reference split)",
               "sftmix_mu0": "sftmix, mu=0 (paired batches, no Mixup)", "sftmix_random": "sftmix (random split)",
               "sftmix_online": "sftmix (online split)", "s3ft": "s3ft"}
@@ -226,7 +226,7 @@ class Study:
                 f"data.train_files=[{train}]", f"train.epochs={a.epochs}", f"train.lr={lr}",
                 f"train.micro_batch_size={a.micro_batch}", f"train.seed={seed}", f"train.precision={a.precision}",
                 f"deepspeed=zero{a.zero_stage}" if a.zero_stage in (2, 3) else f"deepspeed.zero_stage={a.zero_stage}",
-                "train.log_every=1", "train.save_every=0", "logger=none", "resume=auto"]
+                "train.packing=true", "train.log_every=1", "train.save_every=0", "logger=none", "resume=auto"]
 
     def eval_overrides(self) -> list:
         p = self.paths
@@ -243,7 +243,7 @@ class Study:
                 out = os.path.join(self.args.out, f"sweep-lr{lr:g}")
                 self.launch("train.py", self.common(lr, 0, self.paths["sweep_train"]) +
                             ["method=ntp", f"data.eval_files=[{self.paths['val']}]", "train.eval_each_epoch=true",
-                             "train.packing=true", "train.export_final=false", f"output_dir={out}"],
+                             "train.export_final=false", f"output_dir={out}"],
                             f"sweep-lr{lr:g}")
                 shutil.rmtree(os.path.join(out, "checkpoints"), ignore_errors=True)
                 return {"lr": lr, "val_loss": [r["eval_loss"] for r in metrics(out) if "eval_loss" in r]}

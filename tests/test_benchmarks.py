@@ -1,23 +1,9 @@
-"""The method-comparison benchmark, end to end at a toy size (tiny random model, 16 examples)."""
+"""The benchmarks, end to end at toy sizes (tiny random model, a few examples)."""
 import os
 import subprocess
 import sys
 
 from .conftest import ROOT
-
-
-def test_compare_methods_runs_end_to_end_at_toy_size(tmp_path):
-    results = tmp_path / "results"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "compare_methods.py"), "--toy",
-                           "--out", str(tmp_path / "runs"), "--results", str(results)], capture_output=True,
-                          text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    table = (results / "compare_methods.md").read_text()
-    for row in ("| base |", "| ntp |", "| sftmix |", "| s3ft |"):
-        assert row in table
-    assert "S3FT target mix: own" in table
-    for png in ("compare_methods_curves.png", "compare_methods_accuracy.png"):
-        assert (results / png).stat().st_size > 5000
 
 
 def test_throughput_benchmark_matches_trl_losses_at_toy_size(tmp_path):

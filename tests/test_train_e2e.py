@@ -10,7 +10,9 @@ from safetensors.torch import load_file
 
 from sftmix_ds.tracking import MEASURED
 
-from .conftest import train_cli
+from .conftest import ROOT, train_cli
+
+ROOT_DATA = os.path.join(ROOT, "sftmix_ds", "builtin_data")
 
 # adam_eps: Adam's first update is about lr * sign(g), and for near-zero gradients that sign is
 # reduction-order noise that differs between layouts; a larger eps makes the update proportional to g.
@@ -218,3 +220,46 @@ def test_bf16_training_on_cpu_matches_fp32_within_bf16_tolerance(runs, tmp_path)
     assert model.dtype == torch.bfloat16 and all(p.numel() > 0 for p in model.parameters())
     out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 7)
+
+
+def naive_response_nll(model_dir, data_cfg, files):
+    """Mean response-token NLL of `files` under the model, from full logits (no chunking, no engine)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sftmix_ds.data import load_split
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    total, count = 0.0, 0
+    for e in load_split(data_cfg, AutoTokenizer.from_pretrained(model_dir), files):
+        with torch.no_grad():
+            logits = model(torch.tensor([e.input_ids])).logits[0, :-1]
+        labels = torch.tensor(e.labels[1:])
+        keep = labels != -100
+        total += torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="sum").item()
+        count += int(keep.sum())
+    return total / count
+
+
+def test_named_eval_sets_each_epoch_and_before_the_first_step(tmp_path):
+    """data.eval_sets: one eval_loss/NAME per set, at step 0 (eval_on_start) and at every epoch's end
+    (eval_each_epoch); a set equal to data.eval_files gives eval_loss exactly, and the last value
+    equals a full-logits computation on the exported model."""
+    from omegaconf import OmegaConf
+
+    data = os.path.join(ROOT_DATA, "arith_train.jsonl")
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(open(data).readlines()[:12]))  # 3 steps of 4 per epoch
+    held_out, other = os.path.join(ROOT_DATA, "arith_eval.jsonl"), os.path.join(ROOT_DATA, "capitals.jsonl")
+    out = str(tmp_path / "run")
+    train_cli(["model=tiny", "method=ntp", "data=jsonl", f"data.train_files=[{train}]", f"data.eval_files=[{held_out}]",
+               f"+data.eval_sets.same=[{held_out}]", f"+data.eval_sets.capitals=[{other}]", "train.epochs=2",
+               "train.micro_batch_size=4", "train.lr=1e-3", "train.eval_each_epoch=true", "train.eval_on_start=true",
+               "train.export_dtype=fp32", f"output_dir={out}"])
+    evals = [r for r in metrics(out) if "eval_loss" in r]
+    assert [(r["step"], r["epoch"]) for r in evals] == [(0, 0.0), (3, 1.0), (6, 2.0)]
+    for r in evals:
+        assert r["eval_loss/same"] == r["eval_loss"]
+    assert evals[0]["eval_loss/capitals"] != evals[-1]["eval_loss/capitals"]  # training moved it
+    data_cfg = OmegaConf.load(os.path.join(out, "config.yaml")).data
+    assert evals[-1]["eval_loss/capitals"] == pytest.approx(
+        naive_response_nll(os.path.join(out, "model"), data_cfg, [other]), rel=1e-4)

@@ -1,6 +1,7 @@
 """Regenerate the method study's data (benchmarks/study.py) offline from reasoning-gym:
 
-    python benchmarks/study_data/make.py
+    python benchmarks/study_data/make.py                          # the committed files
+    python benchmarks/study_data/make.py --train-per-task 1024    # more, to scale the study up
 
 - train.jsonl: 256 examples, 64 from each of four generators: basic_arithmetic (arithmetic),
   leg_counting and letter_counting (counting), aiw (sibling word problems). The study carves
@@ -12,6 +13,7 @@
 - general.jsonl: capital cities of 164 countries (general ability, i.e. forgetting).
 Every record has a stable id, its generator (`task`), the gold `answer` and the gold response.
 """
+import argparse
 import json
 import os
 import re
@@ -108,8 +110,13 @@ def write(name: str, records: list) -> None:
 
 
 if __name__ == "__main__":
-    train = generate(EASY, 64, seed=101)
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--train-per-task", type=int, default=64)
+    ap.add_argument("--eval-per-task", type=int, default=75)
+    ap.add_argument("--unseen-per-task", type=int, default=50)
+    args = ap.parse_args()
+    train = generate(EASY, args.train_per_task, seed=101)
     write("train.jsonl", train)
-    write("indomain.jsonl", generate(EASY, 75, seed=202, exclude=train))
-    write("unseen.jsonl", generate(UNSEEN, 50, seed=303))
+    write("indomain.jsonl", generate(EASY, args.eval_per_task, seed=202, exclude=train))
+    write("unseen.jsonl", generate(UNSEEN, args.unseen_per_task, seed=303))
     write("general.jsonl", capitals())

@@ -1,0 +1,96 @@
+"""The method study (benchmarks/study.py): its statistics, and a toy-size run end to end that a
+second invocation resumes without running anything."""
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import study  # noqa: E402
+
+
+def test_bootstrap_interval_matches_the_normal_approximation():
+    rng = random.Random(1)
+    values = [float(rng.random() < 0.5) for _ in range(400)]
+    mean, low, high = study.bootstrap_ci(values)
+    assert mean == sum(values) / 400
+    half = 1.96 * (mean * (1 - mean) / 400) ** 0.5  # ~0.049
+    assert low == pytest.approx(mean - half, abs=0.01) and high == pytest.approx(mean + half, abs=0.01)
+    assert study.bootstrap_ci([1.0] * 50) == (1.0, 1.0, 1.0)
+
+
+def test_paired_difference():
+    ref = {f"q{i}": float(i % 2) for i in range(100)}
+    assert study.paired_difference(ref, ref) == (0.0, 0.0, 0.0, 1.0)
+    flipped = {q: 1.0 - v for q, v in ref.items()}  # right exactly where ref is wrong: no mean change
+    mean, low, high, p = study.paired_difference(flipped, ref)
+    assert mean == 0.0 and low < 0 < high and p > 0.5
+    better = {q: 1.0 for q in ref}  # +0.5 on average, every difference >= 0
+    mean, low, high, p = study.paired_difference(better, ref)
+    assert mean == 0.5 and 0.38 < low < 0.5 < high < 0.62 and p == 0.0
+
+
+def test_question_scores_pool_the_seeds():
+    runs = [{"accuracy": {"indomain": {"a": True, "b": False}}}, {"accuracy": {"indomain": {"a": True, "b": True}}}]
+    assert study.question_scores(runs, "indomain") == {"a": 1.0, "b": 0.5}
+
+
+def run_study(tmp_path, *extra):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "study.py"), "--toy", "--out",
+                           str(tmp_path / "out"), "--results", str(tmp_path / "results"), *extra], capture_output=True,
+                          text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_study_at_toy_size_runs_every_arm_and_resumes(tmp_path):
+    proc = run_study(tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = tmp_path / "results" / "study"
+    steps = {p.stem: json.loads(p.read_text()) for p in (records / "steps").glob("*.json")}
+    arms = list(study.ARMS)
+    assert steps.keys() == {"sweep-lr0.0001", "sweep-lr0.0003", "reference", "s3ft_targets", "base",
+                            *(f"{arm}-seed0" for arm in arms)}
+    # The sweep's choice is the lowest final validation loss, and every run trains at it.
+    chosen = min((steps[f"sweep-lr{lr}"]["val_loss"][-1], lr) for lr in (0.0001, 0.0003))[1]
+    assert {steps[f"{arm}-seed0"]["lr"] for arm in arms} == {chosen}
+    for arm in arms:
+        r = steps[f"{arm}-seed0"]
+        assert [c["epoch"] for c in r["curves"]] == ([0, 1, 2] if arm == "ntp" else [1, 2])
+        assert all(set(c) == {"epoch", *(name for name, _ in study.PPL_SETS)} for c in r["curves"])
+        assert len(r["accuracy"]["indomain"]) == 8 and len(r["accuracy"]["general"]) == 2  # 2 per generator
+        assert len(r["train_loss"]) == 2
+    # mu=0 trains the same paired batches as sftmix: the same first step (its NTP term comes from
+    # the plain loss instead of the fused SFTMix one: fp32 rounding apart); the online arm's warm-up
+    # epoch trains ntp's batches.
+    first = {arm: json.loads(open(tmp_path / "out" / f"{arm}-seed0" / "metrics.jsonl").readline())
+             for arm in ("sftmix", "sftmix_mu0")}
+    assert first["sftmix"]["loss/ntp"] == pytest.approx(first["sftmix_mu0"]["loss/ntp"], rel=1e-6)
+    assert first["sftmix_mu0"]["loss/mix"] == 0.0 or "loss/mix" not in first["sftmix_mu0"]
+    assert steps["sftmix_online-seed0"]["train_loss"][0] == pytest.approx(steps["ntp-seed0"]["train_loss"][0],
+                                                                          rel=1e-4)
+    table = (tmp_path / "results" / "study.md").read_text()
+    assert "Status: complete" in table
+    for arm in ["base", *arms]:
+        assert f"| {study.ARM_LABELS[arm]} |" in table
+    assert f"| {chosen:g} |" in table and "**chosen**" in table
+    assert "Where a difference comes from" in table
+    for png in ("study_accuracy.png", "study_perplexity.png"):
+        assert (tmp_path / "results" / png).stat().st_size > 5000
+
+    # A second invocation finds every record and runs nothing; the report is the same.
+    mtimes = {p: p.stat().st_mtime for p in (records / "steps").glob("*.json")}
+    again = run_study(tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "[study]" not in again.stdout
+    assert {p: p.stat().st_mtime for p in (records / "steps").glob("*.json")} == mtimes
+    assert (tmp_path / "results" / "study.md").read_text() == table
+
+    # Records of another design are refused, naming what differs.
+    design = json.loads((records / "design.json").read_text())
+    (records / "design.json").write_text(json.dumps({**design, "epochs": 5}))
+    refused = run_study(tmp_path)
+    assert refused.returncode != 0 and "epochs: 5 -> 2" in refused.stderr
