@@ -226,7 +226,8 @@ class Study:
                 f"data.train_files=[{train}]", f"train.epochs={a.epochs}", f"train.lr={lr}",
                 f"train.micro_batch_size={a.micro_batch}", f"train.seed={seed}", f"train.precision={a.precision}",
                 f"deepspeed=zero{a.zero_stage}" if a.zero_stage in (2, 3) else f"deepspeed.zero_stage={a.zero_stage}",
-                "train.packing=true", "train.log_every=1", "train.save_every=0", "logger=none", "resume=auto"]
+                "train.packing=true", "train.log_every=1", "train.eval_every=0", "train.save_every=0", "logger=none",
+                "resume=auto"]
 
     def eval_overrides(self) -> list:
         p = self.paths
@@ -246,7 +247,8 @@ class Study:
                              "train.export_final=false", f"output_dir={out}"],
                             f"sweep-lr{lr:g}")
                 shutil.rmtree(os.path.join(out, "checkpoints"), ignore_errors=True)
-                return {"lr": lr, "val_loss": [r["eval_loss"] for r in metrics(out) if "eval_loss" in r]}
+                return {"lr": lr, "val_loss": [r["eval_loss"] for r in metrics(out)
+                                               if "eval_loss" in r and float(r["epoch"]).is_integer()]}
             results[lr] = self.step(f"sweep-lr{lr:g}", run)
         if any(r is None for r in results.values()):
             return None
