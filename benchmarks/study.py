@@ -152,8 +152,9 @@ def design(args, paths: dict) -> dict:
         with open(paths[name], "rb") as f:
             h.update(name.encode() + f.read())
     return {"model": args.model, "train_size": args.train_size, "val_size": args.val_size,
-            "eval_size": args.eval_size, "ppl_size": args.ppl_size, "zero_stage": args.zero_stage, "epochs": args.epochs, "lrs": args.lrs, "micro_batch": args.micro_batch,
-            "precision": args.precision, "max_new_tokens": args.max_new_tokens, "data": h.hexdigest()[:16]}
+            "eval_size": args.eval_size, "ppl_size": args.ppl_size, "epochs": args.epochs, "lrs": args.lrs,
+            "micro_batch": args.micro_batch, "zero_stage": args.zero_stage, "precision": args.precision,
+            "max_new_tokens": args.max_new_tokens, "data": h.hexdigest()[:16]}
 
 
 def check_design(records_dir: str, current: dict) -> None:
@@ -304,8 +305,9 @@ class Study:
                          f"output_dir={out}", *self.eval_overrides()], f"{arm}-seed{seed}")
             evaluation = os.path.join(out, "eval", "eval.json")
             if not os.path.exists(evaluation):  # the model was there from an earlier, interrupted job
-                self.launch("eval.py", [f"model={self.args.model}", f"eval.model_path={out}/model",
-                                        f"output_dir={out}", *self.eval_overrides()], f"{arm}-seed{seed}-eval")
+                self.launch("eval.py", [f"model={self.args.model}", f"train.precision={self.args.precision}",
+                                        f"eval.model_path={out}/model", f"output_dir={out}", *self.eval_overrides()],
+                            f"{arm}-seed{seed}-eval")
             rows = metrics(out)
             return {"arm": arm, "seed": seed, "lr": lr, "accuracy": accuracy_record(evaluation),
                     "curves": curves(rows), "train_loss": epoch_train_loss(rows)}

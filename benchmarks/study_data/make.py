@@ -68,7 +68,8 @@ def solution(task: str, entry: dict) -> str:
     if task == "basic_arithmetic":
         return f"{meta['expression']} = {answer}\nThe answer is {answer}."
     if task == "leg_counting":
-        parts = [f"{n} x {ANIMALS[animal]} legs ({animal}) = {n * ANIMALS[animal]}" for animal, n in meta["animals"].items()]
+        parts = [f"{n} x {ANIMALS[animal]} legs ({animal}) = {n * ANIMALS[animal]}"
+                 for animal, n in meta["animals"].items()]
         return "\n".join(parts) + f"\nThe answer is {answer}."
     if task == "aiw":  # "<Name> has B brothers and she also has S sisters. How many sisters does ...'s brother have?"
         name, sisters = entry["question"].split()[0], int(re.search(r"has (\d+) sisters", entry["question"]).group(1))
