@@ -129,6 +129,7 @@ def test_each_method_module_registers_its_own_schema():
     (["train.precision=fp16"], r"train\.precision=fp16: needs a CUDA GPU"),
     (["deepspeed.build_lock_wait_minutes=-1"], r"deepspeed\.build_lock_wait_minutes"),
     (["eval=arith", "eval.batch_size=0"], r"eval\.batch_size=0"),
+    (["+data.eval_sets.unseen=[]"], r"data\.eval_sets\.unseen: a set needs .* at least one file"),
     (["eval=arith", "eval.tasks.0.limit=-1"], r"eval\.tasks\[0\]\.limit=-1"),
     (["method=s3ft", "method.top_p=0"], r"method\.top_p=0\.0: must be in \(0, 1\]"),
     (["method=s3ft", "method.temperature=0"], r"method\.temperature=0"),
