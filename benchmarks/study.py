@@ -25,7 +25,6 @@ import hashlib
 import json
 import math
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -376,22 +375,27 @@ def question_scores(runs: list, group: str) -> dict:
     return {q: sum(r["accuracy"][group][q] for r in runs) / len(runs) for q in ids}
 
 
-def bootstrap_ci(values: list, seed: int = 0) -> tuple:
+def bootstrap_means(values: list, seed: int = 0):
+    """BOOTSTRAP means of resamples (with replacement) of the values, sorted."""
+    import numpy as np
+
+    v = np.asarray(values, dtype=np.float64)
+    return np.sort(v[np.random.default_rng(seed).integers(0, len(v), (BOOTSTRAP, len(v)))].mean(1))
+
+
+def bootstrap_ci(values: list) -> tuple:
     """Mean and 95% percentile interval of the mean, resampling the values (questions)."""
-    rng = random.Random(seed)
-    n = len(values)
-    means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(BOOTSTRAP))
-    return sum(values) / n, means[int(0.025 * BOOTSTRAP)], means[int(0.975 * BOOTSTRAP) - 1]
+    means = bootstrap_means(values)
+    return sum(values) / len(values), float(means[int(0.025 * BOOTSTRAP)]), float(means[int(0.975 * BOOTSTRAP) - 1])
 
 
-def paired_difference(arm: dict, ref: dict, seed: int = 0) -> tuple:
+def paired_difference(arm: dict, ref: dict) -> tuple:
     """Mean per-question difference (arm - ref), its 95% interval and a two-sided bootstrap p."""
     diffs = [arm[q] - ref[q] for q in ref]
-    rng = random.Random(seed)
-    n = len(diffs)
-    means = sorted(sum(diffs[rng.randrange(n)] for _ in range(n)) / n for _ in range(BOOTSTRAP))
-    p = 2 * min(sum(m <= 0 for m in means), sum(m >= 0 for m in means)) / BOOTSTRAP
-    return sum(diffs) / n, means[int(0.025 * BOOTSTRAP)], means[int(0.975 * BOOTSTRAP) - 1], min(p, 1.0)
+    means = bootstrap_means(diffs)
+    p = 2 * min(int((means <= 0).sum()), int((means >= 0).sum())) / BOOTSTRAP
+    return (sum(diffs) / len(diffs), float(means[int(0.025 * BOOTSTRAP)]), float(means[int(0.975 * BOOTSTRAP) - 1]),
+            min(p, 1.0))
 
 
 def mean_sd(values: list) -> tuple:
