@@ -469,6 +469,13 @@ def report(study: Study, found: dict) -> str:
             chosen = "**chosen**" if lr == found["lr"] else ""
             lines.append(f"| {lr:g} | {', '.join(f'{x:.4f}' for x in r['val_loss'])} | {chosen} |")
         lines.append("")
+    if os.path.exists(study.split_file):
+        split = read_jsonl(study.split_file)[1:]
+        by = {h: defaultdict(int) for h in ("confident", "unconfident")}
+        for r in split:
+            by[r["split"]][r["id"].rsplit("-", 2)[0]] += 1
+        lines += ["Reference split by generator: " + "; ".join(
+            f"{h}: " + ", ".join(f"{t} {n}" for t, n in sorted(c.items())) for h, c in by.items()) + ".", ""]
     if found["s3ft"]:
         share = found["s3ft"]["mix"]["share"]
         lines += [f"S3FT targets: own answers {100 * share['own']:.1f}%, judged paraphrases "
