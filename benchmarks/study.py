@@ -545,9 +545,11 @@ def report(study: Study, found: dict) -> str:
         if "sftmix_random" in runs:
             pairs.append(("sftmix", "sftmix_random", "confidence split"))
         for arm, ref, what in pairs:
-            d = paired_difference(scores[arm]["indomain"], scores[ref]["indomain"])
-            lines.append(f"- {what} ({arm} - {ref}): in-domain accuracy {significance(d)}; final perplexity, "
-                         f"never-trained generators {compare_perplexity(runs, arm, ref, 'unseen')}, in-domain "
+            d_in = paired_difference(scores[arm]["indomain"], scores[ref]["indomain"])
+            d_gen = paired_difference(scores[arm]["general"], scores[ref]["general"])
+            lines.append(f"- {what} ({arm} - {ref}): in-domain accuracy {significance(d_in)}; general accuracy "
+                         f"{significance(d_gen)}; final perplexity, never-trained generators "
+                         f"{compare_perplexity(runs, arm, ref, 'unseen')}, in-domain "
                          f"{compare_perplexity(runs, arm, ref, 'indomain_ppl')}.")
     lines += ["", "## Reproduce", "", "```", "python benchmarks/study.py            # resumes from benchmarks/"
               "results/study/", "python benchmarks/study.py --report-only   # this file and the plots again",
