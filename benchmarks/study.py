@@ -486,8 +486,16 @@ def report(study: Study, found: dict) -> str:
     scores = {"base": {g: question_scores([found["base"]], g) for g in ("indomain", "general")}}
     for arm, rs in runs.items():
         scores[arm] = {g: question_scores(rs, g) for g in ("indomain", "general")}
-    lines += ["## Accuracy", "", "| arm | seeds | in-domain [95% CI] | vs ntp | general [95% CI] | vs ntp |",
-              "|---|---|---|---|---|---|"]
+    def paired(arm: str, ref: str, g: str) -> tuple:
+        """arm - ref over the questions, on the seeds both have (a partial study compares like with like)."""
+        if arm == "base" or ref == "base":
+            return paired_difference(scores[arm][g], scores[ref][g])
+        seeds = {r["seed"] for r in runs[arm]} & {r["seed"] for r in runs[ref]}
+        pick = lambda a: question_scores([r for r in runs[a] if r["seed"] in seeds], g)
+        return paired_difference(pick(arm), pick(ref))
+
+    lines += ["## Accuracy", "", "| arm | seeds | in-domain [95% CI] | vs ntp | general [95% CI] | vs ntp | "
+              "per seed (in-domain / general) |", "|---|---|---|---|---|---|---|"]
     summary = {}
     for arm in ["base", *runs]:
         cells = [ARM_LABELS[arm], "-" if arm == "base" else str(len(runs[arm]))]
@@ -496,12 +504,17 @@ def report(study: Study, found: dict) -> str:
             summary[(arm, g)] = (m, lo, hi)
             cells.append(f"{m:.3f} [{lo:.3f}, {hi:.3f}]")
             if "ntp" in runs and arm != "ntp":
-                d = paired_difference(scores[arm][g], scores["ntp"][g])
+                d = paired(arm, "ntp", g)
                 cells.append(f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]" + (" *" if d[1] > 0 or d[2] < 0 else ""))
             else:
                 cells.append("")
+        per_seed = [found["base"]] if arm == "base" else runs[arm]
+        cells.append(", ".join(" / ".join(f"{sum(r['accuracy'][g].values()) / len(r['accuracy'][g]):.3f}"
+                                          for g in ("indomain", "general")) for r in per_seed))
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "`*`: the paired 95% interval excludes 0.", "", "In-domain accuracy by generator:", ""]
+    lines += ["", "`*`: the paired 95% interval excludes 0. Differences use the seeds both arms have; the "
+              "intervals resample questions, not seeds (the per-seed column shows how far seeds differ).", "",
+              "In-domain accuracy by generator:", ""]
     tasks = sorted({q.rsplit("-", 2)[0] for q in scores["base"]["indomain"]})
     lines += ["| arm | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
     for arm in ["base", *runs]:
@@ -534,7 +547,7 @@ def report(study: Study, found: dict) -> str:
         if arm == "ntp" or "ntp" not in runs:
             continue
         for g, label in (("indomain", "in-domain accuracy"), ("general", "general accuracy")):
-            d = paired_difference(scores[arm][g], scores["ntp"][g])
+            d = paired(arm, "ntp", g)
             lines.append(f"- {arm} - ntp, {label}: {significance(d)}.")
         lines.append(f"- {arm} vs ntp, final never-trained-generator perplexity: "
                      f"{compare_perplexity(runs, arm, 'ntp', 'unseen')}.")
@@ -545,8 +558,7 @@ def report(study: Study, found: dict) -> str:
         if "sftmix_random" in runs:
             pairs.append(("sftmix", "sftmix_random", "confidence split"))
         for arm, ref, what in pairs:
-            d_in = paired_difference(scores[arm]["indomain"], scores[ref]["indomain"])
-            d_gen = paired_difference(scores[arm]["general"], scores[ref]["general"])
+            d_in, d_gen = paired(arm, ref, "indomain"), paired(arm, ref, "general")
             lines.append(f"- {what} ({arm} - {ref}): in-domain accuracy {significance(d_in)}; general accuracy "
                          f"{significance(d_gen)}; final perplexity, never-trained generators "
                          f"{compare_perplexity(runs, arm, ref, 'unseen')}, in-domain "
