@@ -600,6 +600,7 @@ def plot(study: Study, runs: dict, summary: dict, start) -> None:
             ax.fill_between(epochs, [lo for lo, _, _ in per], [hi for _, _, hi in per], color=COLORS[arm], alpha=0.15)
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("epoch")
+        ax.set_yscale("log")  # the base model's epoch 0 is far above the trained ones
     axes[0].set_ylabel("gold-response perplexity")
     axes[-1].legend(fontsize=7)
     fig.tight_layout()
