@@ -34,7 +34,7 @@ from collections import defaultdict
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "benchmarks", "study_data")
 sys.path.insert(0, ROOT)
-from sftmix_ds.common import write_json_atomic  # noqa: E402
+from sftmix_ds.common import atomic_file, write_json_atomic  # noqa: E402
 
 # Arm -> the method overrides. {split} is the reference run's confidence file, {targets} S3FT's.
 # Every arm packs its micro-batches (the same loss terms as padded ones, without the padding's compute).
@@ -98,9 +98,8 @@ def read_jsonl(path: str) -> list:
 
 def write_jsonl(path: str, records: list) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
+    with atomic_file(path) as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
-    os.replace(path + ".tmp", path)
 
 
 def per_task(records: list, n: int) -> list:
@@ -237,7 +236,8 @@ class Study:
 
     # the steps
 
-    def sweep(self) -> float:
+    def sweep(self) -> tuple:
+        """(the chosen lr or None while a sweep run is missing, {lr: record})"""
         results = {}
         for lr in self.args.lrs:
             def run(lr=lr):
@@ -251,8 +251,8 @@ class Study:
                                                if "eval_loss" in r and float(r["epoch"]).is_integer()]}
             results[lr] = self.step(f"sweep-lr{lr:g}", run)
         if any(r is None for r in results.values()):
-            return None
-        return min(results, key=lambda lr: results[lr]["val_loss"][-1])
+            return None, results
+        return min(results, key=lambda lr: results[lr]["val_loss"][-1]), results
 
     def reference(self, lr: float) -> bool:
         """SFTMix stage 1 once (seed 0); its split is copied into the records. False: not run yet."""
@@ -314,10 +314,9 @@ class Study:
 
     def run(self) -> dict:
         """Every step not yet recorded (none with --report-only); returns what is recorded."""
-        found = {"sweep": {}, "runs": {arm: [] for arm in self.args.arms}, "base": None, "reference": None,
-                 "s3ft": None, "lr": self.sweep()}
-        found["sweep"] = {lr: self.done(f"sweep-lr{lr:g}") for lr in self.args.lrs}
-        lr = found["lr"]
+        lr, sweep = self.sweep()
+        found = {"sweep": sweep, "runs": {arm: [] for arm in self.args.arms}, "base": None, "reference": None,
+                 "s3ft": None, "lr": lr}
         if lr is None:  # --report-only before the sweep finished
             return found
         if not self.reference(lr):

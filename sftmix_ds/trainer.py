@@ -435,9 +435,9 @@ class Recipe:
         record.update(method_metrics)
         epoch_end = float(record["epoch"]).is_integer()
         evaluating = (t.eval_every and step % t.eval_every == 0) or (t.eval_each_epoch and epoch_end)
-        if self.eval_sets and (evaluating or step == self.total_steps):
+        evaluated = bool(self.eval_sets) and (evaluating or step == self.total_steps)
+        if evaluated:
             record.update(self._evaluate())
-        evaluated = bool(self.eval_sets.keys() & record.keys())
         if step % t.log_every == 0 or evaluated or method_metrics or step == self.total_steps:
             self.metrics.log(record)
         self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
