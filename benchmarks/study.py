@@ -397,6 +397,24 @@ def paired_difference(arm: dict, ref: dict) -> tuple:
             min(p, 1.0))
 
 
+def seed_question_difference(arm: list, ref: list, seed: int = 0) -> tuple:
+    """Like paired_difference, but resampling seeds too: arm and ref are per-seed {question: correct}
+    on the same seeds; each resample draws seeds and questions with replacement (both paired), so
+    the interval also carries how far one arm's seeds differ (the question bootstrap alone does not)."""
+    import numpy as np
+
+    questions = list(ref[0])
+    d = np.array([[float(a[q]) - float(r[q]) for q in questions] for a, r in zip(arm, ref)])  # seeds x questions
+    rng = np.random.default_rng(seed)
+    k, n = d.shape
+    seed_counts = np.stack([np.bincount(row, minlength=k) for row in rng.integers(0, k, (BOOTSTRAP, k))])
+    question_counts = np.stack([np.bincount(row, minlength=n) for row in rng.integers(0, n, (BOOTSTRAP, n))])
+    means = np.sort(((seed_counts @ d) * question_counts).sum(1) / (k * n))
+    p = 2 * min(int((means <= 0).sum()), int((means >= 0).sum())) / BOOTSTRAP
+    return (float(d.mean()), float(means[int(0.025 * BOOTSTRAP)]), float(means[int(0.975 * BOOTSTRAP) - 1]),
+            min(p, 1.0))
+
+
 def mean_sd(values: list) -> tuple:
     m = sum(values) / len(values)
     return m, (math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0)
@@ -459,7 +477,8 @@ def report(study: Study, found: dict) -> str:
              f"{4 * a.ppl_size or 'all'} examples of each half of the reference run's split of the training set.",
              "- Statistics: accuracy pooled over seeds per question, 95% percentile bootstrap intervals over "
              f"questions ({BOOTSTRAP} resamples); each arm's difference from ntp by a paired bootstrap over the same "
-             "questions; 'significant' means the interval excludes 0.", ""]
+             "questions, and again resampling the shared seeds as well (paired by seed); 'significant' means "
+             "the interval excludes 0.", ""]
     sweep = {lr: r for lr, r in found["sweep"].items() if r}
     if sweep:
         lines += ["### Learning rate (NTP on the training set minus a validation split)", "",
@@ -493,6 +512,22 @@ def report(study: Study, found: dict) -> str:
         pick = lambda a: question_scores([r for r in runs[a] if r["seed"] in seeds], g)
         return paired_difference(pick(arm), pick(ref))
 
+    def paired_over_seeds(arm: str, ref: str, g: str):
+        """arm - ref resampling the shared seeds (paired by seed) and the questions; None under 2 seeds."""
+        seeds = sorted({r["seed"] for r in runs[arm]} & {r["seed"] for r in runs[ref]})
+        if len(seeds) < 2:
+            return None
+        pick = lambda a: [next(r for r in runs[a] if r["seed"] == s)["accuracy"][g] for s in seeds]
+        return seed_question_difference(pick(arm), pick(ref))
+
+    def differences(arm: str, ref: str, g: str) -> str:
+        d = paired(arm, ref, g)
+        text = significance(d)
+        if arm != "base" and ref != "base":
+            ds = paired_over_seeds(arm, ref, g)
+            text += f"; resampling seeds too: {significance(ds)}" if ds else " (one shared seed: seeds not resampled)"
+        return text
+
     lines += ["## Accuracy", "", "| arm | seeds | in-domain [95% CI] | vs ntp | general [95% CI] | vs ntp | "
               "per seed (in-domain / general) |", "|---|---|---|---|---|---|---|"]
     summary = {}
@@ -504,15 +539,19 @@ def report(study: Study, found: dict) -> str:
             cells.append(f"{m:.3f} [{lo:.3f}, {hi:.3f}]")
             if "ntp" in runs and arm != "ntp":
                 d = paired(arm, "ntp", g)
-                cells.append(f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]" + (" *" if d[1] > 0 or d[2] < 0 else ""))
+                mark = " *" if d[1] > 0 or d[2] < 0 else ""
+                ds = paired_over_seeds(arm, "ntp", g) if mark and arm != "base" else None
+                mark += " †" if ds and (ds[1] > 0 or ds[2] < 0) else ""
+                cells.append(f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]" + mark)
             else:
                 cells.append("")
         per_seed = [found["base"]] if arm == "base" else runs[arm]
         cells.append(", ".join(" / ".join(f"{sum(r['accuracy'][g].values()) / len(r['accuracy'][g]):.3f}"
                                           for g in ("indomain", "general")) for r in per_seed))
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "`*`: the paired 95% interval excludes 0. Differences use the seeds both arms have; the "
-              "intervals resample questions, not seeds (the per-seed column shows how far seeds differ).", "",
+    lines += ["", "`*`: the paired 95% interval over questions excludes 0; `†`: it still does when the seeds are "
+              "resampled too (paired by seed, at least 2 shared seeds; with 3 seeds a coarse but honest account "
+              "of seed variance). Differences use the seeds both arms have.", "",
               "In-domain accuracy by generator:", ""]
     tasks = sorted({q.rsplit("-", 2)[0] for q in scores["base"]["indomain"]})
     lines += ["| arm | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
@@ -546,8 +585,7 @@ def report(study: Study, found: dict) -> str:
         if arm == "ntp" or "ntp" not in runs:
             continue
         for g, label in (("indomain", "in-domain accuracy"), ("general", "general accuracy")):
-            d = paired(arm, "ntp", g)
-            lines.append(f"- {arm} - ntp, {label}: {significance(d)}.")
+            lines.append(f"- {arm} - ntp, {label}: {differences(arm, 'ntp', g)}.")
         lines.append(f"- {arm} vs ntp, final never-trained-generator perplexity: "
                      f"{compare_perplexity(runs, arm, 'ntp', 'unseen')}.")
     if {"ntp", "sftmix", "sftmix_mu0"} <= runs.keys():
@@ -557,9 +595,8 @@ def report(study: Study, found: dict) -> str:
         if "sftmix_random" in runs:
             pairs.append(("sftmix", "sftmix_random", "confidence split"))
         for arm, ref, what in pairs:
-            d_in, d_gen = paired(arm, ref, "indomain"), paired(arm, ref, "general")
-            lines.append(f"- {what} ({arm} - {ref}): in-domain accuracy {significance(d_in)}; general accuracy "
-                         f"{significance(d_gen)}; final perplexity, never-trained generators "
+            lines.append(f"- {what} ({arm} - {ref}): in-domain accuracy {differences(arm, ref, 'indomain')}; "
+                         f"general accuracy {differences(arm, ref, 'general')}; final perplexity, never-trained generators "
                          f"{compare_perplexity(runs, arm, ref, 'unseen')}, in-domain "
                          f"{compare_perplexity(runs, arm, ref, 'indomain_ppl')}.")
     lines += ["", "## Reproduce", "", "```", "python benchmarks/study.py            # resumes from benchmarks/"

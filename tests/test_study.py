@@ -35,6 +35,31 @@ def test_paired_difference():
     assert mean == 0.5 and 0.38 < low < 0.5 < high < 0.62 and p == 0.0
 
 
+def test_seed_question_difference_matches_a_loop_and_carries_seed_variance():
+    import numpy as np
+
+    rng = random.Random(2)
+    qs = [f"q{i}" for i in range(60)]
+    arm = [{q: rng.random() < p for q in qs} for p in (0.9, 0.3, 0.6)]
+    ref = [{q: rng.random() < 0.5 for q in qs} for _ in range(3)]
+    mean, low, high, p = study.seed_question_difference(arm, ref, seed=5)
+    # The same resamples drawn and averaged one by one.
+    g = np.random.default_rng(5)
+    seed_draws, question_draws = g.integers(0, 3, (study.BOOTSTRAP, 3)), g.integers(0, 60, (study.BOOTSTRAP, 60))
+    naive = sorted(sum(float(arm[s][qs[j]]) - float(ref[s][qs[j]]) for s in ss for j in qq) / (3 * 60)
+                   for ss, qq in zip(seed_draws, question_draws))
+    assert mean == pytest.approx(sum(float(a[q]) - float(r[q]) for a, r in zip(arm, ref) for q in qs) / 180)
+    assert low == pytest.approx(naive[int(0.025 * study.BOOTSTRAP)])
+    assert high == pytest.approx(naive[int(0.975 * study.BOOTSTRAP) - 1])
+    # Seeds that agree: about the question-only interval; seeds far apart: much wider.
+    same = study.seed_question_difference([arm[0]] * 3, [ref[0]] * 3)
+    pooled = study.paired_difference({q: float(arm[0][q]) for q in qs}, {q: float(ref[0][q]) for q in qs})
+    assert same[0] == pooled[0] and same[1] == pytest.approx(pooled[1], abs=0.03)
+    one_question_bootstrap = study.paired_difference(
+        {q: sum(a[q] for a in arm) / 3 for q in qs}, {q: sum(r[q] for r in ref) / 3 for q in qs})
+    assert high - low > 1.5 * (one_question_bootstrap[2] - one_question_bootstrap[1])
+
+
 def test_question_scores_pool_the_seeds():
     runs = [{"accuracy": {"indomain": {"a": True, "b": False}}}, {"accuracy": {"indomain": {"a": True, "b": True}}}]
     assert study.question_scores(runs, "indomain") == {"a": 1.0, "b": 0.5}
