@@ -430,6 +430,18 @@ def final_nll(runs: list, name: str) -> list:
     return [r["curves"][-1][name] for r in runs if r["curves"]]
 
 
+def permutation_p(a: list, b: list) -> float:
+    """Two-sided exact permutation p of the difference in means (seeds as the units): the share of
+    all relabellings of a + b into groups of their sizes whose |difference| reaches the observed one."""
+    from itertools import combinations
+
+    pooled, observed = a + b, abs(sum(a) / len(a) - sum(b) / len(b))
+    total = sum(pooled)
+    diffs = [abs(sum(pick) / len(a) - (total - sum(pick)) / len(b))
+             for pick in (tuple(pooled[i] for i in idx) for idx in combinations(range(len(pooled)), len(a)))]
+    return sum(d >= observed - 1e-12 for d in diffs) / len(diffs)
+
+
 def compare_perplexity(runs: dict, arm: str, ref: str, name: str) -> str:
     a, b = final_nll(runs[arm], name), final_nll(runs[ref], name)
     if not a or not b:
@@ -444,6 +456,8 @@ def compare_perplexity(runs: dict, arm: str, ref: str, name: str) -> str:
         how = f"every seed above every {ref} seed"
     else:
         how = "the seeds overlap"
+    if min(len(pa), len(pb)) >= 2:
+        how += f"; exact permutation p over seeds {permutation_p(pa, pb):.2f}"
     return f"{ma:.3f} ± {sa:.3f} vs {mb:.3f} ± {sb:.3f} ({how})"
 
 

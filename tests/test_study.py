@@ -60,6 +60,14 @@ def test_seed_question_difference_matches_a_loop_and_carries_seed_variance():
     assert high - low > 1.5 * (one_question_bootstrap[2] - one_question_bootstrap[1])
 
 
+def test_permutation_p_counts_the_relabellings():
+    # 3 vs 3 fully separated: 2 of the C(6,3) = 20 relabellings are as extreme (this one and its mirror).
+    assert study.permutation_p([1.0, 2.0, 3.0], [4.0, 5.0, 6.0]) == pytest.approx(0.1)
+    assert study.permutation_p([1.0, 1.0], [1.0, 1.0]) == 1.0
+    # 1, 2, 4 vs 3, 5, 6 (difference 7/3): the relabellings whose sum is <= 7 or >= 14.
+    assert study.permutation_p([1.0, 2.0, 4.0], [3.0, 5.0, 6.0]) == pytest.approx(4 / 20)
+
+
 def test_question_scores_pool_the_seeds():
     runs = [{"accuracy": {"indomain": {"a": True, "b": False}}}, {"accuracy": {"indomain": {"a": True, "b": True}}}]
     assert study.question_scores(runs, "indomain") == {"a": 1.0, "b": 0.5}
