@@ -625,6 +625,7 @@ def plot(study: Study, runs: dict, summary: dict, start) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     arms = ["base", *runs]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -651,6 +652,9 @@ def plot(study: Study, runs: dict, summary: dict, start) -> None:
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("epoch")
         ax.set_yscale("log")  # the base model's epoch 0 is far above the trained ones
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
+        ax.set_xticks(range(study.args.epochs + 1))
     axes[0].set_ylabel("gold-response perplexity")
     axes[-1].legend(fontsize=7)
     fig.tight_layout()
