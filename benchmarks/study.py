@@ -388,13 +388,16 @@ def bootstrap_ci(values: list) -> tuple:
     return sum(values) / len(values), float(means[int(0.025 * BOOTSTRAP)]), float(means[int(0.975 * BOOTSTRAP) - 1])
 
 
+def difference_summary(mean: float, means) -> tuple:
+    """(mean, 95% percentile interval, two-sided p) of a difference from its sorted bootstrap means."""
+    p = 2 * min(int((means <= 0).sum()), int((means >= 0).sum())) / BOOTSTRAP
+    return mean, float(means[int(0.025 * BOOTSTRAP)]), float(means[int(0.975 * BOOTSTRAP) - 1]), min(p, 1.0)
+
+
 def paired_difference(arm: dict, ref: dict) -> tuple:
     """Mean per-question difference (arm - ref), its 95% interval and a two-sided bootstrap p."""
     diffs = [arm[q] - ref[q] for q in ref]
-    means = bootstrap_means(diffs)
-    p = 2 * min(int((means <= 0).sum()), int((means >= 0).sum())) / BOOTSTRAP
-    return (sum(diffs) / len(diffs), float(means[int(0.025 * BOOTSTRAP)]), float(means[int(0.975 * BOOTSTRAP) - 1]),
-            min(p, 1.0))
+    return difference_summary(sum(diffs) / len(diffs), bootstrap_means(diffs))
 
 
 def seed_question_difference(arm: list, ref: list, seed: int = 0) -> tuple:
@@ -409,10 +412,7 @@ def seed_question_difference(arm: list, ref: list, seed: int = 0) -> tuple:
     k, n = d.shape
     seed_counts = np.stack([np.bincount(row, minlength=k) for row in rng.integers(0, k, (BOOTSTRAP, k))])
     question_counts = np.stack([np.bincount(row, minlength=n) for row in rng.integers(0, n, (BOOTSTRAP, n))])
-    means = np.sort(((seed_counts @ d) * question_counts).sum(1) / (k * n))
-    p = 2 * min(int((means <= 0).sum()), int((means >= 0).sum())) / BOOTSTRAP
-    return (float(d.mean()), float(means[int(0.025 * BOOTSTRAP)]), float(means[int(0.975 * BOOTSTRAP) - 1]),
-            min(p, 1.0))
+    return difference_summary(float(d.mean()), np.sort(((seed_counts @ d) * question_counts).sum(1) / (k * n)))
 
 
 def mean_sd(values: list) -> tuple:
