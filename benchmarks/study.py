@@ -518,17 +518,20 @@ def report(study: Study, found: dict) -> str:
     scores = {"base": {g: question_scores([found["base"]], g) for g in ("indomain", "general")}}
     for arm, rs in runs.items():
         scores[arm] = {g: question_scores(rs, g) for g in ("indomain", "general")}
+    def shared_seeds(arm: str, ref: str) -> list:
+        return sorted({r["seed"] for r in runs[arm]} & {r["seed"] for r in runs[ref]})
+
     def paired(arm: str, ref: str, g: str) -> tuple:
         """arm - ref over the questions, on the seeds both have (a partial study compares like with like)."""
         if arm == "base" or ref == "base":
             return paired_difference(scores[arm][g], scores[ref][g])
-        seeds = {r["seed"] for r in runs[arm]} & {r["seed"] for r in runs[ref]}
+        seeds = shared_seeds(arm, ref)
         pick = lambda a: question_scores([r for r in runs[a] if r["seed"] in seeds], g)
         return paired_difference(pick(arm), pick(ref))
 
     def paired_over_seeds(arm: str, ref: str, g: str):
         """arm - ref resampling the shared seeds (paired by seed) and the questions; None under 2 seeds."""
-        seeds = sorted({r["seed"] for r in runs[arm]} & {r["seed"] for r in runs[ref]})
+        seeds = shared_seeds(arm, ref)
         if len(seeds) < 2:
             return None
         pick = lambda a: [next(r for r in runs[a] if r["seed"] == s)["accuracy"][g] for s in seeds]

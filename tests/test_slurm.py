@@ -77,8 +77,12 @@ def slurm(tmp_path_factory):
                 p.kill()
 
 
-# The job's log interleaves both tasks' output, so a multibyte progress-bar character can be split
-# by another task's line: it is read with errors="replace".
+def read_log(log) -> str:
+    # The job's log interleaves both tasks' output, so a multibyte progress-bar character can be
+    # split by another task's line.
+    return log.read_text(errors="replace")
+
+
 def sbatch(slurm, out_dir, overrides, wait=True):
     cmd = ["sbatch", "--parsable", "--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1",
            f"--output={slurm['dir']}/%x-%j.out", f"--chdir={ROOT}"] + (["--wait"] if wait else []) + \
@@ -101,7 +105,7 @@ def job_field(slurm, job, field):
 def test_sbatch_runs_two_tasks_and_exports(slurm, tmp_path):
     out = tmp_path / "run"
     job, log = sbatch(slurm, out, ["train.max_steps=2", "train.micro_batch_size=2"])
-    text = log.read_text(errors="replace")
+    text = read_log(log)
     assert "2 tasks" in text and "2 ranks" in text
     assert (out / "model" / "model.safetensors").exists()
 
@@ -111,7 +115,7 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm, tmp_path):
     job, log = sbatch(slurm, out, ["train.max_steps=300", "train.micro_batch_size=2", "data.eval_files=[]"],
                       wait=False)
     for _ in range(240):
-        if log.exists() and "train ntp" in log.read_text(errors="replace"):
+        if log.exists() and "train ntp" in read_log(log):
             break
         time.sleep(1)
     time.sleep(2)
@@ -128,7 +132,7 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm, tmp_path):
         if job_field(slurm, job, "JobState") in ("COMPLETED", "FAILED", "CANCELLED", None):
             break
         time.sleep(1)
-    text = log.read_text(errors="replace").replace("\r", "\n")
+    text = read_log(log).replace("\r", "\n")
     assert job_field(slurm, job, "JobState") in ("COMPLETED", None), text[-3000:]
     assert "for SIGUSR1" in text and "(restart 1)" in text
     stopped = int(text.split("stopping at step ")[1].split()[0])
