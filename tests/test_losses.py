@@ -3,6 +3,12 @@ import torch
 
 from sftmix_ds.losses import fused_sftmix_loss, reference_sftmix_loss
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # Triton: compiled kernels on a GPU, else the interpreter
+
+
+def on_device(case):
+    return [t.detach().to(DEVICE).requires_grad_(t.requires_grad) for t in case]
+
 
 def make_case(dtype, M=37, d=16, V=61, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -70,8 +76,10 @@ def test_a_frozen_head_gets_no_gradient_and_the_rest_is_unchanged(backend):
     the reference's, and autograd never sees a weight gradient."""
     if backend == "triton":
         pytest.importorskip("triton")  # on CPU in triton's interpreter (conftest)
-    hidden, weight, labels, pair_a, pair_b, lam = make_case(torch.float32)
-    bias = (torch.randn(weight.shape[0], generator=torch.Generator().manual_seed(5)) * 0.7)
+    device = DEVICE if backend == "triton" else "cpu"
+    hidden, weight, labels, pair_a, pair_b, lam = [t.to(device) for t in make_case(torch.float32)]
+    hidden = hidden.detach().requires_grad_()
+    bias = (torch.randn(weight.shape[0], generator=torch.Generator().manual_seed(5)) * 0.7).to(device)
     frozen_w, frozen_b = weight.detach(), bias  # neither requires grad
     ntp, mix = fused_sftmix_loss(hidden, frozen_w, labels, pair_a, pair_b, lam, chunk_size=4, backend=backend,
                                  bias=frozen_b, scale=2.5, softcap=4.0)
@@ -130,13 +138,6 @@ def test_fused_close_to_reference_low_precision(dtype, tol):
 
 # The Triton backend: on CPU the kernels run in triton's interpreter (conftest sets TRITON_INTERPRET=1).
 triton_kernels = pytest.importorskip("sftmix_ds.losses.triton_kernels")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # compiled kernels on a GPU
-
-
-def on_device(case):
-    return [t.detach().to(DEVICE).requires_grad_(t.requires_grad) for t in case]
-
-
 @pytest.mark.parametrize("block", [16, 4096])  # 16: several blocks over V=61 with a ragged last one
 @pytest.mark.parametrize("chunk_size", [1, 5, 4096])
 def test_triton_backend_equals_reference(monkeypatch, block, chunk_size):

@@ -15,7 +15,9 @@ full-size temporaries on:
 Chunk layout (as fused._chunks builds it): rows [0, P) are pair partners a,
 rows [P, 2P) their partners b, rows [2P, n) unpaired. Kernels read z in its
 own dtype and compute in fp32. Under TRITON_INTERPRET=1 they run on CPU tensors,
-which is how CI tests them.
+which is how CI tests their values; the interpreter runs plain Python and cannot
+see what Triton's compiler refuses, so CI also compiles every launch variant for
+sm_80 and sm_90 (benchmarks/triton_compile.py).
 """
 from __future__ import annotations
 
@@ -36,14 +38,15 @@ def _cap(u, cap, CAPPED: tl.constexpr):
 
 
 @triton.jit
-def _cap_slope(z, cap, CAPPED: tl.constexpr):
-    """d cap(u) / du at z = cap(u): 1 - (z / c)^2, or 1."""
+def _through_cap(g, z, cap, CAPPED: tl.constexpr):
+    """g * d cap(u) / du at z = cap(u), where the slope is 1 - (z / c)^2; g itself without a cap.
+    (Both branches return g's type: Triton's compiler refuses a branch that returns a bare constant.)"""
     if CAPPED:
-        return 1.0 - (z / cap) * (z / cap)
-    return 1.0
+        return g * (1.0 - (z / cap) * (z / cap))
+    return g
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_pairs"])  # a chunk's pair count changes often: one variant
 def _lse_kernel(Z, stride, LAM, LSE, LSE_MIX, n_pairs, V, cap, BLOCK: tl.constexpr, PAIRED: tl.constexpr,
                 CAPPED: tl.constexpr):
     """Unpaired: program i -> LSE[2P + i]. Paired: program k -> LSE[k], LSE[P + k], LSE_MIX[k].
@@ -93,7 +96,7 @@ def _lse_kernel(Z, stride, LAM, LSE, LSE_MIX, n_pairs, V, cap, BLOCK: tl.constex
         tl.store(LSE + row, m + tl.log(s))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_pairs"])  # a chunk's pair count changes often: one variant
 def _grad_kernel(Z, stride, Y, SCALE, LSE, LAM, LSE_MIX, WMA, WMB, n_pairs, V, cap, BLOCK: tl.constexpr,
                  PAIRED: tl.constexpr, CAPPED: tl.constexpr):
     """Overwrite the pre-cap logits u with G = d loss / d u (z = cap(u); without a cap z = u).
@@ -127,9 +130,9 @@ def _grad_kernel(Z, stride, Y, SCALE, LSE, LAM, LSE_MIX, WMA, WMB, n_pairs, V, c
             zm = _cap(lam * ua + (1.0 - lam) * ub, cap, CAPPED)
             hit_a = tl.where(idx == y_a, 1.0, 0.0)
             hit_b = tl.where(idx == y_b, 1.0, 0.0)
-            g_mix = ((wma + wmb) * tl.exp(zm - lse_m) - wma * hit_a - wmb * hit_b) * _cap_slope(zm, cap, CAPPED)
-            g_a = scale_a * (tl.exp(za - lse_a) - hit_a) * _cap_slope(za, cap, CAPPED) + lam * g_mix
-            g_b = scale_b * (tl.exp(zb - lse_b) - hit_b) * _cap_slope(zb, cap, CAPPED) + (1.0 - lam) * g_mix
+            g_mix = _through_cap((wma + wmb) * tl.exp(zm - lse_m) - wma * hit_a - wmb * hit_b, zm, cap, CAPPED)
+            g_a = _through_cap(scale_a * (tl.exp(za - lse_a) - hit_a), za, cap, CAPPED) + lam * g_mix
+            g_b = _through_cap(scale_b * (tl.exp(zb - lse_b) - hit_b), zb, cap, CAPPED) + (1.0 - lam) * g_mix
             tl.store(Z + row_a * stride + idx, g_a.to(Z.dtype.element_ty), mask=mask)
             tl.store(Z + row_b * stride + idx, g_b.to(Z.dtype.element_ty), mask=mask)
     else:
@@ -141,18 +144,26 @@ def _grad_kernel(Z, stride, Y, SCALE, LSE, LAM, LSE_MIX, WMA, WMB, n_pairs, V, c
             idx = start + cols
             mask = idx < V
             z = _cap(tl.load(Z + row * stride + idx, mask=mask, other=0.0).to(tl.float32), cap, CAPPED)
-            g = scale * (tl.exp(z - lse) - tl.where(idx == y, 1.0, 0.0)) * _cap_slope(z, cap, CAPPED)
+            g = _through_cap(scale * (tl.exp(z - lse) - tl.where(idx == y, 1.0, 0.0)), z, cap, CAPPED)
             tl.store(Z + row * stride + idx, g.to(Z.dtype.element_ty), mask=mask)
 
 
+def launches(kernel, z: torch.Tensor, n_pairs: int, cap: float, *args) -> list:
+    """(grid, arguments, constexprs and launch options) of each launch one chunk needs: the paired
+    rows, then the unpaired ones. benchmarks/triton_compile.py compiles exactly these."""
+    options = dict(BLOCK=min(BLOCK_V, triton.next_power_of_2(z.shape[1])), CAPPED=cap > 0, num_warps=NUM_WARPS)
+    unpaired = z.shape[0] - 2 * n_pairs
+    plan = []
+    for programs, paired in ((n_pairs, True), (unpaired, False)):
+        if programs:
+            arguments = (z, z.stride(0), *args, n_pairs, z.shape[1], float(cap))
+            plan.append(((programs,), arguments, dict(options, PAIRED=paired)))
+    return plan
+
+
 def _launch(kernel, z: torch.Tensor, n_pairs: int, cap: float, *args) -> None:
-    block = min(BLOCK_V, triton.next_power_of_2(z.shape[1]))
-    shape = dict(BLOCK=block, CAPPED=cap > 0, num_warps=NUM_WARPS)
-    if n_pairs:
-        kernel[(n_pairs,)](z, z.stride(0), *args, n_pairs, z.shape[1], float(cap), PAIRED=True, **shape)
-    if z.shape[0] > 2 * n_pairs:
-        kernel[(z.shape[0] - 2 * n_pairs,)](z, z.stride(0), *args, n_pairs, z.shape[1], float(cap), PAIRED=False,
-                                           **shape)
+    for grid, arguments, options in launches(kernel, z, n_pairs, cap, *args):
+        kernel[grid](*arguments, **options)
 
 
 def chunk_lse(u: torch.Tensor, n_pairs: int, lam: torch.Tensor, cap: float = 0.0):
