@@ -4,6 +4,7 @@ judged wrong and leave nothing behind (no files outside its temp dir, no process
 connections), as root and as an unprivileged user (where this machine can make one)."""
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -167,11 +168,10 @@ def test_judge_memory_stays_bounded_whatever_the_candidate_prints(problem):
 
 
 NOBODY_TABLE = """
-import importlib.util, json, sys
-spec = importlib.util.spec_from_file_location("sandbox", sys.argv[1])
-sandbox = sys.modules["sandbox"] = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(sandbox)
+import json, sys, types
 job = json.loads(sys.stdin.read())
+sandbox = sys.modules["sandbox"] = types.ModuleType("sandbox")  # from the job: nobody may not read the checkout
+exec(compile(job["sandbox_source"], "sandbox.py", "exec"), sandbox.__dict__)
 if sandbox.isolation()[0] is None:
     print(json.dumps({"unavailable": sandbox.isolation()[2]}))
     raise SystemExit(0)
@@ -190,10 +190,12 @@ def test_hostile_candidates_as_an_unprivileged_user(problem):
         pytest.skip(f"{python} is missing: no interpreter an unprivileged user can run")
     cases = {n: c.replace("PORT", "9") for n, c in HOSTILE.items()}
     cases["the gold solution"] = problem["completion"].split("```python\n", 1)[1].rsplit("```", 1)[0]
-    job = {"test": problem["test"], "entry_point": problem["entry_point"], "stub": problem["stub"], "cases": cases}
+    with open(os.path.join(ROOT, "sftmix_ds", "inference", "sandbox.py")) as f:
+        source = f.read()
+    job = {"test": problem["test"], "entry_point": problem["entry_point"], "stub": problem["stub"], "cases": cases,
+           "sandbox_source": source}
     proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-I", "-c",
-                           NOBODY_TABLE, os.path.join(ROOT, "sftmix_ds", "inference", "sandbox.py")],
-                          input=json.dumps(job), capture_output=True, text=True, timeout=600, cwd="/")
+                           NOBODY_TABLE], input=json.dumps(job), capture_output=True, text=True, timeout=600, cwd="/")
     assert proc.returncode == 0, proc.stderr[-3000:]
     verdicts = json.loads(proc.stdout.splitlines()[-1])
     if "unavailable" in verdicts:
@@ -201,6 +203,53 @@ def test_hostile_candidates_as_an_unprivileged_user(problem):
     assert verdicts.pop("the gold solution") is True
     assert [n for n, passed in verdicts.items() if passed] == []
     assert leftovers() == []
+
+
+def private_venv(folder) -> str:
+    """An interpreter in a folder only root can enter (mode 0700, like /root or a mktemp -d checkout),
+    laid out as a venv over this one; returns its path."""
+    folder.mkdir(mode=0o700)
+    os.mkdir(folder / "bin")
+    os.symlink(os.path.realpath(sys.executable), folder / "bin" / "python")
+    venv = os.path.dirname(os.path.dirname(sys.executable))
+    if os.path.exists(os.path.join(venv, "pyvenv.cfg")):
+        shutil.copy(os.path.join(venv, "pyvenv.cfg"), folder / "pyvenv.cfg")
+        os.symlink(os.path.join(venv, "lib"), folder / "lib")
+    shutil.copytree(os.path.join(ROOT, "sftmix_ds"), folder / "sftmix_ds",
+                    ignore=shutil.ignore_patterns("__pycache__", "builtin_data"))
+    return str(folder / "bin" / "python")
+
+
+def test_the_judge_works_from_a_folder_nobody_can_read(problem, tmp_path):
+    """The project and its interpreter under a 0700 folder, the judge run as root: the sandbox drops to
+    nobody, who can read neither, and still judges (it needs no file of the project's)."""
+    if os.geteuid() != 0:
+        pytest.skip("only root drops to nobody")
+    needs_sandbox()
+    python = private_venv(tmp_path / "private")
+    code = ("import json, sys\n"
+            f"sys.path.insert(0, {str(tmp_path / 'private')!r})\n"
+            "from sftmix_ds.inference.judges import python_tests\n"
+            "record = json.loads(sys.stdin.read())\n"
+            "print(json.dumps([python_tests(record, record['completion']), python_tests(record, sys.argv[1])]))\n")
+    proc = subprocess.run([python, "-I", "-c", code, WRONG], input=json.dumps(problem), capture_output=True,
+                          text=True, timeout=300, cwd="/")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.splitlines()[-1]) == [True, False]
+
+
+def test_a_sandbox_that_cannot_start_is_an_error_not_a_verdict(problem, monkeypatch):
+    """An interpreter the sandboxed user cannot run: the check raises, naming it and the cause, where
+    it used to count as a wrong answer."""
+    from sftmix_ds.inference import sandbox
+
+    needs_sandbox()
+    prefix = sandbox.isolation()[0]
+    monkeypatch.setattr(sandbox, "isolation", lambda: (prefix, "/nonexistent/python3", None))
+    with pytest.raises(sandbox.SandboxUnavailable, match="did not start /nonexistent/python3 .*No such file"):
+        python_tests(problem, problem["completion"])
+    with pytest.raises(sandbox.SandboxUnavailable, match="did not start /nonexistent/python3"):
+        sandbox.run_python("print(1)")
 
 
 @pytest.mark.parametrize("gold,candidate,expected", [

@@ -95,8 +95,12 @@ os.execvp("setpriv", ["setpriv", *drop, "--inh-caps=-all", "--bounding-set=-all"
                       *sys.argv[2:]])
 """
 
+# The first thing each trusted script does (argv[1]: the start pipe): a runner that cannot start
+# (an interpreter the sandboxed user cannot run, a failed mount) is then an error, not a failed verdict.
+STARTED = "import os, sys; os.write(int(sys.argv[1]), b'1'); os.close(int(sys.argv[1]))\n"
+
 # Runs a whole program read from stdin (run_python).
-PROGRAM = """\
+PROGRAM = STARTED + """\
 import sys
 source = sys.stdin.read()
 sys.stdin.close()
@@ -133,11 +137,11 @@ while True:
         send(("raise", type(e).__name__, str(e)[:1000]))
 """.replace("PRELUDE", repr(PRELUDE))
 
-# Trusted: the tests' process in run_tests. argv: token fd, verdict fd; stdin: the job as JSON.
-RUNNER = """\
+# Trusted: the tests' process in run_tests. argv: start fd, token fd, verdict fd; stdin: the job as JSON.
+RUNNER = STARTED + """\
 import builtins, ctypes, io, json, os, pickle, struct, subprocess, sys
 ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE=0: no process can read this one's memory or fds
-token_fd, verdict_fd = int(sys.argv[1]), int(sys.argv[2])
+token_fd, verdict_fd = int(sys.argv[2]), int(sys.argv[3])
 token = os.read(token_fd, 64)
 os.close(token_fd)
 job = json.loads(sys.stdin.read())
@@ -199,7 +203,7 @@ class SandboxResult:
 
 
 class SandboxUnavailable(RuntimeError):
-    """This machine cannot isolate untrusted code; the message says why and what to do."""
+    """This machine cannot isolate untrusted code, or the sandbox could not start; the message says why."""
 
 
 @functools.lru_cache(maxsize=1)
@@ -214,7 +218,7 @@ def isolation() -> tuple:
     prefix += ["--", sys.executable, "-I", "-B", "-c", SETUP, str(TMPFS_MB)]
     env = {"PATH": "/usr/bin:/bin", **({"SANDBOX_DROP_TO_NOBODY": "1"} if os.geteuid() == 0 else {})}
     # nobody may not reach this venv's interpreter (say, under /root); the system's Python then serves.
-    why = "no Python interpreter found"
+    why = []
     for python in dict.fromkeys([sys.executable, "/usr/bin/python3"]):
         # What run_tests needs: write in /tmp/work, and start this interpreter again from inside.
         probe = subprocess.run(prefix + [python, "-I", "-c", "import ctypes, json, pickle, subprocess, sys; "
@@ -223,8 +227,8 @@ def isolation() -> tuple:
                                capture_output=True, text=True, env=env, timeout=60)
         if probe.returncode == 0:
             return prefix, python, None
-        why = (probe.stderr.strip().splitlines() or [f"exit status {probe.returncode}"])[-1]
-    return None, None, f"namespaces are not available here ({why})"
+        why.append(f"{python}: {(probe.stderr.strip().splitlines() or [f'exit status {probe.returncode}'])[-1]}")
+    return None, None, f"namespaces are not available here, or no interpreter runs in them ({'; '.join(why)})"
 
 
 def _limits(timeout_s: float, memory_mb: int, max_procs: int):
@@ -239,14 +243,20 @@ def _limits(timeout_s: float, memory_mb: int, max_procs: int):
     return apply
 
 
-def _run(argv: list, stdin: bytes, timeout_s: float, memory_mb: int, max_procs: int, allow_unsandboxed: bool,
-         pass_fds: tuple = ()) -> tuple:
-    """Run Python with `argv` isolated; returns (exit status or None on timeout, capped output)."""
+def _run(script: str, script_args: tuple, stdin: bytes, timeout_s: float, memory_mb: int, max_procs: int,
+         allow_unsandboxed: bool, pass_fds: tuple = ()) -> tuple:
+    """Run a trusted `script` (which starts with STARTED) isolated, with argv[1] its start pipe and
+    `script_args` after it; returns (exit status or None on timeout, capped output). Raises
+    SandboxUnavailable when the script never started."""
     prefix, python, why_not = isolation()
     env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp/work"}
     workdir = None
+    start_r, start_w = os.pipe()
+    argv = ["-I", "-B", "-c", script, str(start_w), *map(str, script_args)]
     if prefix is None:
         if not allow_unsandboxed:
+            os.close(start_r)
+            os.close(start_w)
             raise SandboxUnavailable(f"cannot sandbox model-written code: {why_not}; run as root, enable "
                                      "unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1), or "
                                      "accept the risk with method.allow_unsandboxed_code=true "
@@ -262,8 +272,10 @@ def _run(argv: list, stdin: bytes, timeout_s: float, memory_mb: int, max_procs: 
             env["SANDBOX_DROP_TO_NOBODY"] = "1"
     try:
         proc = subprocess.Popen(cmd, cwd=workdir or "/", env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, pass_fds=pass_fds,
+                                stderr=subprocess.STDOUT, pass_fds=(start_w, *pass_fds),
                                 preexec_fn=_limits(timeout_s, memory_mb, max_procs))
+        os.close(start_w)
+        start_w = None
         try:
             proc.stdin.write(stdin)
             proc.stdin.close()
@@ -271,10 +283,27 @@ def _run(argv: list, stdin: bytes, timeout_s: float, memory_mb: int, max_procs: 
             pass
         output, timed_out = _read_capped(proc.stdout, time.monotonic() + timeout_s)
         _kill_group(proc)
+        if not _read_now(start_r):
+            who = "nobody" if env.get("SANDBOX_DROP_TO_NOBODY") else "this user"
+            raise SandboxUnavailable(f"the sandbox did not start {cmd[len(prefix or [])]} as {who} "
+                                     f"({'timed out' if timed_out else f'exit status {proc.returncode}'}): "
+                                     f"{output.strip()[-1000:] or 'no output'}")
         return (None if timed_out else proc.returncode), output
     finally:
+        for fd in (start_r, start_w):
+            if fd is not None:
+                os.close(fd)
         if workdir:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _read_now(fd: int) -> bytes:
+    """What a pipe holds now, without waiting (its writers may still hold it open)."""
+    os.set_blocking(fd, False)
+    try:
+        return os.read(fd, 64)
+    except BlockingIOError:
+        return b""
 
 
 def _read_capped(stream, deadline: float) -> tuple:
@@ -307,8 +336,7 @@ def run_python(code: str, timeout_s: float = 10.0, memory_mb: int = 1024, max_pr
                allow_unsandboxed: bool = False) -> SandboxResult:
     """Run a whole program; passed means it exited 0 within the limits. For a test verdict that
     a wrong answer cannot forge, use run_tests."""
-    status, output = _run(["-I", "-B", "-c", PROGRAM], code.encode(), timeout_s, memory_mb,
-                          max_procs, allow_unsandboxed)
+    status, output = _run(PROGRAM, (), code.encode(), timeout_s, memory_mb, max_procs, allow_unsandboxed)
     return _result(status, status == 0, output)
 
 
@@ -324,15 +352,11 @@ def run_tests(code: str, test: str, entry_point: str, helpers: str = "", timeout
     os.close(token_w)
     job = json.dumps({"code": code, "test": test, "entry_point": entry_point, "helpers": helpers}).encode()
     try:
-        status, output = _run(["-I", "-B", "-c", RUNNER, str(token_r), str(verdict_w)], job,
-                              timeout_s, memory_mb, max_procs, allow_unsandboxed, pass_fds=(token_r, verdict_w))
+        status, output = _run(RUNNER, (token_r, verdict_w), job, timeout_s, memory_mb, max_procs,
+                              allow_unsandboxed, pass_fds=(token_r, verdict_w))
         os.close(verdict_w)
         verdict_w = None
-        os.set_blocking(verdict_r, False)
-        try:
-            verdict = os.read(verdict_r, 64)
-        except BlockingIOError:
-            verdict = b""
+        verdict = _read_now(verdict_r)
     finally:
         for fd in (token_r, verdict_w, verdict_r):
             if fd is not None:
