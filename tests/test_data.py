@@ -306,3 +306,63 @@ def test_a_huge_field_is_cut_before_tokenizing_with_the_same_result(tmp_path, to
     assert stats["truncated"] == 1
     dropped, stats = tokenize_conversations(conv, tokenizer, max_length=128, overlong="drop")
     assert dropped == [] and stats["dropped_overlong"] == 1
+
+
+def cpu_flash_kernels():
+    """flash-attn's two kernels as transformers calls them, in plain torch on CPU: causal attention
+    over each row ([B, T, H, D]), and over each segment of cu_seqlens (varlen, [N, H, D])."""
+    import torch.nn.functional as F
+
+    def attend(q, k, v, scale):  # causal, [T, H, D]; k and v may have fewer heads (GQA)
+        q, k, v = (x.transpose(0, 1) for x in (q, k, v))
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True).transpose(0, 1)
+
+    def flash(q, k, v, dropout_p=0.0, softmax_scale=None, causal=True, **_):
+        return torch.stack([attend(q[b], k[b], v[b], softmax_scale) for b in range(q.shape[0])])
+
+    def flash_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, dropout_p=0.0,
+                     softmax_scale=None, causal=True, **_):
+        bounds = cu_seqlens_q.tolist()
+        return torch.cat([attend(q[s:e], k[s:e], v[s:e], softmax_scale) for s, e in zip(bounds, bounds[1:])])
+
+    return flash, flash_varlen
+
+
+def test_packed_rows_reach_flash_attention_as_one_row(monkeypatch):
+    """transformers' flash-attention path (its real code, the kernels emulated on CPU) separates
+    packed examples only in a one-row batch: LossModule runs several packed rows as one, so the loss
+    and gradients equal the padded batch's; the rows passed as they are would mix examples."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import modeling_flash_attention_utils as fa_utils
+
+    from sftmix_ds.engine.wrapper import LossModule
+    from sftmix_ds.methods.ntp import NTP
+
+    from .test_heads import NoZeRO
+
+    flash, flash_varlen = cpu_flash_kernels()
+    kernels = ((flash, flash_varlen, None, None, None), (fa_utils._lazy_define_process_function(flash_varlen), dict))
+    monkeypatch.setattr(fa_utils, "lazy_import_flash_attention", lambda *a, **k: kernels)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa"))
+    examples = random_examples([5, 9, 3, 12, 7, 4]) + [None]
+    results = {}
+    for name, method, attn in (("padded", NTP(), "sdpa"), ("packed", NTP(pack_width=16), "flash_attention_2")):
+        model.config._attn_implementation = attn
+        module = LossModule(model, method.loss_terms, NoZeRO())
+        batch = method.collate(examples, pad_id=0)
+        model.zero_grad()
+        loss = module(**batch)["ntp"]
+        loss.backward()
+        results[name] = (loss.detach(), [p.grad.clone() for p in model.parameters()])
+    packed_batch = NTP(pack_width=16).collate(examples, pad_id=0)
+    assert packed_batch["input_ids"].shape[0] == 3  # several packed rows: the case flash kernels get wrong
+    (padded, g_padded), (packed, g_packed) = results["padded"], results["packed"]
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g_packed, g_padded):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    hidden = model.get_decoder()(input_ids=packed_batch["input_ids"], position_ids=packed_batch["position_ids"],
+                                 use_cache=False).last_hidden_state  # the rows as they are: examples attend across
+    mixed = NTP(pack_width=16).loss_terms(hidden, module.head(), packed_batch)["ntp"]
+    assert abs(mixed.item() - padded.item()) > 1e-3

@@ -41,10 +41,24 @@ class LossModule(nn.Module):
             return self._logit_error(input_ids)
         if position_ids is not None:  # packed rows: with attention_mask=None, position_ids mark the examples
             attention_mask = None
-        hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                       use_cache=False).last_hidden_state
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, **extra}
         return (loss_terms or self.loss_terms)(hidden, self.head(), batch)
+
+    def hidden_states(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
+        """The decoder's last hidden states [B, T, d]. Flash-attention kernels find the examples of
+        packed rows from position_ids only in a batch of one row (transformers' _is_packed_sequence;
+        with several rows a plain causal kernel would let packed examples attend to each other), so
+        several packed rows run as one and are split back."""
+        from transformers.utils.generic import is_flash_attention_requested
+
+        shape = input_ids.shape
+        flatten = position_ids is not None and shape[0] > 1 and is_flash_attention_requested(self.lm.config)
+        if flatten:
+            input_ids, position_ids = input_ids.reshape(1, -1), position_ids.reshape(1, -1)
+        hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                       use_cache=False).last_hidden_state
+        return hidden.reshape(*shape, -1) if flatten else hidden
 
     def _logit_error(self, input_ids) -> torch.Tensor:
         """max |our logits - the model's own| / max |the model's own|, dropout off."""
