@@ -7,11 +7,15 @@ For each model (random weights, no download) every run is a separate process on
 the same synthetic data (example lengths uniform in [seq/4, seq], tokenized once
 by sftmix_ds, so both trainers see the same token ids and loss masks):
   - sftmix_ds method=ntp and method=sftmix through launch/train.py (ZeRO-3);
-  - TRL SFTTrainer with DeepSpeed ZeRO-3 (its defaults otherwise: padded batches,
-    full-logits loss), fed the examples in sftmix_ds's step order, so the first
-    steps' losses must agree.
-Tokens/s count real (non-padding) tokens per device, median over the steps after
---warmup. Writes benchmarks/results/throughput_<gpu|cpu>.md.
+  - TRL SFTTrainer with DeepSpeed ZeRO-3, fed the examples in sftmix_ds's step
+    order, so the first steps' losses must agree. TRL 1.16 always installs its own
+    fused, chunked LM head (no full logits; `add_fused_lm_head`); it runs with padded
+    batches and, with --trl-variants padding_free, also padding-free (each micro-batch
+    flattened into one row with restarting position ids: its fastest layout here).
+Tokens/s count real (non-padding) tokens per device (one process: per device is
+the whole), median over the steps after --warmup; peak memory is what the CUDA
+allocator had allocated and reserved. Writes benchmarks/results/throughput_<gpu|cpu>.md,
+rewritten after every run, so a run cut short keeps the rows it finished.
 """
 import argparse
 import json
@@ -93,15 +97,17 @@ def run_sftmix_ds(a, model: str, method: str, data: str, folder: str) -> dict:
     with open(os.path.join(out, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
     timed = records[a.warmup:]
-    return {"losses": [r["loss/ntp"] for r in records], "tokens_per_s": statistics.median(r["tokens_per_s"]
-                                                                                           for r in timed),
-            "step_s": statistics.median(r["step_s"] for r in timed), "peak_mem_gb": max(r["peak_mem_gb"] for r in records)}
+    return {"losses": [r["loss/ntp"] for r in records],
+            "tokens_per_s": statistics.median(r["tokens_per_s_per_device"] for r in timed),
+            "step_s": statistics.median(r["step_s"] for r in timed),
+            "peak_mem_gb": max(r["peak_mem_gb"] for r in records),
+            "peak_reserved_gb": max(r.get("peak_mem_reserved_gb", 0.0) for r in records) or None}
 
 
-def run_trl(a, model: str, data: str, folder: str) -> dict:
-    result = os.path.join(folder, "trl.json")
-    _run([sys.executable, os.path.abspath(__file__), "--trl-worker", json.dumps({**vars(a), "model": model,
-                                                                                 "data": data, "result": result})])
+def run_trl(a, model: str, data: str, folder: str, variant: str) -> dict:
+    result = os.path.join(folder, f"trl_{variant}.json")
+    _run([sys.executable, os.path.abspath(__file__), "--trl-worker",
+          json.dumps({**vars(a), "model": model, "data": data, "result": result, "variant": variant})])
     with open(result) as f:
         return json.load(f)
 
@@ -158,8 +164,11 @@ def trl_worker(spec: dict) -> None:
                      adam_beta1=t.betas[0], adam_beta2=t.betas[1], adam_epsilon=t.adam_eps,
                      max_grad_norm=t.max_grad_norm, bf16=bf16, logging_steps=1, report_to=[], save_strategy="no",
                      deepspeed=ds_config, gradient_checkpointing=t.gradient_checkpointing,
-                     max_length=cfg.data.max_length, dataset_kwargs={"skip_prepare_dataset": True},
-                     use_cpu=not torch.cuda.is_available(), seed=t.seed, dataloader_num_workers=0)
+                     # padding-free without packing enforces no max_length; the examples come truncated
+                     max_length=None if spec["variant"] == "padding_free" else cfg.data.max_length,
+                     dataset_kwargs={"skip_prepare_dataset": True},
+                     use_cpu=not torch.cuda.is_available(), seed=t.seed, dataloader_num_workers=0,
+                     padding_free=spec["variant"] == "padding_free")
 
     class StepTimes(TrainerCallback):
         def __init__(self):
@@ -186,9 +195,11 @@ def trl_worker(spec: dict) -> None:
     timed = range(spec["warmup"], len(timer.times))
     peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
+    reserved = torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None
     with open(spec["result"], "w") as f:
         json.dump({"losses": losses, "tokens_per_s": statistics.median(step_tokens[s] / timer.times[s] for s in timed),
-                   "step_s": statistics.median(timer.times[s] for s in timed), "peak_mem_gb": peak}, f)
+                   "step_s": statistics.median(timer.times[s] for s in timed), "peak_mem_gb": peak,
+                   "peak_reserved_gb": reserved}, f)
 
 
 def model_size(model: str) -> tuple:
@@ -229,6 +240,8 @@ def main():
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--gradient-checkpointing", action="store_true", help="on for both trainers")
     ap.add_argument("--no-peer", action="store_true", help="skip TRL")
+    ap.add_argument("--trl-variants", nargs="+", choices=["padded", "padding_free"],
+                    default=["padded", "padding_free"] if gpu else ["padded"])
     ap.add_argument("--out", help="the results file (default: benchmarks/results/throughput_<gpu|cpu>.md)")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for sftmix_ds, e.g. train.packing=true")
     a = ap.parse_args()
@@ -241,36 +254,47 @@ def main():
              f"{'bf16' if gpu else 'fp32'}, 1 process, gradient checkpointing {'on' if a.gradient_checkpointing else 'off'}; "
              f"median over steps {a.warmup + 1}..{a.steps}; torch {torch.__version__}, python {platform.python_version()}.",
              "", f"MFU: {MFU_FORMULA}" + (f", peak {peak / 1e12:.0f} TFLOP/s." if peak else " (no peak known for this device)."),
-             "", "| model | trainer | tokens/s per device | step (s) | MFU | peak memory (GiB) | first losses |",
+             "", "| model | trainer | tokens/s per device | step (s) | MFU | peak allocated / reserved (GiB) "
+             "| first losses |",
              "|---|---|---|---|---|---|---|"]
     checks = []
+    out = a.out or os.path.join(ROOT, "benchmarks", "results", f"throughput_{'gpu' if gpu else 'cpu'}.md")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+
+    def write():
+        with open(out, "w") as f:
+            f.write("\n".join(lines + ["", *checks]) + "\n")
+
     for model in a.models:
         arch, path, n_params = model_size(model)
         fpt = flops_per_token(arch, n_params, a.seq)
+        runs = {}
         with tempfile.TemporaryDirectory(prefix=f"bench-{model}-") as folder:
             data = make_data(folder, path, n_examples, a.seq)
-            runs = {"sftmix_ds ntp": run_sftmix_ds(a, model, "ntp", data, folder),
-                    "sftmix_ds sftmix": run_sftmix_ds(a, model, "sftmix", data, folder)}
-            if not a.no_peer:
-                runs["TRL SFTTrainer"] = run_trl(a, model, data, folder)
-        for name, r in runs.items():
-            mfu = f"{100 * r['tokens_per_s'] * fpt / peak:.1f}%" if peak else "n/a"
-            lines.append(f"| {model} ({n_params / 1e9:.2f}B) | {name} | {r['tokens_per_s']:.0f} | {r['step_s']:.3f} | "
-                         f"{mfu} | {r['peak_mem_gb']:.2f} | {', '.join(f'{x:.4f}' for x in r['losses'][:3])} |")
+            trainers = {"sftmix_ds ntp": lambda: run_sftmix_ds(a, model, "ntp", data, folder),
+                        "sftmix_ds sftmix": lambda: run_sftmix_ds(a, model, "sftmix", data, folder)}
+            for variant in [] if a.no_peer else a.trl_variants:
+                trainers[f"TRL SFTTrainer ({variant})"] = lambda v=variant: run_trl(a, model, data, folder, v)
+            for name, run in trainers.items():
+                r = runs[name] = run()
+                mfu = f"{100 * r['tokens_per_s'] * fpt / peak:.1f}%" if peak else "n/a"
+                reserved = f" / {r['peak_reserved_gb']:.2f}" if r.get("peak_reserved_gb") else ""
+                lines.append(f"| {model} ({n_params / 1e9:.2f}B) | {name} | {r['tokens_per_s']:.0f} | "
+                             f"{r['step_s']:.3f} | {mfu} | {r['peak_mem_gb']:.2f}{reserved} | "
+                             f"{', '.join(f'{x:.4f}' for x in r['losses'][:3])} |")
+                write()
         ntp, mix = runs["sftmix_ds ntp"], runs["sftmix_ds sftmix"]
         checks.append(f"- {model}: sftmix / ntp time per token {ntp['tokens_per_s'] / mix['tokens_per_s']:.3f}x "
                       "(bar: <= 1.02x; per token because sftmix's pairing puts other examples in each step)")
-        if "TRL SFTTrainer" in runs:
-            trl = runs["TRL SFTTrainer"]
-            diff = max(abs(x - y) for x, y in zip(ntp["losses"][:3], trl["losses"][:3]))
-            checks.append(f"- {model}: sftmix_ds ntp / TRL tokens/s {ntp['tokens_per_s'] / trl['tokens_per_s']:.2f}x "
-                          f"(bar: >= 1.3x); first 3 losses differ by at most {diff:.2e}")
-    text = "\n".join(lines + ["", *checks]) + "\n"
-    print(text)
-    out = a.out or os.path.join(ROOT, "benchmarks", "results", f"throughput_{'gpu' if gpu else 'cpu'}.md")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        f.write(text)
+        peers = {name: r for name, r in runs.items() if name.startswith("TRL")}
+        if peers:
+            best_name, best = max(peers.items(), key=lambda item: item[1]["tokens_per_s"])
+            diff = max(abs(x - y) for r in peers.values() for x, y in zip(ntp["losses"][:3], r["losses"][:3]))
+            checks.append(f"- {model}: sftmix_ds ntp / {best_name} (TRL's fastest here) tokens/s "
+                          f"{ntp['tokens_per_s'] / best['tokens_per_s']:.2f}x (bar: >= 1.3x); first 3 losses differ "
+                          f"by at most {diff:.2e}")
+        write()
+    print("\n".join(lines + ["", *checks]))
 
 
 if __name__ == "__main__":

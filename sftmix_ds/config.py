@@ -117,7 +117,7 @@ class TrainLoopConfig:
     # A NaN/inf loss: stop, or skip the step (needs grad_accum=1); too many in a row stops.
     nonfinite: str = "stop"  # stop | skip
     max_nonfinite_steps: int = 3
-    loss_chunk_size: int = 0  # rows per LM-head chunk; 0: about 2^24 logits a chunk
+    loss_chunk_size: int = 0  # rows per LM-head chunk; 0: about 2^24 logits a chunk (CUDA: 2^27, memory-capped)
     loss_backend: str = "auto"  # fused loss kernels: auto (triton on CUDA) | triton | torch
     export_dtype: str = "bf16"  # bf16 | fp16 | fp32
     # Also export the model at this many evenly spaced steps, the last at the
@@ -349,6 +349,9 @@ def validate(cfg) -> None:
     one_of("train.nonfinite", t.nonfinite, ("stop", "skip"))
     one_of("train.loss_backend", t.loss_backend, ("auto", "triton", "torch"))
     one_of("model.attn_implementation", m.attn_implementation, ("sdpa", "eager", "flash_attention_2", "flex_attention"))
+    if m.attn_implementation == "flash_attention_2" and resolve_precision(t.precision) == "fp32":
+        raise ConfigError("model.attn_implementation=flash_attention_2: flash attention runs in bf16 or fp16 only, and "
+                          f"train.precision={t.precision} trains in fp32; set train.precision=bf16 or use sdpa")
     if m.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise ConfigError("model.attn_implementation=flash_attention_2: the flash-attn package is not installed; "
                           "use sdpa")

@@ -386,12 +386,21 @@ class Recipe:
             append_jsonl(self.samples_path, {"step": self.step, "ids": [
                 self.train_set[i].id for i in plan.step_examples(epoch, in_epoch)],
                 **({"skipped": True} if skipped else {})})
-        self.guard.check_grad_norm(self.step, self.strategy.grad_norm(), skipped, self.ckpt_root)
+        overflow = not skipped and self.strategy.update_skipped()
+        if overflow:
+            log.warning("step %d: fp16 loss scale overflow: DeepSpeed skipped the update and lowered the scale",
+                        self.step)
+        self.guard.check_grad_norm(self.step, self.strategy.grad_norm(), skipped or overflow, self.ckpt_root)
         maybe_die("after_step", self.rank, self.step)
         elapsed = time.perf_counter() - started
         record = {"step": self.step, "epoch": epoch + (in_epoch + 1) / plan.steps_per_epoch, "lr": lr,
                   "grad_norm": self.strategy.grad_norm(), "tokens_per_s": totals["tokens"] / elapsed,
+                  "tokens_per_s_per_device": totals["tokens"] / elapsed / self.strategy.world_size,
                   "step_s": elapsed, "peak_mem_gb": self.strategy.peak_memory_gb()}
+        if self.strategy.on_gpu:
+            record["peak_mem_reserved_gb"] = self.strategy.peak_reserved_gb()
+        if overflow:
+            record["overflow_skipped"] = True
         record.update({f"loss/{n}": 0.0 if skipped else sums[f"loss/{n}"] / max(norms[n], 1) for n in self.names})
         record.update({f"tokens/{n}": int(norms[n]) for n in self.names})
         record["loss"] = sum(self.method.weights[n] * record[f"loss/{n}"] for n in self.names)

@@ -12,11 +12,13 @@ def test_throughput_benchmark_matches_trl_losses_at_toy_size(tmp_path):
 
     out = tmp_path / "throughput.md"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "throughput.py"), "--models", "tiny",
-                           "--seq", "128", "--steps", "3", "--warmup", "1", "--out", str(out)], capture_output=True,
+                           "--seq", "128", "--steps", "3", "--warmup", "1", "--trl-variants", "padded", "padding_free",
+                           "--out", str(out)], capture_output=True,
                           text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = out.read_text()
-    for row in ("| sftmix_ds ntp |", "| sftmix_ds sftmix |", "| TRL SFTTrainer |"):
+    for row in ("| sftmix_ds ntp |", "| sftmix_ds sftmix |", "| TRL SFTTrainer (padded) |",
+                "| TRL SFTTrainer (padding_free) |"):
         assert row in table
     assert "MFU: model FLOPs/token = 6 * (parameters - input embedding)" in table
     diff = float(re.search(r"first 3 losses differ by at most ([0-9.e+-]+)", table).group(1))

@@ -127,6 +127,8 @@ def test_each_method_module_registers_its_own_schema():
     (["train.max_steps=-7"], r"train\.max_steps=-7"),
     (["train.max_nonfinite_steps=-1"], r"train\.max_nonfinite_steps"),
     (["train.precision=fp16"], r"train\.precision=fp16: needs a CUDA GPU"),
+    (["model.attn_implementation=flash_attention_2", "train.precision=fp32"],
+     r"flash_attention_2: flash attention runs in bf16 or fp16 only, and train\.precision=fp32"),
     (["deepspeed.build_lock_wait_minutes=-1"], r"deepspeed\.build_lock_wait_minutes"),
     (["eval=arith", "eval.batch_size=0"], r"eval\.batch_size=0"),
     (["+data.eval_sets.unseen=[]"], r"data\.eval_sets\.unseen: a set needs .* at least one file"),
@@ -149,6 +151,23 @@ def test_out_of_range_and_conflicting_values_are_refused_naming_the_key(override
             pytest.skip("fp16 is valid on this CUDA machine")
     with pytest.raises(ConfigError, match=message):
         validate(cfg_with(*overrides))
+
+
+def test_the_optimizer_needs_no_build_on_gpu_and_the_device_follows_the_binding():
+    """torch's AdamW (fused on CUDA) through DeepSpeed's pass-through, never its nvcc-built FusedAdam;
+    DeepSpeed's CPU Adam where the optimizer is offloaded. One visible GPU (Slurm binding one per
+    task) is device 0 whatever the local rank."""
+    from sftmix_ds.engine.strategy import deepspeed_config, device_index
+
+    cfg = cfg_with()
+    params = lambda cfg, on_gpu: deepspeed_config(cfg.deepspeed, cfg.train, 1, "bf16", on_gpu)["optimizer"]["params"]
+    assert params(cfg, True)["torch_adam"] is True and params(cfg, True)["fused"] is True
+    assert params(cfg, False)["torch_adam"] is True and "fused" not in params(cfg, False)
+    assert params(cfg_with("deepspeed=zero3_offload"), True)["torch_adam"] is False
+    assert [device_index(r, 8) for r in (0, 3, 7)] == [0, 3, 7]
+    assert [device_index(r, 1) for r in (0, 3, 7)] == [0, 0, 0]
+    with pytest.raises(RuntimeError, match="local rank 4 but this process sees 2 GPUs"):
+        device_index(4, 2)
 
 
 def test_nested_deepspeed_extra_keys_merge_into_their_section():

@@ -47,6 +47,19 @@ def dist_env() -> tuple[int, int, int]:
     return int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"])
 
 
+def device_index(local_rank: int, visible_devices: int) -> int:
+    """This process's GPU among the visible ones: its local rank where each task sees every GPU of the
+    node (deepspeed, torchrun), else 0 where a scheduler binds one GPU per task (Slurm --gpus-per-task,
+    --gpu-bind), which leaves every local rank past 0 an invalid device ordinal."""
+    if visible_devices == 1:
+        return 0
+    if local_rank < visible_devices:
+        return local_rank
+    raise RuntimeError(f"local rank {local_rank} but this process sees {visible_devices} GPUs "
+                       f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start at most one "
+                       "task per GPU, or bind one GPU to each task")
+
+
 STEP_FOLDER = re.compile(r"step_(\d+)")
 
 
@@ -92,9 +105,11 @@ class DeepSpeedStrategy:
         self.cfg, self.train_cfg = ds_cfg, train_cfg
         accel = get_accelerator()
         self.on_gpu = accel.device_name() == "cuda"
+        self.device = torch.device("cpu")
         if self.on_gpu:
-            accel.set_device(self.local_rank)
-        self.device = torch.device(accel.device_name(self.local_rank) if self.on_gpu else "cpu")
+            index = device_index(self.local_rank, accel.device_count())
+            accel.set_device(index)
+            self.device = torch.device(accel.device_name(index))
         precision = resolve_precision(train_cfg.precision)
         self.dtype = torch_dtype(precision)
         wait_for_build_locks(ds_cfg.build_lock_wait_minutes * 60)
@@ -192,6 +207,15 @@ class DeepSpeedStrategy:
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
+    def peak_reserved_gb(self) -> Optional[float]:
+        """Peak memory the CUDA caching allocator held (what other processes could not have): GPU only."""
+        return torch.cuda.max_memory_reserved() / 2**30 if self.on_gpu else None
+
+    def update_skipped(self) -> bool:
+        """Whether the last step's update was skipped by fp16 loss scaling (an overflow: DeepSpeed lowers
+        the scale and reports an infinite gradient norm; the weights are untouched)."""
+        return self.engine.fp16_enabled() and not self.engine.was_step_applied()
+
     def lr(self) -> float:
         return self.engine.get_lr()[0]
 
@@ -218,7 +242,8 @@ class DeepSpeedStrategy:
         """Drop the engine (and with it model, optimizer and ZeRO state) before the next stage,
         logging the stage's peak memory (on CUDA the peak counter then starts again)."""
         log.info("stage peak memory: %.2f GB (%s)", self.peak_memory_gb(),
-                 "this stage's" if self.on_gpu else "the process's so far: resident memory cannot be reset")
+                 f"this stage's allocated, {self.peak_reserved_gb():.2f} GB reserved" if self.on_gpu
+                 else "the process's so far: resident memory cannot be reset")
         if self.on_gpu:
             torch.cuda.reset_peak_memory_stats()
         if self.engine is not None:
@@ -502,8 +527,7 @@ def deepspeed_config(ds, t, world_size: int, precision: str, on_gpu: bool) -> di
         "fp16": {"enabled": precision == "fp16"},
         "optimizer": {"type": "AdamW", "params": {
             "lr": t.lr, "betas": list(t.betas), "eps": t.adam_eps, "weight_decay": t.weight_decay,
-            # DeepSpeed's fused Adam needs CUDA; offload uses DeepSpeedCPUAdam.
-            "torch_adam": not on_gpu and not ds.offload_optimizer}},
+            **optimizer_implementation(on_gpu, ds.offload_optimizer)}},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -512,6 +536,16 @@ def deepspeed_config(ds, t, world_size: int, precision: str, on_gpu: bool) -> di
 
     extra = OmegaConf.to_container(ds.extra, resolve=True) if OmegaConf.is_config(ds.extra) else dict(ds.extra)
     return _merge(config, extra)
+
+
+def optimizer_implementation(on_gpu: bool, offload: bool) -> dict:
+    """torch's AdamW through DeepSpeed's pass-through (torch_adam), fused on CUDA: DeepSpeed's own
+    FusedAdam is compiled with nvcc at the first step on every fresh machine (minutes, or a failure
+    where nvcc, ninja or a known CUDA version is missing); torch's fused kernel ships built.
+    With the optimizer offloaded DeepSpeed runs its CPU Adam instead."""
+    if offload:
+        return {"torch_adam": False}
+    return {"torch_adam": True, **({"fused": True} if on_gpu else {})}
 
 
 def cosine_lr(step: int, total: int, warmup: int, min_ratio: float) -> float:

@@ -21,7 +21,7 @@ from ..losses import Head, auto_chunk_rows, head_logits
 def token_nll(hidden: torch.Tensor, head: Head, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
     """-log p(target) for each row of hidden [M, d] under the model's head, in fp32, one [chunk, V]
     block at a time."""
-    chunk_size = chunk_size or auto_chunk_rows(head.weight.shape[0])
+    chunk_size = chunk_size or auto_chunk_rows(head.weight.shape[0], hidden.device)
     out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     for s in range(0, hidden.shape[0], chunk_size):
         z = head_logits(hidden[s:s + chunk_size], head)

@@ -42,12 +42,34 @@ class Head(NamedTuple):
     softcap: Optional[float] = None
 
 
-CHUNK_ELEMENTS = 1 << 24  # logits per chunk in auto mode: 64 MiB in fp32
+CHUNK_ELEMENTS = 1 << 24  # logits per chunk in auto mode off CUDA: 64 MiB in fp32
+# On CUDA each chunk's two GEMMs re-read the whole head weight (1 GB at V = 128K, d = 4096) and update
+# its fp32 gradient, so few, large chunks: ~1,000 rows at V = 128K, ~500 at Gemma's 262K...
+CUDA_CHUNK_ELEMENTS = 1 << 27
+# ...as long as a chunk's logits and the torch backend's fp32 temporaries (about 4 per logit, 16 bytes)
+# take at most an eighth of the free memory.
+CUDA_BYTES_PER_LOGIT = 16
+CUDA_FREE_SHARE = 8
 
 
-def auto_chunk_rows(vocab_size: int) -> int:
-    """Rows per chunk so one chunk's [rows, V] logits hold about CHUNK_ELEMENTS values."""
-    return max(1, CHUNK_ELEMENTS // vocab_size)
+def auto_chunk_rows(vocab_size: int, device: Optional[torch.device] = None) -> int:
+    """Rows per chunk so one chunk's [rows, V] logits hold about CHUNK_ELEMENTS values (on CUDA:
+    CUDA_CHUNK_ELEMENTS, capped by free memory)."""
+    elements = CHUNK_ELEMENTS
+    if device is not None and device.type == "cuda":
+        free_bytes = torch.cuda.mem_get_info(device)[0]
+        elements = min(CUDA_CHUNK_ELEMENTS, free_bytes // CUDA_FREE_SHARE // CUDA_BYTES_PER_LOGIT)
+    return max(1, elements // vocab_size)
+
+
+def add_product_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """out += a @ b, accumulated and added in out's dtype: 16-bit a and b give no 16-bit product
+    in between (cuBLAS computes in fp32 and writes fp32 straight into out)."""
+    if a.dtype == out.dtype and b.dtype == out.dtype:
+        return out.addmm_(a, b)
+    if out.is_cuda:
+        return torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
+    return out.addmm_(a.to(out.dtype), b.to(out.dtype))
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -260,7 +282,7 @@ class _FusedSFTMixLoss(torch.autograd.Function):
             if need_h:
                 grad_h.index_add_(0, rows, (G.to(weight.dtype) @ weight).to(acc))
             if need_w:
-                grad_w.add_(G.t() @ h.to(G.dtype))  # a 16-bit G (triton) keeps this matmul in 16 bits
+                add_product_(grad_w, G.t(), h.to(G.dtype))
             if need_b:
                 grad_b.add_(G.sum(0, dtype=acc))
         cast = lambda g, like: None if g is None else g.to(like.dtype)
@@ -283,7 +305,7 @@ def fused_sftmix_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
     if pair_a.shape != pair_b.shape or pair_a.shape != lam.shape:
         raise ValueError(f"pair_a {tuple(pair_a.shape)}, pair_b {tuple(pair_b.shape)} and lam {tuple(lam.shape)} "
                          "must have the same shape")
-    chunk_size = chunk_size or auto_chunk_rows(weight.shape[0])
+    chunk_size = chunk_size or auto_chunk_rows(weight.shape[0], hidden.device)
     return _FusedSFTMixLoss.apply(hidden, weight, bias, labels, pair_a.long(), pair_b.long(), lam, float(scale),
                                   None if softcap is None else float(softcap), chunk_size,
                                   pick_backend(backend, hidden.device))

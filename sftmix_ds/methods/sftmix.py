@@ -217,7 +217,7 @@ class SFTMix(NTP):
             return {**super().loss_terms(hidden, head, batch), "mix": hidden.new_zeros((), dtype=torch.float32)}
         rows, targets = response_rows(hidden, batch["labels"])
         ntp_sum, mix_sum = fused_sftmix_loss(rows, head.weight, targets, batch["pair_a"], batch["pair_b"],
-                                             batch["lam"].to(rows.dtype), self.chunk_size, self.loss_backend,
+                                             batch["lam"].float(), self.chunk_size, self.loss_backend,
                                              head.bias, head.scale, head.softcap)
         return {"ntp": ntp_sum, "mix": mix_sum}
 

@@ -1,0 +1,106 @@
+"""The first GPU session: what matters most first, inside one deadline, results kept as they come.
+
+On the lent offline CUDA host (no network; torch, triton and an older transformers installed),
+from the project root, with the wheels `bash benchmarks/make_wheelhouse.sh .whl` built here:
+
+    python3 benchmarks/gpu_session.py --out "$OUT" --deadline 540
+
+Installs .whl/ into a private folder (no network), then runs each stage as its own process with
+its own timeout, all under the global deadline (a stage that cannot get 20 s is skipped), and
+rewrites OUT/summary.md after every stage, so a session cut short keeps what it finished:
+  1. environment: GPU, driver, versions;
+  2. GPU tests: the loss tests (Triton kernels compiled on the GPU against the reference, the
+     fp32 weight-gradient accumulation, CUDA chunk sizes);
+  3. kernel checks at Llama-3's head shape (M=16384 rows, V=128256): Triton and torch backends
+     against full logits, time and memory (benchmarks/sftmix.py --full);
+  4. ntp and sftmix throughput and MFU on llama1b_random at 2,048 tokens against TRL's
+     SFTTrainer, padded and padding-free (benchmarks/throughput.py). MFU counts 6 x (parameters
+     - input embedding) + 6 x layers x hidden x sequence FLOPs per token against 989 TFLOP/s
+     (H100/H200 dense bf16).
+Models are random-init (llama1b_random) with the tokenizer that ships in the repo: nothing to download.
+"""
+import argparse
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+STAGES = [  # (name, command, timeout s, result files it writes under the repo)
+    ("environment", [PY, "-c", "import torch, triton, transformers, deepspeed, trl, platform; "
+                     "print('python', platform.python_version()); print('torch', torch.__version__, 'cuda', "
+                     "torch.version.cuda); print('triton', triton.__version__); print('transformers', "
+                     "transformers.__version__); print('deepspeed', deepspeed.__version__); print('trl', "
+                     "trl.__version__); print('gpu', torch.cuda.get_device_name(), "
+                     "torch.cuda.get_device_properties(0).total_memory / 2**30, 'GiB')"], 60, []),
+    ("nvidia-smi", ["nvidia-smi"], 30, []),
+    ("gpu tests", [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_losses.py",
+                   "tests/test_heads.py"], 150, []),
+    ("kernel checks (V=128256)", [PY, "benchmarks/sftmix.py", "--full", "--model", "tiny"], 150,
+     ["benchmarks/results/sftmix_gpu.md"]),
+    ("throughput llama1b_random", [PY, "benchmarks/throughput.py", "--models", "llama1b_random", "--seq", "2048",
+                                   "--steps", "8", "--warmup", "2", "--micro-batch", "4"], 330,
+     ["benchmarks/results/throughput_gpu.md"]),
+]
+
+
+def install_wheels(out: str) -> dict:
+    """The project's missing dependencies from .whl/ into /tmp/site; returns the environment to run with."""
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
+    wheels = sorted(glob.glob(os.path.join(ROOT, ".whl", "*.whl")))
+    if wheels:
+        proc = subprocess.run([PY, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target", "/tmp/site",
+                               *wheels], capture_output=True, text=True)
+        with open(os.path.join(out, "install.log"), "w") as f:
+            f.write(proc.stdout + proc.stderr)
+        env["PYTHONPATH"] = os.pathsep.join(["/tmp/site", ROOT])
+    else:
+        env["PYTHONPATH"] = ROOT
+    return env
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "results", "gpu"))
+    ap.add_argument("--deadline", type=float, default=540, help="seconds for the whole session")
+    a = ap.parse_args()
+    started = time.monotonic()
+    os.makedirs(a.out, exist_ok=True)
+    env = install_wheels(a.out)
+    rows = []
+
+    def write_summary():
+        with open(os.path.join(a.out, "summary.md"), "w") as f:
+            f.write("# First GPU session\n\n| stage | result | wall (s) |\n|---|---|---|\n")
+            f.writelines(f"| {name} | {result} | {wall:.0f} |\n" for name, result, wall in rows)
+
+    for name, cmd, timeout, results in STAGES:
+        left = a.deadline - (time.monotonic() - started) - 10
+        if left < 20:
+            rows.append((name, "skipped: the deadline", 0.0))
+            write_summary()
+            continue
+        stage_started = time.monotonic()
+        log = os.path.join(a.out, name.split(" (")[0].replace(" ", "_") + ".log")
+        with open(log, "w") as f:
+            try:
+                proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                      timeout=min(timeout, left))
+                result = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
+            except subprocess.TimeoutExpired:
+                result = f"timed out after {min(timeout, left):.0f} s"
+            except OSError as e:  # the command itself is missing
+                result = f"could not start: {e}"
+        for path in results:
+            if os.path.exists(os.path.join(ROOT, path)):
+                shutil.copy(os.path.join(ROOT, path), a.out)
+        rows.append((name, result, time.monotonic() - stage_started))
+        write_summary()
+    return 0 if all(result == "ok" for _, result, _ in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
