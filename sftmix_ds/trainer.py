@@ -6,7 +6,6 @@ preparation can never hit a collective timeout.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -34,6 +33,7 @@ from .eval import eval_sets, evaluate_model
 from .inference import score, score_nll, scoring_plan
 from .models import load_tokenizer, prepare_model
 from .faults import maybe_die, maybe_poison
+from .identity import SPEED_SWITCHES, examples_hash
 from .tracking import MetricsLog, append_jsonl, keep_steps_up_to
 
 log = logging.getLogger("sftmix_ds")
@@ -136,8 +136,7 @@ RESUMABLE_CHANGES = ("output_dir", "resume", "resume_force", "model_cache_dir", 
                      "method.allow_unsandboxed_code",
                      "deepspeed.timeout_minutes", "deepspeed.build_lock_wait_minutes", "train.log_every",
                      "train.eval_", "train.save_every", "train.keep_checkpoints", "train.stop_after_steps",
-                     "train.export_", "train.nonfinite", "train.max_nonfinite_steps", "train.gradient_checkpointing",
-                     "train.compile", "train.loss_backend", "train.loss_chunk_size", "model.attn_implementation")
+                     "train.export_", "train.nonfinite", "train.max_nonfinite_steps", *SPEED_SWITCHES)
 
 
 def resumable_change(key: str) -> bool:
@@ -160,9 +159,7 @@ def run_identity(cfg, train_set, method, global_batch: int) -> dict:
     walk(OmegaConf.to_container(cfg, resolve=True))
     settings = {k: v for k, v in flat.items() if not resumable_change(k)}
     settings["global_batch"] = global_batch
-    h = hashlib.sha256()
-    for e in train_set:
-        h.update(json.dumps([e.id, e.input_ids, e.labels]).encode())
+    h = examples_hash(train_set)
     h.update(json.dumps(method.identity(), sort_keys=True).encode())
     return {"data": h.hexdigest()[:16], "settings": settings}
 

@@ -158,6 +158,45 @@ def test_two_ranks_zero3_score_like_one_process(stage1):
         assert a[i]["perplexities"] == pytest.approx(ref[i]["perplexities"], rel=1e-6)
 
 
+def test_a_speed_switch_reuses_stage_1_and_default_fingerprints_are_unchanged():
+    """The speed switches resume may change (one list, sftmix_ds.identity) leave the stage-1 fingerprint
+    as it is, so switching one on between two SFTMix runs reuses the reference epoch and scoring; a
+    setting of the math does not; and with default switches the fingerprint is the one computed
+    before the list existed (every key hashed), so existing stage-1 folders are still found."""
+    import hashlib
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from sftmix_ds.config import CONF_DIR, register_configs, resolve_precision
+    from sftmix_ds.confidence.stage import fingerprint
+
+    register_configs()
+    examples = [Example(f"e{i}", [1, 2, 3 + i], [-100, 2, 3 + i]) for i in range(5)]
+
+    def fp(*overrides):
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose(config_name="train", overrides=["method=sftmix", "model=tiny", *overrides])
+        return cfg, fingerprint(cfg, cfg.model, examples, 2)
+
+    cfg, default = fp()
+    switched = fp("train.compile=true", "train.gradient_checkpointing=true", "train.loss_backend=torch",
+                  "train.loss_chunk_size=7", "model.attn_implementation=eager")[1]
+    assert switched == default
+    assert fp("train.lr=1e-3")[1] != default
+    h = hashlib.sha256()  # the fingerprint as it was computed before
+    for e in examples:
+        h.update(json.dumps([e.id, e.input_ids, e.labels]).encode())
+    train = OmegaConf.to_container(cfg.train, resolve=True)
+    for volatile in ("log_every", "eval_every", "eval_each_epoch", "eval_on_start", "save_every", "keep_checkpoints",
+                     "stop_after_steps", "export_dtype", "export_count", "epochs", "max_steps"):
+        train.pop(volatile, None)
+    h.update(json.dumps({"model": OmegaConf.to_container(cfg.model, resolve=True), "checkpoints": 4,
+                         "score_checkpoints": [], "train": train, "world_size": 2,
+                         "precision": resolve_precision(cfg.train.precision)}, sort_keys=True).encode())
+    assert default == h.hexdigest()[:16]
+
+
 def test_reference_run_config_uses_the_reference_model():
     from hydra import compose, initialize_config_dir
 

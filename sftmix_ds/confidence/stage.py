@@ -25,6 +25,7 @@ from ..data import load_split
 from ..engine import DeepSpeedStrategy, LossModule, check_head, dist_env, sample_ids
 from ..models import load_tokenizer, prepare_model
 from ..common import write_json_atomic
+from ..identity import examples_hash, without_speed_switches
 from ..inference import example_nll, score, scoring_plan
 from ..tracking import log_stage_summary
 from .split import confidence_records, plot_confidence, random_split_records, summarize, write_confidence_file
@@ -39,13 +40,11 @@ def reference_model_config(cfg):
 
 
 def fingerprint(cfg, ref_model_cfg, examples, world_size: int) -> str:
-    h = hashlib.sha256()
-    for e in examples:
-        h.update(json.dumps([e.id, e.input_ids, e.labels]).encode())
-    settings = {"model": OmegaConf.to_container(ref_model_cfg, resolve=True),
+    h = examples_hash(examples)
+    settings = {"model": without_speed_switches("model", OmegaConf.to_container(ref_model_cfg, resolve=True)),
                 "checkpoints": cfg.method.checkpoints, "score_checkpoints": list(cfg.method.score_checkpoints),
-                "train": OmegaConf.to_container(cfg.train, resolve=True), "world_size": world_size,
-                "precision": resolve_precision(cfg.train.precision)}
+                "train": without_speed_switches("train", OmegaConf.to_container(cfg.train, resolve=True)),
+                "world_size": world_size, "precision": resolve_precision(cfg.train.precision)}
     for volatile in ("log_every", "eval_every", "eval_each_epoch", "eval_on_start", "save_every", "keep_checkpoints",
                      "stop_after_steps", "export_dtype", "export_count", "epochs", "max_steps"):
         settings["train"].pop(volatile, None)

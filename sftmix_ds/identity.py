@@ -1,0 +1,30 @@
+"""What identifies a run's math, in one place for resume and for every stage fingerprint: the
+settings that do not change it, and the digest of the training examples."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+# Speed switches, with their defaults: tested to leave losses and weights unchanged (the layout test
+# in tests/test_train_e2e.py), so a resumed run may change them and a stage fingerprint ignores them.
+SPEED_SWITCHES = {"train.gradient_checkpointing": False, "train.compile": False, "train.loss_backend": "auto",
+                  "train.loss_chunk_size": 0, "model.attn_implementation": "sdpa"}
+
+
+def examples_hash(examples) -> "hashlib._Hash":
+    """A sha256 fed with every example's id, token ids and labels, in order (more may be fed after)."""
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(json.dumps([e.id, e.input_ids, e.labels]).encode())
+    return h
+
+
+def without_speed_switches(section: str, settings: dict) -> dict:
+    """A config section (`train`, `model`) as a plain dict with its speed switches at their defaults,
+    so fingerprints taken before this existed, with default switches, stay the same."""
+    out = dict(settings)
+    for key, default in SPEED_SWITCHES.items():
+        owner, name = key.split(".", 1)
+        if owner == section and name in out:
+            out[name] = default
+    return out
