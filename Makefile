@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test bench slurm
+.PHONY: install train test test-fast lint bench slurm
 
 install: $(STAMP)
 
@@ -22,6 +22,13 @@ train: install
 
 test: install
 	$(PY) -m pytest -q tests $(ARGS)
+
+# Every unit test (no launched process: no entry point, deepspeed launcher, Slurm or benchmark): minutes.
+test-fast: install
+	$(PY) -m pytest -q -m "not e2e" tests $(ARGS)
+
+lint: install
+	$(PY) -m ruff check .
 
 bench: install
 	$(PY) benchmarks/throughput.py $(ARGS)

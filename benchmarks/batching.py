@@ -140,7 +140,8 @@ def batching_table(args, confidence: str) -> list:
         lines.append(f"| {method} | {layout} | {r['tokens_per_s']:.0f} | {100 * r['padding']:.1f}% | {speedup:.2f}x |")
     packed_ratio = rows["ntp", "packed"]["tokens_per_s"] / rows["sftmix", "packed"]["tokens_per_s"]
     lines += ["", f"sftmix / ntp time per token, both packed: {packed_ratio:.3f}x (goal: at most 1.05x). "
-              f"Packing vs padded tokens/s: ntp {rows['ntp', 'packed']['tokens_per_s'] / rows['ntp', 'padded']['tokens_per_s']:.2f}x, "
+              "Packing vs padded tokens/s: "
+              f"ntp {rows['ntp', 'packed']['tokens_per_s'] / rows['ntp', 'padded']['tokens_per_s']:.2f}x, "
               f"sftmix {rows['sftmix', 'packed']['tokens_per_s'] / rows['sftmix', 'padded']['tokens_per_s']:.2f}x "
               "(goal: at least 1.3x)."]
 

@@ -84,7 +84,8 @@ def main():
            f"(OMP_NUM_THREADS={env['OMP_NUM_THREADS']}, {os.cpu_count()} cores).", "",
            "| job | wall s | vs ntp | tokens trained | tokens scored |", "|---|---|---|---|---|"]
     for name, r in rows.items():
-        out.append(f"| {name} | {r['wall_s']:.0f} | {r['wall_s'] / base:.2f}x | {r['trained']} | {r.get('scored', 0)} |")
+        out.append(f"| {name} | {r['wall_s']:.0f} | {r['wall_s'] / base:.2f}x | {r['trained']} | "
+                   f"{r.get('scored', 0)} |")
     out += ["", "online: no reference run; its first epoch is the NTP epoch, scored at C points in place. "
             "reference: the paper's one-epoch reference run and C scoring passes of exported checkpoints, "
             "then all epochs of SFTMix. random: no stage-1 compute (the ablation)."]

@@ -107,7 +107,8 @@ def main():
            "|---|---|---|---|---|---|---|"]
     for method, full, lora in rows:
         out.append(f"| {method} | {full['tokens_per_s']:.0f} | {lora['tokens_per_s']:.0f} | "
-                   f"{lora['tokens_per_s'] / full['tokens_per_s']:.2f}x | {full['peak_gb']:.2f} | {lora['peak_gb']:.2f} | "
+                   f"{lora['tokens_per_s'] / full['tokens_per_s']:.2f}x | {full['peak_gb']:.2f} | "
+                   f"{lora['peak_gb']:.2f} | "
                    f"{lora['peak_gb'] / full['peak_gb']:.2f}x |")
     out += ["", "Peak memory on CPU is the process's resident peak (model, optimizer, activations and the "
             "Python runtime together); on GPU the device's allocated peak.", "",

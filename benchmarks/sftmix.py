@@ -162,7 +162,8 @@ def main():
              + ("" if args.full else " (d scaled down from 2048 so the CPU finishes: the [M, V] logits, which "
                                      "decide memory, keep their full size)") + ".", "",
              "## (a) fused SFTMix loss vs full-logits reference, forward+backward", "",
-             "| V | backend | reference peak MiB | fused peak MiB | memory ratio | reference s | fused s | time ratio |",
+             "| V | backend | reference peak MiB | fused peak MiB | memory ratio | reference s | fused s "
+             "| time ratio |",
              "|---|---|---|---|---|---|---|---|"]
     for V in (49152, 128256):
         ref = loss_in_subprocess("reference", M, d, V, dtype)
@@ -175,7 +176,8 @@ def main():
               "| naive peak MiB | chunked peak MiB | memory ratio |", "|---|---|---|"]
     naive, chunked = (loss_in_subprocess(k, M, 576 if not args.full else d, 49152, dtype)
                       for k in ("score_naive", "score_fused"))
-    lines.append(f"| {naive['peak_mb']:.0f} | {chunked['peak_mb']:.0f} | 1/{naive['peak_mb'] / chunked['peak_mb']:.1f} |")
+    lines.append(f"| {naive['peak_mb']:.0f} | {chunked['peak_mb']:.0f} | "
+                 f"1/{naive['peak_mb'] / chunked['peak_mb']:.1f} |")
     r = step_and_scoring(args.model, args.steps)
     lines += ["", f"## (b) one training step on the same 8 examples, {args.model}, ZeRO-3, 1 process", "",
               "| plain SFT s/step | SFTMix s/step | ratio | mixed tokens |", "|---|---|---|---|",

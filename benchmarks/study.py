@@ -613,7 +613,8 @@ def report(study: Study, found: dict) -> str:
             pairs.append(("sftmix", "sftmix_random", "confidence split"))
         for arm, ref, what in pairs:
             lines.append(f"- {what} ({arm} - {ref}): in-domain accuracy {differences(arm, ref, 'indomain')}; "
-                         f"general accuracy {differences(arm, ref, 'general')}; final perplexity, never-trained generators "
+                         f"general accuracy {differences(arm, ref, 'general')}; "
+                         "final perplexity, never-trained generators "
                          f"{compare_perplexity(runs, arm, ref, 'unseen')}, in-domain "
                          f"{compare_perplexity(runs, arm, ref, 'indomain_ppl')}.")
     lines += ["", "## Reproduce", "", "```", "python benchmarks/study.py            # resumes from benchmarks/"

@@ -251,9 +251,12 @@ def main():
     lines = [f"# Training throughput: {device}", "",
              f"`python benchmarks/throughput.py {' '.join(sys.argv[1:])}`: sequence {a.seq} (examples "
              f"{a.seq // 4}..{a.seq} tokens), micro-batch {a.micro_batch}, grad accum {a.grad_accum}, ZeRO-3, "
-             f"{'bf16' if gpu else 'fp32'}, 1 process, gradient checkpointing {'on' if a.gradient_checkpointing else 'off'}; "
-             f"median over steps {a.warmup + 1}..{a.steps}; torch {torch.__version__}, python {platform.python_version()}.",
-             "", f"MFU: {MFU_FORMULA}" + (f", peak {peak / 1e12:.0f} TFLOP/s." if peak else " (no peak known for this device)."),
+             f"{'bf16' if gpu else 'fp32'}, 1 process, "
+             f"gradient checkpointing {'on' if a.gradient_checkpointing else 'off'}; "
+             f"median over steps {a.warmup + 1}..{a.steps}; torch {torch.__version__}, "
+             f"python {platform.python_version()}.",
+             "", f"MFU: {MFU_FORMULA}"
+             + (f", peak {peak / 1e12:.0f} TFLOP/s." if peak else " (no peak known for this device)."),
              "", "| model | trainer | tokens/s per device | step (s) | MFU | peak allocated / reserved (GiB) "
              "| first losses |",
              "|---|---|---|---|---|---|---|"]

@@ -134,9 +134,9 @@ def report(rows: list) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         result = r.get("error", "spills" if bad(r) else "ok")
-        lines.append(f"| sm_{r['arch']} | {r['kernel']} | {r['paired']} | {r['capped']} | {r['dtype']} | {r['aligned']} "
-                     f"| {', '.join(r['vocabs'])} | {r.get('REG', '')} | {r.get('SHARED', '')} | {r.get('LOCAL', '')} "
-                     f"| {r.get('STACK', '')} | {result} |")
+        lines.append(f"| sm_{r['arch']} | {r['kernel']} | {r['paired']} | {r['capped']} | {r['dtype']} "
+                     f"| {r['aligned']} | {', '.join(r['vocabs'])} | {r.get('REG', '')} | {r.get('SHARED', '')} "
+                     f"| {r.get('LOCAL', '')} | {r.get('STACK', '')} | {result} |")
     failed = sum(map(bad, rows))
     lines += ["", f"{len(rows)} variants, {failed} failed."]
     return "\n".join(lines) + "\n"

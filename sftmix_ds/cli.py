@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 
 
 def strip_local_rank(argv: list[str]) -> list[str]:
@@ -48,15 +49,25 @@ def in_sweep(cfg) -> None:
         f.write(OmegaConf.to_yaml(list(hc.overrides.task)))
 
 
+def setup_logging(rank: int, output_dir: str) -> None:
+    handlers = [logging.StreamHandler(sys.stderr)]
+    if rank == 0:
+        os.makedirs(output_dir, exist_ok=True)
+        handlers.append(logging.FileHandler(os.path.join(output_dir, "train.log")))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, handlers=handlers, force=True,
+                        format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s")
+    for noisy in ("DeepSpeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # DeepSpeed still calls collectives that torch marks deprecated, on every step.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+
+
 def hydra_entry(fn, config_name: str) -> None:
     """Run fn(cfg) under Hydra; bad config or data ends with one clear line, exit code 2."""
     import hydra
 
-    from .config import CONF_DIR, ConfigError, check_output_dir, register_configs
-    from .data import DataError
-    from .engine import BuildLockError, CheckpointError
-    from .inference.sandbox import SandboxUnavailable
-    from .trainer import NumericalError
+    from .common import UserError
+    from .config import CONF_DIR, check_output_dir, register_configs
 
     sys.argv = strip_local_rank(sys.argv)
     register_configs()
@@ -64,14 +75,13 @@ def hydra_entry(fn, config_name: str) -> None:
     @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)
     def main(cfg):
         from .engine import dist_env
-        from .trainer import setup_logging
 
         try:
             in_sweep(cfg)
             check_output_dir(cfg.output_dir)
             setup_logging(dist_env()[0], cfg.output_dir)
             return fn(cfg)
-        except (ConfigError, DataError, NumericalError, CheckpointError, SandboxUnavailable, BuildLockError) as e:
+        except UserError as e:
             logging.getLogger("sftmix_ds").error("%s", e)
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)

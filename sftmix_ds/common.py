@@ -10,6 +10,11 @@ import socket
 IGNORE = -100  # the label of a token that is not trained on (prompt, padding)
 
 
+class UserError(Exception):
+    """Something the user can fix (a config value, a data file, a checkpoint, the machine): the entry
+    points print the message as one `error:` line and exit with status 2, no traceback."""
+
+
 def evenly_spaced(total_steps: int, count: int) -> list:
     """`count` evenly spaced steps of 1..total_steps, the last one at the end (export and scoring points)."""
     return sorted({round(total_steps * c / count) for c in range(1, count + 1)}) if count else []

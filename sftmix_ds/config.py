@@ -20,8 +20,10 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from .common import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config value is wrong; the message names the key."""
 
 
@@ -285,7 +287,8 @@ def positive(key: str, value: float, zero_ok: bool = False) -> None:
 OWNED_DEEPSPEED_KEYS = {
     "train_micro_batch_size_per_gpu": "train.micro_batch_size", "gradient_accumulation_steps": "train.grad_accum",
     "train_batch_size": "train.micro_batch_size x train.grad_accum x ranks", "gradient_clipping": "train.max_grad_norm",
-    "zero_optimization.stage": "deepspeed.zero_stage", "zero_optimization.offload_optimizer": "deepspeed.offload_optimizer",
+    "zero_optimization.stage": "deepspeed.zero_stage",
+    "zero_optimization.offload_optimizer": "deepspeed.offload_optimizer",
     "zero_optimization.offload_param": "deepspeed.offload_params", "bf16": "train.precision", "fp16": "train.precision",
     "optimizer": "train.lr, train.betas, train.adam_eps, train.weight_decay",
     "scheduler": "train.warmup_ratio, train.min_lr_ratio"}

@@ -12,7 +12,7 @@ from .common import atomic_file, write_json_atomic
 
 log = logging.getLogger(__name__)
 # Metrics that are measurements of the machine, not of the training: they differ run to run.
-MEASURED = ("tokens_per_s", "step_s", "peak_mem_gb")
+MEASURED = ("tokens_per_s", "tokens_per_s_per_device", "step_s", "peak_mem_gb", "peak_mem_reserved_gb")
 
 
 class MetricsLog:

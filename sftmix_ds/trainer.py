@@ -12,9 +12,7 @@ import math
 import os
 import random
 import signal
-import sys
 import time
-import warnings
 from collections import Counter
 
 import numpy as np
@@ -24,7 +22,7 @@ from omegaconf import OmegaConf, open_dict
 from tqdm import tqdm
 
 from .adapters import adapter_summary, apply_lora, check_lora_targets
-from .common import atomic_file, evenly_spaced, to_device
+from .common import UserError, atomic_file, evenly_spaced, to_device
 from .config import ConfigError, validate
 from .data import load_split
 from .engine import (PREFIX, DeepSpeedStrategy, LossModule, check_head, complete_checkpoints, dist_env,
@@ -39,20 +37,7 @@ from .tracking import MetricsLog, append_jsonl, keep_steps_up_to
 log = logging.getLogger("sftmix_ds")
 
 
-def setup_logging(rank: int, output_dir: str) -> None:
-    handlers = [logging.StreamHandler(sys.stderr)]
-    if rank == 0:
-        os.makedirs(output_dir, exist_ok=True)
-        handlers.append(logging.FileHandler(os.path.join(output_dir, "train.log")))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, handlers=handlers, force=True,
-                        format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s")
-    for noisy in ("DeepSpeed", "torch.distributed"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    # DeepSpeed still calls collectives that torch marks deprecated, on every step.
-    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-
-
-class NumericalError(RuntimeError):
+class NumericalError(UserError, RuntimeError):
     """A non-finite loss or gradient norm; the message names the step, the examples and the values."""
 
 

@@ -1,16 +1,17 @@
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from .helpers import write_random_confidence_file
+
 if not torch.cuda.is_available():  # the Triton loss kernels are tested in triton's interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PY = sys.executable
-DEEPSPEED = os.path.join(os.path.dirname(PY), "deepspeed")
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "e2e: launches processes (the entry points, deepspeed, Slurm, benchmarks); "
+                                       "`make test-fast` leaves these out")
 
 
 @pytest.fixture(scope="session")
@@ -31,21 +32,7 @@ def tokenizer(smollm2_path):
     return AutoTokenizer.from_pretrained(smollm2_path)
 
 
-def launch_cli(script, overrides, nproc=0, timeout=600, check=True, env=None):
-    """Run launch/<script> for real: nproc=0 as plain python, else through the deepspeed launcher."""
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
-    path = os.path.join(ROOT, "launch", script)
-    if nproc:
-        from sftmix_ds.common import free_port
-
-        cmd = [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(free_port()), path, *overrides]
-    else:
-        cmd = [PY, path, *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
-
-
-def train_cli(overrides, nproc=0, timeout=600, check=True, env=None):
-    return launch_cli("train.py", overrides, nproc, timeout, check, env)
+@pytest.fixture(scope="session")
+def confidence_file(tmp_path_factory):
+    """A random confidence split of the embedded training set, for SFTMix runs that skip stage 1."""
+    return write_random_confidence_file(str(tmp_path_factory.mktemp("conf") / "confidence.jsonl"))

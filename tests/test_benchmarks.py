@@ -3,7 +3,11 @@ import os
 import subprocess
 import sys
 
-from .conftest import ROOT
+import pytest
+
+from .helpers import ROOT
+
+pytestmark = pytest.mark.e2e  # every test here launches processes
 
 
 def test_throughput_benchmark_matches_trl_losses_at_toy_size(tmp_path):

@@ -17,7 +17,7 @@ from sftmix_ds.data.tokenize import Example
 
 from sftmix_ds.tracking import MEASURED
 
-from .conftest import ROOT, launch_cli
+from .helpers import ROOT, launch_cli, read_metrics
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": "2+3 = 5"}],
@@ -89,6 +89,7 @@ def test_bad_confidence_files_are_rejected(tmp_path):
         read_confidence_file(str(tmp_path / "l.jsonl"))
 
 
+@pytest.mark.e2e
 def test_more_checkpoints_than_reference_steps_is_refused(tmp_path):
     proc = launch_cli("score.py", ["model=tiny", "method.checkpoints=100", f"output_dir={tmp_path}"], check=False)
     assert proc.returncode == 2
@@ -119,6 +120,7 @@ def stage1(tmp_path_factory):
     return {"root": root, "common": common, "run": run, "first": first}
 
 
+@pytest.mark.e2e
 def test_stage1_outputs(stage1):
     (stage_dir,) = glob.glob(os.path.join(stage1["run"], "confidence", "*"))
     exports = {os.path.basename(p) for p in glob.glob(os.path.join(stage_dir, "reference", "model_step_*"))}
@@ -131,11 +133,13 @@ def test_stage1_outputs(stage1):
     assert (summary["confident"], summary["unconfident"]) == (6, 7)
 
 
+@pytest.mark.e2e
 def test_stage1_rerun_reuses_everything(stage1):
     again = score_cli(stage1["common"] + [f"output_dir={stage1['run']}"])
     assert "stage 1: reusing" in again.stderr and "reference run" not in again.stderr
 
 
+@pytest.mark.e2e
 def test_two_ranks_zero3_score_like_one_process(stage1):
     (stage_dir,) = glob.glob(os.path.join(stage1["run"], "confidence", "*"))
     ckpts = sorted(glob.glob(os.path.join(stage_dir, "reference", "model_step_*")))
@@ -232,6 +236,7 @@ def test_random_split_is_balanced_deterministic_and_seeded():
     assert 0.2 < share < 0.8  # an id is not always on the same side across seeds
 
 
+@pytest.mark.e2e
 def test_random_confidence_source_trains_and_writes_the_stage_files(tmp_path):
     from sftmix_ds.config import CONF_DIR, ConfigError, register_configs, validate
     from hydra import compose, initialize_config_dir
@@ -276,11 +281,6 @@ ONE_PROCESS = ["train.micro_batch_size=4", "deepspeed=zero3"]
 TWO_RANKS = ["train.micro_batch_size=2", "deepspeed=zero3"]  # the same global batch of 4
 
 
-def _metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
 def _weights(folder):
     from safetensors.torch import load_file
 
@@ -308,8 +308,9 @@ def _online_split(run_dir):
     return {r["id"]: r for r in records}
 
 
+@pytest.mark.e2e
 def test_online_warm_up_epoch_is_an_ntp_epoch_and_its_split_is_stage1s_of_those_states(online):
-    one, ntp = _metrics(online["one"]), _metrics(online["ntp"])
+    one, ntp = read_metrics(online["one"]), read_metrics(online["ntp"])
     assert len(one) == len(ntp) == 16
     strip = lambda r: {k: v for k, v in r.items() if k not in MEASURED and not k.startswith(("confidence/", "pairs",
                                                                                              "lam_", "loss/mix",
@@ -335,13 +336,14 @@ def test_online_warm_up_epoch_is_an_ntp_epoch_and_its_split_is_stage1s_of_those_
         assert split[i]["split"] == ref[i]["split"]
 
 
+@pytest.mark.e2e
 def test_online_two_ranks_zero3_equal_one_process(online):
     a, b = _online_split(online["one"]), _online_split(online["two"])
     assert a.keys() == b.keys()
     for i in a:
         assert b[i]["perplexities"] == pytest.approx(a[i]["perplexities"], rel=1e-5)
         assert b[i]["split"] == a[i]["split"]
-    for r, g in zip(_metrics(online["one"]), _metrics(online["two"]), strict=True):
+    for r, g in zip(read_metrics(online["one"]), read_metrics(online["two"]), strict=True):
         for key in ("loss/ntp", "loss/mix", "lam_mean", "tokens/mix"):
             assert g[key] == pytest.approx(r[key], rel=1e-5), key
     w, ref_w = (_weights(os.path.join(online[name], "model")) for name in ("two", "one"))
@@ -349,6 +351,7 @@ def test_online_two_ranks_zero3_equal_one_process(online):
         torch.testing.assert_close(w[k], ref_w[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
+@pytest.mark.e2e
 def test_online_split_is_in_the_checkpoint_kill_9_in_epoch_2_resumes_bitwise(online):
     """Stopped in the warm-up between the scoring points (step 6: one of two scored), resumed and
     killed in epoch 2 (step 11, after the checkpoint at step 9), resumed again: the same run."""
@@ -361,7 +364,7 @@ def test_online_split_is_in_the_checkpoint_kill_9_in_epoch_2_resumes_bitwise(onl
     assert "resumed from" in proc.stderr and "step_9" in proc.stderr
     clean = online["two"]
     strip = lambda rs: [{k: v for k, v in r.items() if k not in MEASURED} for r in rs]
-    assert strip(_metrics(run)) == strip(_metrics(clean))
+    assert strip(read_metrics(run)) == strip(read_metrics(clean))
     with open(os.path.join(run, "samples.jsonl")) as f, open(os.path.join(clean, "samples.jsonl")) as g:
         assert f.read() == g.read()  # the same examples at every step
     assert _online_split(run) == _online_split(clean)

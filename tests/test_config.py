@@ -8,7 +8,7 @@ from omegaconf.errors import ValidationError
 from sftmix_ds.cli import strip_local_rank
 from sftmix_ds.config import CONF_DIR, ConfigError, register_configs, validate
 
-from .conftest import ROOT, train_cli
+from .helpers import ROOT, train_cli
 
 
 def cfg_with(*overrides):
@@ -58,12 +58,14 @@ def test_local_rank_argument_is_stripped(monkeypatch):
     assert strip_local_rank(["train.py", "--local_rank", "1", "a=b"]) == ["train.py", "a=b"]
 
 
+@pytest.mark.e2e
 def test_cli_rejects_bad_config_and_bad_data_before_training(tmp_path):
     proc = train_cli(["model=tiny", "method=ntp", "train.lrr=1", f"output_dir={tmp_path}/a"], check=False)
     assert proc.returncode != 0 and "lrr" in proc.stderr
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "q", "output": "a"}\n{"instruction": "q"}\n')
-    proc = train_cli(["model=tiny", "method=ntp", "data=jsonl", f"data.train_files=[{bad}]", f"output_dir={tmp_path}/b"],
+    proc = train_cli(["model=tiny", "method=ntp", "data=jsonl", f"data.train_files=[{bad}]",
+                      f"output_dir={tmp_path}/b"],
                      check=False)
     assert proc.returncode == 2
     assert f"error: {bad}:2: missing field 'output'" in proc.stderr
@@ -108,7 +110,8 @@ def test_a_misspelled_eval_judge_fails_before_training():
 def test_each_method_module_registers_its_own_schema():
     from sftmix_ds.config import method_schemas
 
-    assert {s.name for s in method_schemas()} == {f[:-len(".yaml")] for f in os.listdir(os.path.join(CONF_DIR, "method"))}
+    yamls = os.listdir(os.path.join(CONF_DIR, "method"))
+    assert {s.name for s in method_schemas()} == {f[:-len(".yaml")] for f in yamls}
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -137,7 +140,8 @@ def test_each_method_module_registers_its_own_schema():
     (["method=s3ft", "method.temperature=0"], r"method\.temperature=0"),
     (["method=sftmix", "method.alpha=0"], r"method\.alpha=0"),
     (["method=sftmix", "method.mu=-0.1"], r"method\.mu=-0\.1"),
-    (["+deepspeed.extra.zero_optimization.stage=0"], r"deepspeed\.extra\.zero_optimization\.stage: set by deepspeed\.zero_stage"),
+    (["+deepspeed.extra.zero_optimization.stage=0"],
+     r"deepspeed\.extra\.zero_optimization\.stage: set by deepspeed\.zero_stage"),
     (["+deepspeed.extra.train_batch_size=64"], r"deepspeed\.extra\.train_batch_size: set by train\.micro_batch_size"),
     (["+deepspeed.extra.optimizer.params.lr=1"], r"deepspeed\.extra\.optimizer: set by train\.lr"),
     (["+deepspeed.extra.bf16.enabled=true"], r"deepspeed\.extra\.bf16: set by train\.precision"),
@@ -174,7 +178,8 @@ def test_nested_deepspeed_extra_keys_merge_into_their_section():
     from sftmix_ds.engine.strategy import deepspeed_config
 
     cfg = cfg_with("deepspeed=zero2", "+deepspeed.extra.zero_optimization.overlap_comm=false",
-                   "+deepspeed.extra.zero_optimization.reduce_bucket_size=1000", "+deepspeed.extra.flops_profiler.enabled=false")
+                   "+deepspeed.extra.zero_optimization.reduce_bucket_size=1000",
+                   "+deepspeed.extra.flops_profiler.enabled=false")
     validate(cfg)
     ds = deepspeed_config(cfg.deepspeed, cfg.train, 2, "fp32", on_gpu=False)
     assert ds["zero_optimization"] == {"stage": 2, "stage3_gather_16bit_weights_on_model_save": True,
@@ -182,6 +187,7 @@ def test_nested_deepspeed_extra_keys_merge_into_their_section():
     assert ds["flops_profiler"] == {"enabled": False} and ds["train_batch_size"] == 2 * cfg.train.micro_batch_size
 
 
+@pytest.mark.e2e
 def test_bad_output_dirs_are_refused_naming_the_folder(tmp_path):
     from sftmix_ds.config import check_output_dir
 

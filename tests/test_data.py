@@ -188,8 +188,9 @@ def test_tokenizer_without_chat_template_is_named(tmp_path, tokenizer):
 
 
 def test_a_10_mb_field_is_truncated_by_policy(tmp_path, tokenizer):
-    path = write_jsonl(tmp_path / "big.jsonl", [{"id": "big", "prompt": "Summarise.", "completion": "word " * 2_000_000},
-                                                {"id": "small", "prompt": "q", "completion": "a"}])
+    path = write_jsonl(tmp_path / "big.jsonl", [
+        {"id": "big", "prompt": "Summarise.", "completion": "word " * 2_000_000},
+        {"id": "small", "prompt": "q", "completion": "a"}])
     assert os.path.getsize(path) > 10_000_000
     examples = load_examples([path], tokenizer, fmt="auto", max_length=128, overlong="truncate", system_prompt=None,
                              cache_dir=str(tmp_path / "cache"))

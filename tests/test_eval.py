@@ -1,12 +1,13 @@
 """Evaluation: judged accuracy on a scripted model, and the real entry point on an exported model."""
 import json
-import os
+
+import pytest
 
 from sftmix_ds.data.formats import Conversation
 from sftmix_ds.eval import accuracy, markdown_table
 from sftmix_ds.inference.judges import contains, numeric
 
-from .conftest import launch_cli
+from .helpers import launch_cli
 
 
 def test_accuracy_on_a_scripted_model_with_known_answers():
@@ -29,10 +30,12 @@ def test_contains_judge_for_open_answers():
     assert not contains({"answer": "Rome"}, "The capital is Romeo")
 
 
+@pytest.mark.e2e
 def test_eval_entry_point_on_an_exported_model(tmp_path):
     out = tmp_path / "run"
     launch_cli("train.py", ["model=tiny", "method=ntp", "train.max_steps=1", "eval=arith", "eval.tasks.0.limit=4",
-                            "eval.general.0.limit=4", "eval.max_new_tokens=4", "eval.batch_size=1", f"output_dir={out}"])
+                            "eval.general.0.limit=4", "eval.max_new_tokens=4", "eval.batch_size=1",
+                            f"output_dir={out}"])
     with open(out / "eval" / "eval.json") as f:
         results = json.load(f)
     assert results["model"] == str(out / "model")

@@ -2,30 +2,20 @@
 adapters change; the exports (adapter folder, merged model) give the trained model's logits."""
 import json
 import os
-import random
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from sftmix_ds.confidence import confidence_records, write_confidence_file
 
-from .conftest import ROOT, train_cli
+from .helpers import read_metrics, train_cli
+
+pytestmark = pytest.mark.e2e  # every test here launches processes
 
 # adam_eps: see tests/test_sftmix.py (a larger eps keeps Adam's first update proportional to g).
 BASE = ["model=tiny", "peft=lora", "peft.dropout=0", "train.max_steps=3", "train.lr=1e-2", "train.adam_eps=1e-4",
         "train.warmup_ratio=0", "train.export_dtype=fp32", "train.eval_every=0"]
 LAYOUTS = {"one": (4, 0, 3), "two_zero3": (2, 2, 3), "two_zero2": (2, 2, 2)}  # micro-batch, ranks, ZeRO stage
-
-
-@pytest.fixture(scope="module")
-def confidence_file(tmp_path_factory):
-    with open(os.path.join(ROOT, "sftmix_ds", "builtin_data", "arith_train.jsonl")) as f:
-        ids = [json.loads(line)["id"] for line in f]
-    rng = random.Random(0)
-    path = str(tmp_path_factory.mktemp("conf") / "confidence.jsonl")
-    write_confidence_file(path, confidence_records([{i: rng.uniform(1, 5) for i in ids}]), "test")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +33,6 @@ def runs(tmp_path_factory, confidence_file):
     return out
 
 
-def _metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
 def _adapter(run_dir):
     return load_file(os.path.join(run_dir, "adapter", "adapter_model.safetensors"))
 
@@ -63,13 +48,13 @@ def _base_path():
 @pytest.mark.parametrize("method", ["ntp", "sftmix"])
 def test_lora_same_under_zero3_zero2_and_one_process(runs, method):
     ref_dir = runs[method, "one"]
-    ref, ref_a = _metrics(ref_dir), _adapter(ref_dir)
+    ref, ref_a = read_metrics(ref_dir), _adapter(ref_dir)
     assert len(ref) == 3 and all(k.endswith(("lora_A.weight", "lora_B.weight")) for k in ref_a)
     assert any(float(v.abs().max()) > 0 for k, v in ref_a.items() if "lora_B" in k)  # the adapters trained
     for (m, name), run_dir in runs.items():
         if m != method or name == "one":
             continue
-        for r, g in zip(ref, _metrics(run_dir), strict=True):
+        for r, g in zip(ref, read_metrics(run_dir), strict=True):
             for key in [k for k in r if k.startswith("loss")]:
                 assert g[key] == pytest.approx(r[key], rel=1e-5), (name, key)
         a = _adapter(run_dir)

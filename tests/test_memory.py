@@ -6,7 +6,11 @@ import os
 import subprocess
 import sys
 
-from .conftest import ROOT
+import pytest
+
+from .helpers import ROOT
+
+pytestmark = pytest.mark.e2e  # every test here launches processes
 
 # Runs an entry point with every model a stage builds tracked by weak references; before each new
 # stage (and at the end) it records how many of the earlier stages' parameters are still alive.

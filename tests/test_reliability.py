@@ -2,16 +2,16 @@
 resuming on another rank count. Faults are injected with SFTMIX_FAULT (sftmix_ds/faults.py)."""
 import json
 import os
-import random
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from sftmix_ds.confidence import confidence_records, write_confidence_file
 from sftmix_ds.tracking import MEASURED
 
-from .conftest import ROOT, train_cli
+from .helpers import ROOT, train_cli
+
+pytestmark = pytest.mark.e2e  # every test here launches processes
 
 COMMON = ["model=tiny", "train.max_steps=6", "train.save_every=2", "train.lr=1e-3", "train.micro_batch_size=2",
           "train.grad_accum=2", "train.export_dtype=fp32", "train.eval_every=0", "deepspeed=zero3"]
@@ -32,16 +32,6 @@ def same_history(a, b):
     strip = lambda rs: [{k: v for k, v in r.items() if k not in MEASURED} for r in rs]
     return (strip(lines(os.path.join(a, "metrics.jsonl"))) == strip(lines(os.path.join(b, "metrics.jsonl")))
             and lines(os.path.join(a, "samples.jsonl")) == lines(os.path.join(b, "samples.jsonl")))
-
-
-@pytest.fixture(scope="module")
-def confidence_file(tmp_path_factory):
-    with open(os.path.join(ROOT, "sftmix_ds", "builtin_data", "arith_train.jsonl")) as f:
-        ids = [json.loads(line)["id"] for line in f]
-    path = str(tmp_path_factory.mktemp("conf") / "confidence.jsonl")
-    rng = random.Random(1)
-    write_confidence_file(path, confidence_records([{i: rng.uniform(1, 5) for i in ids}]), "test")
-    return path
 
 
 @pytest.mark.parametrize("method,peft", [("ntp", "none"), ("sftmix", "none"), ("sftmix", "lora")])

@@ -8,7 +8,7 @@ from sftmix_ds.inference import LLMJudge, resolve_judge, run_python
 from sftmix_ds.inference.judges import exact, numeric, parse_verdict, python_tests
 from sftmix_ds.s3ft import leaks_prompt, read_done
 
-from .conftest import ROOT, launch_cli, train_cli
+from .helpers import ROOT, launch_cli, train_cli
 
 HOSTILE = {
     "infinite loop": "while True:\n    pass",
@@ -31,7 +31,8 @@ def test_sandbox_contains_hostile_code(name, tmp_path):
 
 def test_sandbox_environment_is_empty(monkeypatch):
     monkeypatch.setenv("SECRET_TOKEN", "x")
-    assert run_python("import os\nassert 'SECRET_TOKEN' not in os.environ\nassert os.getcwd().startswith('/tmp')").passed
+    program = "import os\nassert 'SECRET_TOKEN' not in os.environ\nassert os.getcwd().startswith('/tmp')"
+    assert run_python(program).passed
 
 
 def humaneval(n):
@@ -95,6 +96,7 @@ def _data(tmp_path, n):
     return str(path)
 
 
+@pytest.mark.e2e
 def test_build_with_smollm2_routes_every_example_correctly(tmp_path):
     out = tmp_path / "run"
     launch_cli("s3ft_build.py", ["data=jsonl", "data.judge=numeric", f"data.train_files=[{_data(tmp_path, 6)}]",
@@ -118,6 +120,7 @@ def test_build_with_smollm2_routes_every_example_correctly(tmp_path):
     assert sum(mix["counts"].values()) == 6
 
 
+@pytest.mark.e2e
 def test_build_on_two_ranks_once_each_and_resume_after_a_crash(tmp_path):
     out = tmp_path / "run"
     args = ["model=tiny", "data=jsonl", "data.judge=numeric", f"data.train_files=[{_data(tmp_path, 7)}]",
@@ -140,6 +143,7 @@ def test_build_on_two_ranks_once_each_and_resume_after_a_crash(tmp_path):
     assert sorted(read_done(str(path))) == sorted(json.loads(line)["id"] for line in lines)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("peft", ["none", "lora"])  # lora: the paper's own setting (rank 8, alpha 16, dropout 0.1)
 def test_method_s3ft_trains_on_the_built_targets(peft, tmp_path):
     out = tmp_path / "run"
@@ -190,6 +194,7 @@ def test_target_selection_on_a_scripted_model():
     assert leaked["paraphrase_leaked"] and not leaked["paraphrase_correct"]
 
 
+@pytest.mark.e2e
 def test_targets_for_other_data_and_conversations_without_a_final_answer_are_refused(tmp_path):
     from sftmix_ds.data import DataError, load_conversations, require_final_answer
     from sftmix_ds.s3ft import check_targets_match
@@ -205,7 +210,8 @@ def test_targets_for_other_data_and_conversations_without_a_final_answer_are_ref
                       f"method.targets_file={targets}", f"output_dir={tmp_path / 'run'}"], check=False)
     assert proc.returncode == 2 and "the S3FT targets do not match the training data" in proc.stderr
     trailing = tmp_path / "trailing.jsonl"
-    trailing.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+    trailing.write_text(json.dumps({"messages": [{"role": "user", "content": "q"},
+                                                 {"role": "assistant", "content": "a"},
                                                  {"role": "user", "content": "thanks"}]}) + "\n")
     with pytest.raises(DataError, match=r"trailing.jsonl:1: the conversation ends with a user turn; S3FT"):
         require_final_answer(load_conversations([str(trailing)]), "S3FT")

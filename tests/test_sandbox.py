@@ -13,7 +13,7 @@ import pytest
 
 from sftmix_ds.inference.judges import python_tests
 
-from .conftest import ROOT
+from .helpers import ROOT
 
 MARK = "sftmix-hostile"  # in every file name and process name a candidate leaves, so the test can look for it
 WRONG = "def has_close_elements(numbers, threshold):\n    return False\n"
@@ -150,6 +150,7 @@ def test_hostile_candidate_is_judged_wrong_and_leaves_nothing(name, problem, tmp
     assert not python_tests(problem, WRONG)
 
 
+@pytest.mark.e2e
 def test_judge_memory_stays_bounded_whatever_the_candidate_prints(problem):
     """A 400 MiB print: the judge's peak memory grows by less than 64 MiB (fresh process, so its
     peak is its own)."""
@@ -170,8 +171,12 @@ def test_judge_memory_stays_bounded_whatever_the_candidate_prints(problem):
 NOBODY_TABLE = """
 import json, sys, types
 job = json.loads(sys.stdin.read())
-sandbox = sys.modules["sandbox"] = types.ModuleType("sandbox")  # from the job: nobody may not read the checkout
-exec(compile(job["sandbox_source"], "sandbox.py", "exec"), sandbox.__dict__)
+# The package's modules sandbox.py needs, from the job's sources: nobody may not read the checkout.
+for name, source in job["sources"].items():
+    module = sys.modules[name] = types.ModuleType(name)
+    module.__path__, module.__package__ = [], name.rpartition(".")[0]
+    exec(compile(source, name, "exec"), module.__dict__)
+sandbox = sys.modules["sftmix_ds.inference.sandbox"]
 if sandbox.isolation()[0] is None:
     print(json.dumps({"unavailable": sandbox.isolation()[2]}))
     raise SystemExit(0)
@@ -181,6 +186,7 @@ print(json.dumps(verdicts))
 """
 
 
+@pytest.mark.e2e
 def test_hostile_candidates_as_an_unprivileged_user(problem):
     """The same table with the judge itself running as nobody: user namespaces instead of root."""
     if os.geteuid() != 0:
@@ -190,10 +196,14 @@ def test_hostile_candidates_as_an_unprivileged_user(problem):
         pytest.skip(f"{python} is missing: no interpreter an unprivileged user can run")
     cases = {n: c.replace("PORT", "9") for n, c in HOSTILE.items()}
     cases["the gold solution"] = problem["completion"].split("```python\n", 1)[1].rsplit("```", 1)[0]
-    with open(os.path.join(ROOT, "sftmix_ds", "inference", "sandbox.py")) as f:
-        source = f.read()
+    sources = {"sftmix_ds": "", "sftmix_ds.common": "common.py", "sftmix_ds.inference": "",
+               "sftmix_ds.inference.sandbox": "inference/sandbox.py"}
+    for name, path in sources.items():
+        if path:
+            with open(os.path.join(ROOT, "sftmix_ds", path)) as f:
+                sources[name] = f.read()
     job = {"test": problem["test"], "entry_point": problem["entry_point"], "stub": problem["stub"], "cases": cases,
-           "sandbox_source": source}
+           "sources": sources}
     proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-I", "-c",
                            NOBODY_TABLE], input=json.dumps(job), capture_output=True, text=True, timeout=600, cwd="/")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -220,6 +230,7 @@ def private_venv(folder) -> str:
     return str(folder / "bin" / "python")
 
 
+@pytest.mark.e2e
 def test_the_judge_works_from_a_folder_nobody_can_read(problem, tmp_path):
     """The project and its interpreter under a 0700 folder, the judge run as root: the sandbox drops to
     nobody, who can read neither, and still judges (it needs no file of the project's)."""

@@ -12,11 +12,11 @@ import pytest
 
 from sftmix_ds.common import free_port
 
-from .conftest import ROOT
+from .helpers import ROOT
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(
     not all(shutil.which(b) for b in ("slurmctld", "slurmd", "sbatch")) or os.geteuid() != 0,
-    reason="needs Debian's slurmctld, slurmd and slurm-client and root to start them (.ci/run installs them)")
+    reason="needs Debian's slurmctld, slurmd and slurm-client and root to start them (.ci/run installs them)")]
 
 CONF = """ClusterName=sftmixtest
 SlurmctldHost=localhost(127.0.0.1)
@@ -56,7 +56,8 @@ def slurm(tmp_path_factory):
     env = {**os.environ, "SLURM_CONF": str(conf), "SFTMIX_PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
            "PYTHONWARNINGS": "ignore", "WANDB_MODE": "offline"}
     daemons = [subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-               for cmd in (["slurmctld", "-D", "-i", "-f", str(conf)], ["slurmd", "-D", "-N", "localhost", "-f", str(conf)])]
+               for cmd in (["slurmctld", "-D", "-i", "-f", str(conf)],
+                           ["slurmd", "-D", "-N", "localhost", "-f", str(conf)])]
     try:
         for _ in range(60):
             out = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True).stdout

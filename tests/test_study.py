@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from .conftest import ROOT
+from .helpers import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import study  # noqa: E402
@@ -79,6 +79,7 @@ def run_study(tmp_path, *extra):
                           text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+@pytest.mark.e2e
 def test_study_at_toy_size_runs_every_arm_and_resumes(tmp_path):
     proc = run_study(tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

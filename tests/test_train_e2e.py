@@ -10,7 +10,9 @@ from safetensors.torch import load_file
 
 from sftmix_ds.tracking import MEASURED
 
-from .conftest import ROOT, train_cli
+from .helpers import ROOT, read_metrics, train_cli
+
+pytestmark = pytest.mark.e2e  # every test here launches processes
 
 ROOT_DATA = os.path.join(ROOT, "sftmix_ds", "builtin_data")
 
@@ -25,11 +27,6 @@ LAYOUTS = {"m4a1r1z3": (4, 1, 0, 3), "m2a2r1z2": (2, 2, 0, 2), "m1a2r2z3": (1, 2
 # The speed switches change how the same math is computed, not the result.
 SPEED = ["train.packing=true", "train.gradient_checkpointing=true", "train.compile=true",
          "model.attn_implementation=eager"]
-
-
-def metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def weights(run_dir):
@@ -49,12 +46,11 @@ def runs(tmp_path_factory):
 
 
 def test_same_loss_and_update_for_every_layout(runs):
-    ref = metrics(runs["m4a1r1z3"])
+    ref = read_metrics(runs["m4a1r1z3"])
     assert [m["step"] for m in ref] == [1, 2]
     ref_w = weights(runs["m4a1r1z3"])
-    initial = None
     for name, run_dir in runs.items():
-        got = metrics(run_dir)
+        got = read_metrics(run_dir)
         for r, g in zip(ref, got, strict=True):
             assert g["loss"] == pytest.approx(r["loss"], rel=1e-5), name
             assert g["grad_norm"] == pytest.approx(r["grad_norm"], rel=1e-4), name
@@ -99,7 +95,7 @@ def test_stop_then_resume_equals_uninterrupted(runs, tmp_path):
     assert "resumed from" in proc.stderr
     ref = runs["m1a2r2z3"]
     strip = lambda records: [{k: v for k, v in r.items() if k not in MEASURED} for r in records]
-    assert strip(metrics(run_dir)) == strip(metrics(ref))  # every step's record, not only the losses
+    assert strip(read_metrics(run_dir)) == strip(read_metrics(ref))  # every step's record, not only the losses
     w, ref_w = weights(run_dir), weights(ref)
     for k in ref_w:
         assert torch.equal(w[k], ref_w[k]), k  # bitwise: fp32 on CPU
@@ -124,7 +120,7 @@ def test_local_multirun_gives_each_point_its_folder_and_shares_stage1(tmp_path):
     import subprocess
     import sys
 
-    from .conftest import ROOT
+    from .helpers import ROOT
 
     sweep = tmp_path / "sweep"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "train.py"), "-m", f"hydra.sweep.dir={sweep}",
@@ -176,7 +172,7 @@ def test_two_host_collectives_per_step_whatever_the_accumulation(method, grad_ac
     import subprocess
     import sys
 
-    from .conftest import ROOT
+    from .helpers import ROOT
 
     extra = ["method.confidence_file=" + _uniform_confidence(tmp_path)] if method == "sftmix" else []
     proc = subprocess.run([sys.executable, "-c", COUNT_COLLECTIVES, "model=tiny", f"method={method}",
@@ -192,7 +188,7 @@ def test_two_host_collectives_per_step_whatever_the_accumulation(method, grad_ac
 def _uniform_confidence(tmp_path) -> str:
     from sftmix_ds.confidence import confidence_records, write_confidence_file
 
-    from .conftest import ROOT
+    from .helpers import ROOT
 
     with open(os.path.join(ROOT, "sftmix_ds", "builtin_data", "arith_train.jsonl")) as f:
         ids = [json.loads(line)["id"] for line in f]
@@ -205,10 +201,10 @@ def test_bf16_training_on_cpu_matches_fp32_within_bf16_tolerance(runs, tmp_path)
     """The dtype path of a GPU run (bf16 parameters and activations, fp32 master weights and loss
     accumulation, bf16 export) on 2 CPU ranks under ZeRO-3, against the fp32 run of the same layout."""
     run_dir = str(tmp_path / "bf16")
-    proc = train_cli(BASE + ["train.micro_batch_size=1", "train.grad_accum=2", "deepspeed=zero3", "train.precision=bf16",
-                             "train.export_dtype=bf16", f"output_dir={run_dir}"], nproc=2)
+    proc = train_cli(BASE + ["train.micro_batch_size=1", "train.grad_accum=2", "deepspeed=zero3",
+                             "train.precision=bf16", "train.export_dtype=bf16", f"output_dir={run_dir}"], nproc=2)
     assert "torch.bfloat16, ZeRO-3" in proc.stderr
-    ref, got = metrics(runs["m1a2r2z3"]), metrics(run_dir)
+    ref, got = read_metrics(runs["m1a2r2z3"]), read_metrics(run_dir)
     assert [m["step"] for m in got] == [m["step"] for m in ref]
     for r, g in zip(ref, got, strict=True):
         # bf16 keeps 8 bits of mantissa: logits and activations round at about 4e-3 relative.
@@ -255,7 +251,7 @@ def test_named_eval_sets_each_epoch_and_before_the_first_step(tmp_path):
                f"+data.eval_sets.same=[{held_out}]", f"+data.eval_sets.capitals=[{other}]", "train.epochs=2",
                "train.micro_batch_size=4", "train.lr=1e-3", "train.eval_each_epoch=true", "train.eval_on_start=true",
                "train.export_dtype=fp32", f"output_dir={out}"])
-    evals = [r for r in metrics(out) if "eval_loss" in r]
+    evals = [r for r in read_metrics(out) if "eval_loss" in r]
     assert [(r["step"], r["epoch"]) for r in evals] == [(0, 0.0), (3, 1.0), (6, 2.0)]
     for r in evals:
         assert r["eval_loss/same"] == r["eval_loss"]

@@ -6,7 +6,9 @@ import sys
 
 import pytest
 
-from .conftest import ROOT
+from .helpers import ROOT
+
+pytestmark = pytest.mark.e2e  # every test here launches processes
 
 
 def test_every_triton_kernel_variant_compiles_for_real_gpus(tmp_path):

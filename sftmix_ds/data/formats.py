@@ -16,10 +16,12 @@ import os
 from dataclasses import dataclass
 from typing import Iterator, List, Tuple
 
+from ..common import UserError
+
 ROLES = ("system", "user", "assistant")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad input data; the message names the file, the line or record, and the problem."""
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..common import file_digest, free_port, torch_dtype, write_json_atomic
+from ..common import UserError, file_digest, free_port, torch_dtype, write_json_atomic
 from ..config import resolve_precision
 from ..faults import maybe_die, maybe_disk_full
 
@@ -29,7 +29,7 @@ COMPLETE = "complete.json"
 UNIVERSAL, UNIVERSAL_DONE = "universal", "converted.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint could not be written or read; the message says what is intact."""
 
 
@@ -454,7 +454,7 @@ class DeepSpeedStrategy:
         self.barrier()
 
 
-class BuildLockError(RuntimeError):
+class BuildLockError(UserError, RuntimeError):
     """A torch-extensions build lock outlived the wait; the message names the file."""
 
 

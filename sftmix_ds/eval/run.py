@@ -52,7 +52,7 @@ def evaluate_model(cfg, model_path: str, out_dir: str) -> dict:
         results[group][task.name] = accuracy(convs, generate, resolve_judge(task.judge, e.allow_unsandboxed_code),
                                              on_ranks, task.answer_field)
         log.info("eval %s: accuracy %.3f on %d", task.name, results[group][task.name]["accuracy"], len(convs))
-    del generator
+    generator = None  # the generation model is released before scoring loads another copy
     if e.perplexity_files:
         tokenizer, pad_id = load_tokenizer(model_path)
         examples = load_split(cfg.data, tokenizer, e.perplexity_files)

@@ -45,6 +45,8 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
+from ..common import UserError
+
 log = logging.getLogger(__name__)
 NOBODY = 65534
 OUTPUT_CAP = 1 << 20  # bytes of a check's output kept; the rest is read and dropped
@@ -202,7 +204,7 @@ class SandboxResult:
     output: str
 
 
-class SandboxUnavailable(RuntimeError):
+class SandboxUnavailable(UserError, RuntimeError):
     """This machine cannot isolate untrusted code, or the sandbox could not start; the message says why."""
 
 

@@ -1,0 +1,50 @@
+"""What tests share besides fixtures (pytest's conftest.py is for fixtures and hooks, and is not
+imported): the repo's paths, launching the entry points for real, reading a run's metrics, and a
+confidence file for the embedded training set."""
+import json
+import os
+import random
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+DEEPSPEED = os.path.join(os.path.dirname(PY), "deepspeed")
+
+
+def launch_cli(script, overrides, nproc=0, timeout=600, check=True, env=None):
+    """Run launch/<script> for real: nproc=0 as plain python, else through the deepspeed launcher."""
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
+    path = os.path.join(ROOT, "launch", script)
+    if nproc:
+        from sftmix_ds.common import free_port
+
+        cmd = [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(free_port()), path, *overrides]
+    else:
+        cmd = [PY, path, *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-5000:]}")
+    return proc
+
+
+def train_cli(overrides, nproc=0, timeout=600, check=True, env=None):
+    return launch_cli("train.py", overrides, nproc, timeout, check, env)
+
+
+def read_metrics(run_dir) -> list:
+    """A run's metrics.jsonl, one dict per logged record."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def write_random_confidence_file(path: str, seed: int = 0) -> str:
+    """A confidence file for the embedded training set (arith_train.jsonl) from random perplexities."""
+    from sftmix_ds.confidence import confidence_records, write_confidence_file
+
+    with open(os.path.join(ROOT, "sftmix_ds", "builtin_data", "arith_train.jsonl")) as f:
+        ids = [json.loads(line)["id"] for line in f]
+    rng = random.Random(seed)
+    write_confidence_file(path, confidence_records([{i: rng.uniform(1, 5) for i in ids}]), "test")
+    return path
