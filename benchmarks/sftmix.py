@@ -116,23 +116,23 @@ def step_and_scoring(model_name: str, steps: int) -> dict:
         method.seed = 0
         batch = method.collate(batch_examples, pad_id)
         counts = method.token_counts(batch)
-        inputs = {k: v.to(strategy.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        inputs = {k: v.to(strategy.comm.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         engine = strategy.prepare(LossModule(strategy.load_model(path), method.loss_terms, strategy), 1000)
         times = []
         for i in range(steps + 1):  # the first step warms up
             start = time.perf_counter()
             terms = engine(**inputs)
             strategy.backward_and_step(sum(method.weights[n] * terms[n] / max(counts[n], 1) for n in terms))
-            if strategy.on_gpu:
+            if strategy.comm.on_gpu:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
         result[method.name] = {"step_s": statistics.median(times[1:]),
                                "tokens": int(batch["attention_mask"].sum()), "mix_tokens": counts.get("mix", 0)}
         strategy.release()
     engine = strategy.prepare_inference(LossModule(strategy.load_model(path), example_nll, strategy))
-    score(engine, strategy, examples[:16], 8, pad_id)  # warm-up
+    score(engine, strategy.comm, examples[:16], 8, pad_id)  # warm-up
     start = time.perf_counter()
-    score(engine, strategy, examples, 8, pad_id)
+    score(engine, strategy.comm, examples, 8, pad_id)
     elapsed = time.perf_counter() - start
     result["scoring"] = {"tokens_per_s": sum(len(e.input_ids) for e in examples) / elapsed, "n": len(examples)}
     result["training_tokens_per_s"] = result["ntp"]["tokens"] / result["ntp"]["step_s"]

@@ -6,7 +6,7 @@ preparation can never hit a collective timeout.
 """
 from __future__ import annotations
 
-import json
+import copy
 import logging
 import math
 import os
@@ -25,13 +25,13 @@ from .adapters import adapter_summary, apply_lora, check_lora_targets
 from .common import UserError, atomic_file, evenly_spaced, to_device
 from .config import ConfigError, validate
 from .data import load_split
-from .engine import (PREFIX, DeepSpeedStrategy, LossModule, check_head, complete_checkpoints, dist_env,
-                     read_complete, sample_ids)
+from .engine import (PREFIX, Checkpointer, Collectives, DeepSpeedStrategy, LossModule, check_head,
+                     complete_checkpoints, dist_env, read_complete, sample_ids)
 from .eval import eval_sets, evaluate_model
 from .inference import score, score_nll, scoring_plan
 from .models import load_tokenizer, prepare_model
 from .faults import maybe_die, maybe_poison
-from .identity import SPEED_SWITCHES, examples_hash
+from .resume import fit_layout, find_resume, finished, run_identity, same_run_problem
 from .tracking import MetricsLog, append_jsonl, keep_steps_up_to
 
 log = logging.getLogger("sftmix_ds")
@@ -84,88 +84,10 @@ class PreemptionFlag:
         self.raised = True
 
 
-def finished(cfg) -> bool:
-    """The final export is there (with LoRA and train.export_merged=false: the adapter folder)."""
-    if cfg.peft.kind == "lora" and not cfg.train.export_merged:
-        return os.path.exists(os.path.join(cfg.output_dir, "adapter", "adapter_config.json"))
-    return os.path.exists(os.path.join(cfg.output_dir, "model", "config.json"))
-
-
-def find_resume(cfg) -> list:
-    """The checkpoints to try, newest first (resume=auto: every complete one in output_dir)."""
-    ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
-    if cfg.resume == "none":
-        if complete_checkpoints(ckpt_root) or finished(cfg):
-            raise ConfigError(f"resume=none but {cfg.output_dir} already holds checkpoints or a finished model; "
-                              "pass resume=auto to continue, or choose another output_dir")
-        return []
-    if cfg.resume == "auto":
-        skipped: list = []
-        done = complete_checkpoints(ckpt_root, skipped)
-        for why in skipped:
-            log.warning("resume: passing over %s", why)
-        return done[::-1]
-    return [cfg.resume]
-
-
-# Settings a resumed run may change: where things go, how often it logs, saves and evaluates,
-# and the speed switches (tested to leave the math unchanged).
-# The data files are compared by the examples they give, not by their paths. An entry ending in
-# "." or "_" covers every key it begins.
-RESUMABLE_CHANGES = ("output_dir", "resume", "resume_force", "model_cache_dir", "logger.", "eval", "data.cache_dir",
-                     # the layout, as long as the global batch (compared on its own) is kept:
-                     "train.micro_batch_size", "train.grad_accum",
-                     "train.allow_new_global_batch",
-                     "data.train_files", "data.eval_files", "data.eval_sets", "method.stage_dir",
-                     "method.confidence_source", "method.confidence_file", "method.targets_file",
-                     "method.allow_unsandboxed_code",
-                     "deepspeed.timeout_minutes", "deepspeed.build_lock_wait_minutes", "train.log_every",
-                     "train.eval_", "train.save_every", "train.keep_checkpoints", "train.stop_after_steps",
-                     "train.export_", "train.nonfinite", "train.max_nonfinite_steps", *SPEED_SWITCHES)
-
-
-def resumable_change(key: str) -> bool:
-    return any(key == c or key.startswith(c if c.endswith((".", "_")) else c + ".") for c in RESUMABLE_CHANGES)
-
-
-def run_identity(cfg, train_set, method, global_batch: int) -> dict:
-    """What a checkpoint must share with the run that resumes it: the training examples (and the
-    method's state, e.g. SFTMix's split) by digest, the global batch, and every setting but
-    RESUMABLE_CHANGES."""
-    flat = {}
-
-    def walk(node, prefix=""):
-        for k, v in node.items():
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}.")
-            else:
-                flat[f"{prefix}{k}"] = v
-
-    walk(OmegaConf.to_container(cfg, resolve=True))
-    settings = {k: v for k, v in flat.items() if not resumable_change(k)}
-    settings["global_batch"] = global_batch
-    h = examples_hash(train_set)
-    h.update(json.dumps(method.identity(), sort_keys=True).encode())
-    return {"data": h.hexdigest()[:16], "settings": settings}
-
-
-def identity_changes(old: dict, new: dict) -> list:
-    changes = []
-    if old.get("data") != new["data"]:
-        changes.append("the training examples differ (other data, tokenizer, max_length or method state)")
-    before, after = old.get("settings", {}), new["settings"]
-    for key in sorted(set(before) | set(after)):
-        if key == "global_batch" and key not in before:  # a checkpoint from before it was recorded
-            continue
-        if before.get(key, "<unset>") != after.get(key, "<unset>"):
-            changes.append(f"{key}: {before.get(key, '<unset>')!r} -> {after.get(key, '<unset>')!r}")
-    return changes
-
-
-def evaluate(engine, strategy, examples, batch_size: int, pad_id: int, chunk_size: int) -> float:
+def evaluate(engine, comm, examples, batch_size: int, pad_id: int, chunk_size: int) -> float:
     """Mean response-token NLL over `examples`: the scoring pass (each example once across ranks,
     batches sorted by length), so held-out loss and SFTMix's perplexities are one computation."""
-    nll = score_nll(engine, strategy, examples, batch_size, pad_id, chunk_size=chunk_size)
+    nll = score_nll(engine, comm, examples, batch_size, pad_id, chunk_size=chunk_size)
     return sum(s for s, _ in nll.values()) / max(sum(c for _, c in nll.values()), 1)
 
 
@@ -192,63 +114,29 @@ class Recipe:
             log.info("%s/model exists: this run is finished (resume=none with a new output_dir trains again)",
                      self.cfg.output_dir)
             return False
-        self._fit_allocation()
+        self._fit_layout()
         self._setup_data()
         self._setup_engine()
         self._setup_state()
         return True
 
-    def _fit_allocation(self) -> None:
-        """Resuming with another rank count than the checkpoint's: load it through a universal
-        checkpoint (another ZeRO stage is refused) and keep its global batch (micro-batch x
-        accumulation x ranks), which defines the examples of every step: grad_accum is derived
-        when it was left as it was; otherwise the user's settings must keep it, or
-        train.allow_new_global_batch=true."""
+    def _fit_layout(self) -> None:
+        """Resuming on another rank count: load through a universal checkpoint and keep the
+        checkpoint's global batch (resume.fit_layout), with this run's config a copy that has the
+        grad_accum keeping it."""
+        self.universal = False
         if not self.resume_from:
-            self.universal = False
             return
-        meta = read_complete(self.resume_from[0])
-        t, stage = self.t, self.cfg.deepspeed.zero_stage
-        written = (meta["world_size"], meta.get("zero_stage", stage))
-        if written[1] != stage:
-            # DeepSpeed 0.19's universal loader fails (a bare AssertionError) across stages, both ways.
-            raise ConfigError(f"resume: {self.resume_from[0]} was written under ZeRO-{written[1]} and "
-                              f"deepspeed.zero_stage={stage}; DeepSpeed cannot load a checkpoint under another ZeRO "
-                              f"stage, resume with deepspeed.zero_stage={written[1]} (any rank count)")
-        self.universal = written != (self.world_size, stage)
-        if not self.universal:
-            return
-        if "global_batch" not in meta:
-            raise ConfigError(f"resume: {self.resume_from[0]} was written by {written[0]} ranks before checkpoints "
-                              f"recorded their global batch; resume it on {written[0]} ranks")
-        saved = meta["global_batch"]
-        now = t.micro_batch_size * t.grad_accum * self.world_size
-        log.info("resume: %s was written by %d ranks under ZeRO-%d; resuming on %d ranks under ZeRO-%d",
-                 self.resume_from[0], *written, self.world_size, stage)
-        if now == saved:
-            return
-        per_rank, rest = divmod(saved, t.micro_batch_size * self.world_size)
-        unchanged = (meta.get("grad_accum"), meta.get("micro_batch_size")) == (t.grad_accum, t.micro_batch_size)
-        if unchanged and not rest and not t.allow_new_global_batch:
-            log.info("resume: keeping the global batch of %d: train.grad_accum %d -> %d on %d ranks", saved,
-                     t.grad_accum, per_rank, self.world_size)
+        t = self.t
+        layout = fit_layout(self.resume_from[0], read_complete(self.resume_from[0]), world_size=self.world_size,
+                            zero_stage=self.cfg.deepspeed.zero_stage, micro_batch_size=t.micro_batch_size,
+                            grad_accum=t.grad_accum, allow_new_global_batch=t.allow_new_global_batch)
+        self.universal = layout.universal
+        if layout.grad_accum != t.grad_accum:
+            self.cfg = copy.deepcopy(self.cfg)
             with open_dict(self.cfg):
-                self.cfg.train.grad_accum = per_rank
-            return
-        if t.allow_new_global_batch:
-            log.warning("resume: train.allow_new_global_batch=true: global batch %d -> %d; the examples of the steps "
-                        "from here differ from the original run's (some of this epoch may repeat or be skipped)",
-                        saved, now)
-            return
-        ways = [f"train.micro_batch_size={m} train.grad_accum={saved // (m * self.world_size)}"
-                for m in range(1, saved + 1) if saved % (m * self.world_size) == 0][:3]
-        raise ConfigError(f"resume: the checkpoint's global batch is {saved} examples per step, and "
-                          f"train.micro_batch_size={t.micro_batch_size} x train.grad_accum={t.grad_accum} x "
-                          f"{self.world_size} ranks = {now}; "
-                          + (f"keep it with {' or '.join(ways)}" if ways else
-                             f"no micro-batch x accumulation gives {saved} on {self.world_size} ranks (use a rank "
-                             f"count dividing {saved})")
-                          + ", or continue with a new global batch with train.allow_new_global_batch=true")
+                self.cfg.train.grad_accum = layout.grad_accum
+            self.t = self.cfg.train
 
     def _setup_data(self) -> None:
         """Model files, tokenizer, tokenized splits and the method's stage: all before any process group."""
@@ -278,7 +166,9 @@ class Recipe:
             raise ConfigError(f"train.export_count={t.export_count}: this run has only {self.total_steps} optimizer "
                               "steps to export at")
         self.exports = set(evenly_spaced(self.total_steps, t.export_count))
-        self.strategy = DeepSpeedStrategy(cfg.deepspeed, t)
+        self.comm = Collectives(cfg.deepspeed, t.precision)
+        self.strategy = DeepSpeedStrategy(cfg.deepspeed, t, self.comm)
+        self.checkpoints = Checkpointer(self.strategy)
         if self.universal:
             self.strategy.use_universal_checkpoints()
         if self.rank == 0:
@@ -291,19 +181,20 @@ class Recipe:
             log.info("%s", adapter_summary(self.model))
         self.engine = self.strategy.prepare(LossModule(self.model, self.method.loss_terms, self.strategy),
                                             self.total_steps)
-        check_head(self.engine, sample_ids(self.train_set, self.strategy.device), cfg.model.name)
+        check_head(self.engine, sample_ids(self.train_set, self.comm.device), cfg.model.name)
         log.info("%s: %d train / %d eval examples, %d ranks, global batch %d, %d steps, %s, ZeRO-%d",
                  cfg.method.name, len(self.train_set), sum(map(len, self.eval_sets.values())), self.world_size,
-                 self.batches.global_batch, self.total_steps, self.strategy.dtype,
+                 self.batches.global_batch, self.total_steps, self.comm.dtype,
                  self.engine.zero_optimization_stage())
 
     def _setup_state(self) -> None:
         """The step to start from, logs trimmed to it, and the per-run guards."""
         cfg, t = self.cfg, self.t
         self.step, resumed = 0, None
-        self.identity = run_identity(cfg, self.train_set, self.method, self.batches.global_batch)
+        self.identity = run_identity(OmegaConf.to_container(cfg, resolve=True), self.train_set, self.method.identity(),
+                                     self.batches.global_batch)
         if self.resume_from:
-            resumed, client_state = self.strategy.load_checkpoint(self.resume_from, self._check_same_run)
+            resumed, client_state = self.checkpoints.load(self.resume_from, self._check_same_run)
             self.step = client_state["step"]
             self.method.load_state(client_state.get("method", {}))
             log.info("resumed from %s at step %d", resumed, self.step)
@@ -318,19 +209,13 @@ class Recipe:
                         desc=f"train {cfg.method.name}", dynamic_ncols=True)
 
     def _check_same_run(self, folder: str, meta: dict) -> None:
-        if "identity" not in meta:
-            log.warning("%s: written before checkpoints recorded their run's settings; not compared", folder)
+        problem = same_run_problem(folder, meta, self.identity, self.t.allow_new_global_batch)
+        if problem is None:
             return
-        changes = identity_changes(meta["identity"], self.identity)
-        if self.t.allow_new_global_batch:
-            changes = [c for c in changes if not c.startswith("global_batch:")]
-        if not changes:
-            return
-        what = "; ".join(changes[:8]) + (f"; and {len(changes) - 8} more" if len(changes) > 8 else "")
         if not self.cfg.resume_force:
-            raise ConfigError(f"resume: {folder} was written by a run with other data or settings ({what}); "
+            raise ConfigError(f"resume: {folder} was written by a run with other data or settings ({problem}); "
                               "resume_force=true continues anyway, or choose another output_dir")
-        log.warning("resume_force=true: continuing from %s although %s", folder, what)
+        log.warning("resume_force=true: continuing from %s although %s", folder, problem)
 
     # -- train -----------------------------------------------------------------------------------
 
@@ -359,7 +244,7 @@ class Recipe:
         for b in micro:
             local.update({**self.method.token_counts(b), **self.method.batch_stats(b),
                           "tokens": int(b["attention_mask"].sum())})
-        totals = self.strategy.all_reduce_sum(dict(local))
+        totals = self.comm.all_reduce_sum(dict(local))
         norms = {n: totals[n] for n in self.names}
         lr = self.strategy.lr()  # the rate this step uses; the scheduler advances inside the step
         sums, skipped = self._loss_step(micro, norms)
@@ -377,9 +262,9 @@ class Recipe:
         elapsed = time.perf_counter() - started
         record = {"step": self.step, "epoch": epoch + (in_epoch + 1) / plan.steps_per_epoch, "lr": lr,
                   "grad_norm": self.strategy.grad_norm(), "tokens_per_s": totals["tokens"] / elapsed,
-                  "tokens_per_s_per_device": totals["tokens"] / elapsed / self.strategy.world_size,
+                  "tokens_per_s_per_device": totals["tokens"] / elapsed / self.comm.world_size,
                   "step_s": elapsed, "peak_mem_gb": self.strategy.peak_memory_gb()}
-        if self.strategy.on_gpu:
+        if self.comm.on_gpu:
             record["peak_mem_reserved_gb"] = self.strategy.peak_reserved_gb()
         if overflow:
             record["overflow_skipped"] = True
@@ -399,7 +284,7 @@ class Recipe:
         Returns (the summed terms and flags, whether the step was skipped)."""
         values = []
         for i, b in enumerate(micro):
-            terms = self.engine(**to_device(b, self.strategy.device))
+            terms = self.engine(**to_device(b, self.comm.device))
             values.append(maybe_poison(torch.stack([terms[n].detach().double() for n in self.names]), self.rank,
                                        self.step + 1))
             loss = sum(self.method.weights[n] * terms[n] / max(norms[n], 1) for n in self.names)
@@ -407,12 +292,12 @@ class Recipe:
                 self.strategy.backward_and_step(loss)
         stacked = torch.stack(values)
         bad = ~torch.isfinite(stacked).all(1)
-        sums = self.strategy.all_reduce_sum({**{f"loss/{n}": stacked[:, j].sum() for j, n in enumerate(self.names)},
+        sums = self.comm.all_reduce_sum({**{f"loss/{n}": stacked[:, j].sum() for j, n in enumerate(self.names)},
                                              "nonfinite": bad.sum(), "preempted": float(self.preempted.raised)})
         if sums["nonfinite"] > 0:
             mine = [(b["ids"], dict(zip(self.names, v))) for b, v, is_bad in zip(micro, stacked.tolist(), bad.tolist())
                     if is_bad]
-            where = [(r, [i for i in ids if i], v) for r, part in enumerate(self.strategy.all_gather_object(mine))
+            where = [(r, [i for i in ids if i], v) for r, part in enumerate(self.comm.all_gather_object(mine))
                      for ids, v in part]
             return sums, self.guard.non_finite_loss(self.step + 1, where)  # skip: no update for this step
         self.strategy.backward_and_step(loss)
@@ -438,10 +323,10 @@ class Recipe:
                                  t.export_dtype, prefix=PREFIX)
         stopping = step < self.total_steps and (self.signalled or (t.stop_after_steps and step >= t.stop_after_steps))
         if (t.save_every and step % t.save_every == 0) or stopping:
-            self.strategy.save_checkpoint(self.ckpt_root, step, {"step": step, "method": self.method.state()},
-                                          t.keep_checkpoints,
-                                          meta={"identity": self.identity, "global_batch": self.batches.global_batch,
-                                                "micro_batch_size": t.micro_batch_size, "grad_accum": t.grad_accum})
+            self.checkpoints.save(self.ckpt_root, step, {"step": step, "method": self.method.state()},
+                                  t.keep_checkpoints,
+                                  meta={"identity": self.identity, "global_batch": self.batches.global_batch,
+                                        "micro_batch_size": t.micro_batch_size, "grad_accum": t.grad_accum})
         if stopping:
             why = "SIGUSR1 (preemption or time limit)" if self.signalled else "train.stop_after_steps"
             log.info("stopping at step %d after a checkpoint, for %s; resume=auto continues", step, why)
@@ -449,14 +334,14 @@ class Recipe:
 
     def _evaluate(self) -> dict:
         """{eval_loss[/NAME]: mean response-token loss} of each held-out set."""
-        return {key: evaluate(self.engine, self.strategy, examples, self.t.micro_batch_size, self.pad_id,
+        return {key: evaluate(self.engine, self.comm, examples, self.t.micro_batch_size, self.pad_id,
                               self.t.loss_chunk_size) for key, examples in self.eval_sets.items()}
 
     def _score_train_set(self, batch_size: int) -> dict:
         """{id: response perplexity} of every training example under the weights now; all ranks."""
         n_batches = len(scoring_plan(self.train_set, batch_size, self.world_size, self.rank))
         with tqdm(total=n_batches, desc=f"score step {self.step}", disable=self.rank != 0, leave=False) as bar:
-            return score(self.engine, self.strategy, self.train_set, batch_size, self.pad_id, progress=bar,
+            return score(self.engine, self.comm, self.train_set, batch_size, self.pad_id, progress=bar,
                          chunk_size=self.t.loss_chunk_size)
 
     # -- cleanup ---------------------------------------------------------------------------------
@@ -477,7 +362,8 @@ class Recipe:
         self.strategy.release()
         self.model = self.engine = None  # the stage's model goes with its engine, before evaluation loads one
         if done and cfg.eval is not None:
-            results = evaluate_model(cfg, cfg.eval.model_path or self.export_dir, os.path.join(cfg.output_dir, "eval"))
+            results = evaluate_model(cfg, cfg.eval.model_path or self.export_dir, os.path.join(cfg.output_dir, "eval"),
+                                     self.comm)
             summary = {f"eval/{g}/{n}": r["accuracy"] for g in ("tasks", "general") for n, r in results[g].items()}
             if "perplexity" in results:
                 summary["eval/perplexity"] = results["perplexity"]["perplexity"]

@@ -161,7 +161,8 @@ def test_the_optimizer_needs_no_build_on_gpu_and_the_device_follows_the_binding(
     """torch's AdamW (fused on CUDA) through DeepSpeed's pass-through, never its nvcc-built FusedAdam;
     DeepSpeed's CPU Adam where the optimizer is offloaded. One visible GPU (Slurm binding one per
     task) is device 0 whatever the local rank."""
-    from sftmix_ds.engine.strategy import deepspeed_config, device_index
+    from sftmix_ds.engine.collectives import device_index
+    from sftmix_ds.engine.strategy import deepspeed_config
 
     cfg = cfg_with()
     params = lambda cfg, on_gpu: deepspeed_config(cfg.deepspeed, cfg.train, 1, "bf16", on_gpu)["optimizer"]["params"]

@@ -135,11 +135,11 @@ def test_local_multirun_gives_each_point_its_folder_and_shares_stage1(tmp_path):
     assert proc.stderr.count("stage 1: reusing") == 1
 
 
-# Counts the library's own host collectives (DeepSpeedStrategy's all_reduce / all_gather_object /
-# barrier; DeepSpeed's internal ones are not counted) inside each optimizer step of a real run.
+# Counts the library's own host collectives (Collectives' all_reduce / all_gather_object / barrier;
+# DeepSpeed's internal ones are not counted) inside each optimizer step of a real run.
 COUNT_COLLECTIVES = """
 import json, sys, torch.distributed
-import sftmix_ds.engine.strategy as strategy_module
+import sftmix_ds.engine.collectives as collectives_module
 from sftmix_ds.trainer import Recipe
 
 calls, per_step = [0], []
@@ -152,7 +152,7 @@ class Counting:
             calls[0] += 1
             return fn(*a, **k)
         return counted
-strategy_module.dist = Counting()
+collectives_module.dist = Counting()
 train_step = Recipe._train_step
 def counted_step(self):
     before = calls[0]

@@ -18,15 +18,14 @@ import math
 import os
 
 from omegaconf import OmegaConf, open_dict
-from tqdm import tqdm
 
 from ..config import ConfigError, load_model_config, resolve_precision
 from ..data import load_split
-from ..engine import DeepSpeedStrategy, LossModule, check_head, dist_env, sample_ids
+from ..engine import Collectives, barrier_if_initialized, dist_env
 from ..models import load_tokenizer, prepare_model
 from ..common import write_json_atomic
 from ..identity import examples_hash, without_speed_switches
-from ..inference import example_nll, score, scoring_plan
+from ..inference import perplexities, score_model
 from ..tracking import log_stage_summary
 from .split import confidence_records, plot_confidence, random_split_records, summarize, write_confidence_file
 
@@ -135,7 +134,7 @@ def publish_split(cfg, records, stage_dir: str, fp: str, extra: dict, wandb_stag
         if wandb_stage_run:
             log_stage_summary(cfg, "confidence", summary, stage_dir, os.path.join(stage_dir, "confidence.png"))
     log.info("stage 1: %s -> %s", summary, out_path)
-    DeepSpeedStrategy.barrier_if_initialized()
+    barrier_if_initialized()
     return out_path
 
 
@@ -156,16 +155,12 @@ def score_checkpoint(cfg, model_path: str, examples, pad_id: int, stage_dir: str
     if os.path.exists(cache):
         with open(cache) as f:
             return json.load(f)
-    strategy = DeepSpeedStrategy(cfg.deepspeed, cfg.train)
-    model = strategy.load_model(model_path, cfg.model.attn_implementation)
-    engine = strategy.prepare_inference(LossModule(model, example_nll, strategy))
-    check_head(engine, sample_ids(examples, strategy.device), model_path)
-    n_batches = len(scoring_plan(examples, cfg.method.score_batch_size, strategy.world_size, strategy.rank))
-    with tqdm(total=n_batches, desc=f"score {os.path.basename(model_path)}", disable=strategy.rank != 0) as bar:
-        perplexity = score(engine, strategy, examples, cfg.method.score_batch_size, pad_id, progress=bar,
-                           chunk_size=cfg.train.loss_chunk_size)
-    strategy.release()
-    if strategy.rank == 0:
+    comm = Collectives(cfg.deepspeed, cfg.train.precision)
+    perplexity = perplexities(score_model(cfg.deepspeed, cfg.train, comm, model_path, examples,
+                                          batch_size=cfg.method.score_batch_size, pad_id=pad_id,
+                                          attn_implementation=cfg.model.attn_implementation,
+                                          desc=f"score {os.path.basename(model_path)}"))
+    if comm.rank == 0:
         os.makedirs(stage_dir, exist_ok=True)
         write_json_atomic(cache, perplexity)
     return perplexity

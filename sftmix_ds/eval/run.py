@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 import math
 import os
+from typing import Optional
 
 from ..common import atomic_file, write_json_atomic
 from ..data import load_conversations, load_split, require_final_answer
-from ..engine import DeepSpeedStrategy, LossModule
-from ..inference import Generator, across_ranks, example_nll, resolve_judge, score_nll
+from ..engine import Collectives
+from ..inference import Generator, across_ranks, resolve_judge, score_model
 from ..models import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -38,14 +39,14 @@ def eval_sets(eval_cfg) -> list:
     return out
 
 
-def evaluate_model(cfg, model_path: str, out_dir: str) -> dict:
-    """All ranks call this; rank 0 writes out_dir/eval.json and out_dir/eval.md."""
+def evaluate_model(cfg, model_path: str, out_dir: str, comm: Optional[Collectives] = None) -> dict:
+    """All ranks call this; rank 0 writes out_dir/eval.json and out_dir/eval.md. comm: this
+    process's Collectives when it already has them (after training)."""
     e = cfg.eval
-    strategy = DeepSpeedStrategy(cfg.deepspeed, cfg.train)
-    on_ranks = lambda items, fn: across_ranks(items, fn, strategy.world_size, strategy.rank,
-                                              strategy.all_gather_object)
+    comm = comm or Collectives(cfg.deepspeed, cfg.train.precision)
+    on_ranks = lambda items, fn: across_ranks(items, fn, comm.world_size, comm.rank, comm.all_gather_object)
     results = {"model": model_path, "tasks": {}, "general": {}}
-    generator = Generator(model_path, strategy.device, strategy.dtype, max_new_tokens=e.max_new_tokens,
+    generator = Generator(model_path, comm.device, comm.dtype, max_new_tokens=e.max_new_tokens,
                           batch_size=e.batch_size)
     for group, task, convs in eval_sets(e):
         generate = lambda share, name=task.name: generator(share, desc=f"eval {name}")
@@ -56,14 +57,12 @@ def evaluate_model(cfg, model_path: str, out_dir: str) -> dict:
     if e.perplexity_files:
         tokenizer, pad_id = load_tokenizer(model_path)
         examples = load_split(cfg.data, tokenizer, e.perplexity_files)
-        model = strategy.load_model(model_path, cfg.model.attn_implementation)
-        engine = strategy.prepare_inference(LossModule(model, example_nll, strategy))
-        nll = score_nll(engine, strategy, examples, e.batch_size, pad_id, chunk_size=cfg.train.loss_chunk_size)
-        strategy.release()
+        nll = score_model(cfg.deepspeed, cfg.train, comm, model_path, examples, batch_size=e.batch_size,
+                          pad_id=pad_id, attn_implementation=cfg.model.attn_implementation, desc="eval perplexity")
         total, count = sum(s for s, _ in nll.values()), sum(c for _, c in nll.values())
         results["perplexity"] = {"perplexity": math.exp(total / count), "nll": total / count, "tokens": count,
                                  "n": len(nll)}
-    if strategy.rank == 0:
+    if comm.rank == 0:
         os.makedirs(out_dir, exist_ok=True)
         write_json_atomic(os.path.join(out_dir, "eval.json"), results, indent=1)
         with atomic_file(os.path.join(out_dir, "eval.md")) as f:

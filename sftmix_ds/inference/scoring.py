@@ -48,14 +48,18 @@ def scoring_plan(examples: Sequence[Example], batch_size: int, world_size: int, 
     return mine + [[] for _ in range(math.ceil(len(batches) / world_size) - len(mine))]
 
 
-def score(engine, strategy, examples: Sequence[Example], batch_size: int, pad_id: int, progress=None,
+def perplexities(nll: Dict[str, tuple]) -> Dict[str, float]:
+    """{id: perplexity} from score_nll's {id: (summed NLL, count)}."""
+    return {i: math.exp(s / c) for i, (s, c) in nll.items()}
+
+
+def score(engine, comm, examples: Sequence[Example], batch_size: int, pad_id: int, progress=None,
           chunk_size: int = 0) -> Dict[str, float]:
     """{id: perplexity} for every example, gathered from all ranks."""
-    return {i: math.exp(s / c) for i, (s, c) in score_nll(engine, strategy, examples, batch_size, pad_id,
-                                                           progress, chunk_size).items()}
+    return perplexities(score_nll(engine, comm, examples, batch_size, pad_id, progress, chunk_size))
 
 
-def score_nll(engine, strategy, examples: Sequence[Example], batch_size: int, pad_id: int,
+def score_nll(engine, comm, examples: Sequence[Example], batch_size: int, pad_id: int,
               progress=None, chunk_size: int = 0) -> Dict[str, tuple]:
     """{id: (summed response-token NLL, response-token count)} for every example, from all ranks.
     `engine` wraps a sftmix_ds LossModule (its own loss is not used: this one computes
@@ -65,17 +69,36 @@ def score_nll(engine, strategy, examples: Sequence[Example], batch_size: int, pa
     was_training = engine.training
     engine.eval()
     with torch.no_grad():
-        for indices in scoring_plan(examples, batch_size, strategy.world_size, strategy.rank):
+        for indices in scoring_plan(examples, batch_size, comm.world_size, comm.rank):
             batch = collate([examples[i] for i in indices] or [None], pad_id)
-            out = engine(**to_device(batch, strategy.device), loss_terms=nll_terms)
+            out = engine(**to_device(batch, comm.device), loss_terms=nll_terms)
             for i, s, c in zip(indices, out["nll_sum"].tolist(), out["count"].tolist()):
                 results.append((examples[i].id, (s, c)))
             if progress is not None:
                 progress.update(1)
     engine.train(was_training)
-    gathered = strategy.all_gather_object(results)
+    gathered = comm.all_gather_object(results)
     nll = dict(r for part in gathered for r in part)
     n_scored = sum(len(part) for part in gathered)
     if n_scored != len(examples) or len(nll) != len(examples):
         raise RuntimeError(f"scoring covered {len(nll)} ids in {n_scored} results for {len(examples)} examples")
+    return nll
+
+
+def score_model(deepspeed_cfg, train_cfg, comm, model_path: str, examples: Sequence[Example], *, batch_size: int,
+                pad_id: int, attn_implementation: str = "sdpa", desc: str = "score") -> Dict[str, tuple]:
+    """score_nll of a saved model: loaded into an inference engine (partitioned under ZeRO-3), its head
+    checked against the loss's, scored with a progress bar, and released. Collective."""
+    from tqdm import tqdm
+
+    from ..engine import DeepSpeedStrategy, LossModule, check_head, sample_ids
+
+    strategy = DeepSpeedStrategy(deepspeed_cfg, train_cfg, comm)
+    engine = strategy.prepare_inference(LossModule(strategy.load_model(model_path, attn_implementation), example_nll,
+                                                   strategy))
+    check_head(engine, sample_ids(examples, comm.device), model_path)
+    n_batches = len(scoring_plan(examples, batch_size, comm.world_size, comm.rank))
+    with tqdm(total=n_batches, desc=desc, disable=comm.rank != 0) as bar:
+        nll = score_nll(engine, comm, examples, batch_size, pad_id, progress=bar, chunk_size=train_cfg.loss_chunk_size)
+    strategy.release()
     return nll

@@ -18,7 +18,7 @@ from collections import Counter
 from typing import List
 
 from ..data import DataError, load_conversations, require_final_answer
-from ..engine import DeepSpeedStrategy, dist_env
+from ..engine import Collectives, dist_env
 from ..models import prepare_model
 from ..tracking import log_stage_summary
 from ..common import atomic_file, write_json_atomic
@@ -76,11 +76,11 @@ def build_targets(cfg) -> str:
     log.info("s3ft: %d examples, %d already built, %d pending in %s", len(conversations), len(done),
              len(pending), path)
     if pending:
-        strategy = DeepSpeedStrategy(cfg.deepspeed, cfg.train)
-        generator = Generator(prepare_model(cfg.model, cfg.model_cache_dir), strategy.device, strategy.dtype,
+        comm = Collectives(cfg.deepspeed, cfg.train.precision)
+        generator = Generator(prepare_model(cfg.model, cfg.model_cache_dir), comm.device, comm.dtype,
                               max_new_tokens=m.max_new_tokens, do_sample=m.do_sample, temperature=m.temperature,
                               top_p=m.top_p, stop_strings=list(m.stop_strings), batch_size=m.generate_batch_size)
-        on_ranks = lambda items, fn: across_ranks(items, fn, world, rank, strategy.all_gather_object)
+        on_ranks = lambda items, fn: across_ranks(items, fn, world, rank, comm.all_gather_object)
         judge = make_judge(d.judge, generator, m.judge_prompt, on_ranks, m.allow_unsandboxed_code)
         if rank == 0:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -94,7 +94,7 @@ def build_targets(cfg) -> str:
                     f.writelines(json.dumps(r) + "\n" for r in records)
                     f.flush()
                     os.fsync(f.fileno())
-            strategy.barrier()
+            comm.barrier()
         del generator
     check_targets_match(path, conversations)
     done = read_done(path)

@@ -1,0 +1,137 @@
+"""This process's place in the job and the collectives every stage uses.
+
+One `Collectives` per process, for the whole run: rank and world size from the launcher, the
+device and dtype, the process group (through DeepSpeed, so its engines find it), and the host
+collectives. Engines (engine/strategy.py) come and go with the stages; generation and judging
+(S3FT, evaluation) need only this.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from ..common import UserError, free_port, torch_dtype
+from ..config import resolve_precision
+
+log = logging.getLogger(__name__)
+
+
+class Collectives:
+    def __init__(self, ds_cfg, precision: str):
+        """ds_cfg: the deepspeed config group (timeouts); precision: train.precision."""
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+
+        self.rank, self.local_rank, self.world_size = dist_env()
+        accel = get_accelerator()
+        self.on_gpu = accel.device_name() == "cuda"
+        self.device = torch.device("cpu")
+        if self.on_gpu:
+            index = device_index(self.local_rank, accel.device_count())
+            accel.set_device(index)
+            self.device = torch.device(accel.device_name(index))
+        self.precision = resolve_precision(precision)
+        self.dtype = torch_dtype(self.precision)
+        wait_for_build_locks(ds_cfg.build_lock_wait_minutes * 60)
+        deepspeed.init_distributed(timeout=timedelta(minutes=ds_cfg.timeout_minutes))
+        _unlink_shm_buffer(self.rank)
+
+    def all_reduce_sum(self, values):
+        """Sums over ranks in one collective: of a list or tensor (-> a CPU float64 tensor), or of
+        a dict of scalars, Python numbers or 0-d tensors (-> a dict of floats, the same keys)."""
+        if isinstance(values, dict):
+            scalars = [torch.as_tensor(v, dtype=torch.float64, device=self.device).reshape(()) for v in values.values()]
+            return dict(zip(values, self.all_reduce_sum(torch.stack(scalars)).tolist()))
+        t = torch.as_tensor(values, dtype=torch.float64).to(self.device)
+        dist.all_reduce(t)
+        return t.cpu()
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when `flag` is true on any (so all ranks take the same branch)."""
+        return bool(self.all_reduce_sum([float(flag)]).item() > 0)
+
+    def all_gather_object(self, obj) -> list:
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+
+def barrier_if_initialized() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def dist_env() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from the launcher's environment: the deepspeed or
+    torchrun launcher (RANK...), Slurm's srun (SLURM_PROCID...), or a plain
+    `python launch/train.py`, which becomes a one-process group."""
+    if "RANK" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ:
+        # srun: one task per device; MASTER_ADDR/MASTER_PORT come from launch/slurm/train.sbatch.
+        os.environ.update(RANK=os.environ["SLURM_PROCID"], LOCAL_RANK=os.environ["SLURM_LOCALID"],
+                          WORLD_SIZE=os.environ["SLURM_NTASKS"])
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()))
+    return int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"])
+
+
+def device_index(local_rank: int, visible_devices: int) -> int:
+    """This process's GPU among the visible ones: its local rank where each task sees every GPU of the
+    node (deepspeed, torchrun), else 0 where a scheduler binds one GPU per task (Slurm --gpus-per-task,
+    --gpu-bind), which leaves every local rank past 0 an invalid device ordinal."""
+    if visible_devices == 1:
+        return 0
+    if local_rank < visible_devices:
+        return local_rank
+    raise RuntimeError(f"local rank {local_rank} but this process sees {visible_devices} GPUs "
+                       f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start at most one "
+                       "task per GPU, or bind one GPU to each task")
+
+
+class BuildLockError(UserError, RuntimeError):
+    """A torch-extensions build lock outlived the wait; the message names the file."""
+
+
+def wait_for_build_locks(wait_s: float) -> None:
+    """Wait (bounded) while an extension build lock exists under the torch extensions folder.
+    torch's FileBaton waits on such a lock forever, and one left by a killed build never goes."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    root = os.path.dirname(_get_build_directory("deepspeed_shm_comm", verbose=False))
+    deadline, announced = time.monotonic() + wait_s, False
+    while True:
+        locks = [os.path.join(root, name, "lock") for name in sorted(os.listdir(root))
+                 if os.path.exists(os.path.join(root, name, "lock"))]
+        if not locks:
+            return
+        if time.monotonic() >= deadline:
+            age = time.time() - os.path.getmtime(locks[0])
+            raise BuildLockError(f"{locks[0]}: an extension build lock has been there for {age:.0f} s (a build "
+                                 "killed midway leaves it behind); if no other job on this machine is building, "
+                                 "delete it and run again (deepspeed.build_lock_wait_minutes sets the wait)")
+        if not announced:
+            log.warning("waiting up to %.0f s for %s (another process is building an extension)", wait_s, locks[0])
+            announced = True
+        time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
+
+
+def _unlink_shm_buffer(rank: int) -> None:
+    """DeepSpeed's CPU shared-memory allreduce leaves a 66 MiB /dev/shm file per rank behind,
+    even on a clean exit, and /dev/shm is RAM: dozens of runs fill the machine. Every rank
+    maps every buffer during init, so after a barrier each rank can drop its file's name;
+    the mappings live on until the process ends, however it ends."""
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    name = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_" \
+           f"{os.environ.get('MASTER_PORT')}_{rank}"
+    if os.path.exists(name):
+        os.unlink(name)

@@ -1,0 +1,160 @@
+"""Resume policy, with no process group and no engine: which checkpoints to try, what a run's
+identity is and how two identities differ, and how a checkpoint's layout (rank count, ZeRO
+stage, global batch) maps onto the resuming run's. The recipe applies the decisions; the engine
+(engine/checkpoint.py) does the loading."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import NamedTuple, Optional
+
+from .config import ConfigError
+from .engine.checkpoint import complete_checkpoints
+from .identity import SPEED_SWITCHES, examples_hash
+
+log = logging.getLogger(__name__)
+
+# Settings a resumed run may change: where things go, how often it logs, saves and evaluates,
+# and the speed switches (tested to leave the math unchanged).
+# The data files are compared by the examples they give, not by their paths. An entry ending in
+# "." or "_" covers every key it begins.
+RESUMABLE_CHANGES = ("output_dir", "resume", "resume_force", "model_cache_dir", "logger.", "eval", "data.cache_dir",
+                     # the layout, as long as the global batch (compared on its own) is kept:
+                     "train.micro_batch_size", "train.grad_accum",
+                     "train.allow_new_global_batch",
+                     "data.train_files", "data.eval_files", "data.eval_sets", "method.stage_dir",
+                     "method.confidence_source", "method.confidence_file", "method.targets_file",
+                     "method.allow_unsandboxed_code",
+                     "deepspeed.timeout_minutes", "deepspeed.build_lock_wait_minutes", "train.log_every",
+                     "train.eval_", "train.save_every", "train.keep_checkpoints", "train.stop_after_steps",
+                     "train.export_", "train.nonfinite", "train.max_nonfinite_steps", *SPEED_SWITCHES)
+
+
+def resumable_change(key: str) -> bool:
+    return any(key == c or key.startswith(c if c.endswith((".", "_")) else c + ".") for c in RESUMABLE_CHANGES)
+
+
+def finished(cfg) -> bool:
+    """The final export is there (with LoRA and train.export_merged=false: the adapter folder)."""
+    if cfg.peft.kind == "lora" and not cfg.train.export_merged:
+        return os.path.exists(os.path.join(cfg.output_dir, "adapter", "adapter_config.json"))
+    return os.path.exists(os.path.join(cfg.output_dir, "model", "config.json"))
+
+
+def find_resume(cfg) -> list:
+    """The checkpoints to try, newest first (resume=auto: every complete one in output_dir)."""
+    ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
+    if cfg.resume == "none":
+        if complete_checkpoints(ckpt_root) or finished(cfg):
+            raise ConfigError(f"resume=none but {cfg.output_dir} already holds checkpoints or a finished model; "
+                              "pass resume=auto to continue, or choose another output_dir")
+        return []
+    if cfg.resume == "auto":
+        skipped: list = []
+        done = complete_checkpoints(ckpt_root, skipped)
+        for why in skipped:
+            log.warning("resume: passing over %s", why)
+        return done[::-1]
+    return [cfg.resume]
+
+
+def run_identity(settings: dict, examples, method_identity: dict, global_batch: int) -> dict:
+    """What a checkpoint must share with the run that resumes it: the training examples (and the
+    method's state, e.g. SFTMix's split) by digest, the global batch, and every setting (the
+    resolved config as a plain dict) but RESUMABLE_CHANGES."""
+    flat = {}
+
+    def walk(node, prefix=""):
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                flat[f"{prefix}{k}"] = v
+
+    walk(settings)
+    kept = {k: v for k, v in flat.items() if not resumable_change(k)}
+    kept["global_batch"] = global_batch
+    h = examples_hash(examples)
+    h.update(json.dumps(method_identity, sort_keys=True).encode())
+    return {"data": h.hexdigest()[:16], "settings": kept}
+
+
+def identity_changes(old: dict, new: dict) -> list:
+    changes = []
+    if old.get("data") != new["data"]:
+        changes.append("the training examples differ (other data, tokenizer, max_length or method state)")
+    before, after = old.get("settings", {}), new["settings"]
+    for key in sorted(set(before) | set(after)):
+        if key == "global_batch" and key not in before:  # a checkpoint from before it was recorded
+            continue
+        if before.get(key, "<unset>") != after.get(key, "<unset>"):
+            changes.append(f"{key}: {before.get(key, '<unset>')!r} -> {after.get(key, '<unset>')!r}")
+    return changes
+
+
+def same_run_problem(folder: str, meta: dict, identity: dict, allow_new_global_batch: bool) -> Optional[str]:
+    """Why the checkpoint in `folder` (its complete.json `meta`) was written by another run than the
+    one with `identity`, or None when it is the same run (or too old to say)."""
+    if "identity" not in meta:
+        log.warning("%s: written before checkpoints recorded their run's settings; not compared", folder)
+        return None
+    changes = identity_changes(meta["identity"], identity)
+    if allow_new_global_batch:
+        changes = [c for c in changes if not c.startswith("global_batch:")]
+    if not changes:
+        return None
+    return "; ".join(changes[:8]) + (f"; and {len(changes) - 8} more" if len(changes) > 8 else "")
+
+
+class Layout(NamedTuple):
+    """How to load a checkpoint: through its universal conversion or not, and the grad_accum that
+    keeps its global batch."""
+    universal: bool
+    grad_accum: int
+
+
+def fit_layout(folder: str, meta: dict, *, world_size: int, zero_stage: int, micro_batch_size: int, grad_accum: int,
+               allow_new_global_batch: bool) -> Layout:
+    """The resuming run's layout for the checkpoint in `folder` (its complete.json `meta`). On another
+    rank count it loads through a universal checkpoint (another ZeRO stage is refused) and keeps
+    the checkpoint's global batch (micro-batch x accumulation x ranks), which defines the examples
+    of every step: grad_accum is derived when it was left as it was; otherwise the given settings
+    must keep it, or allow_new_global_batch."""
+    written = (meta["world_size"], meta.get("zero_stage", zero_stage))
+    if written[1] != zero_stage:
+        # DeepSpeed 0.19's universal loader fails (a bare AssertionError) across stages, both ways.
+        raise ConfigError(f"resume: {folder} was written under ZeRO-{written[1]} and deepspeed.zero_stage="
+                          f"{zero_stage}; DeepSpeed cannot load a checkpoint under another ZeRO stage, resume with "
+                          f"deepspeed.zero_stage={written[1]} (any rank count)")
+    if written == (world_size, zero_stage):
+        return Layout(False, grad_accum)
+    if "global_batch" not in meta:
+        raise ConfigError(f"resume: {folder} was written by {written[0]} ranks before checkpoints recorded their "
+                          f"global batch; resume it on {written[0]} ranks")
+    saved = meta["global_batch"]
+    now = micro_batch_size * grad_accum * world_size
+    log.info("resume: %s was written by %d ranks under ZeRO-%d; resuming on %d ranks under ZeRO-%d", folder,
+             *written, world_size, zero_stage)
+    if now == saved:
+        return Layout(True, grad_accum)
+    per_rank, rest = divmod(saved, micro_batch_size * world_size)
+    unchanged = (meta.get("grad_accum"), meta.get("micro_batch_size")) == (grad_accum, micro_batch_size)
+    if unchanged and not rest and not allow_new_global_batch:
+        log.info("resume: keeping the global batch of %d: train.grad_accum %d -> %d on %d ranks", saved, grad_accum,
+                 per_rank, world_size)
+        return Layout(True, per_rank)
+    if allow_new_global_batch:
+        log.warning("resume: train.allow_new_global_batch=true: global batch %d -> %d; the examples of the steps "
+                    "from here differ from the original run's (some of this epoch may repeat or be skipped)",
+                    saved, now)
+        return Layout(True, grad_accum)
+    ways = [f"train.micro_batch_size={m} train.grad_accum={saved // (m * world_size)}"
+            for m in range(1, saved + 1) if saved % (m * world_size) == 0][:3]
+    raise ConfigError(f"resume: the checkpoint's global batch is {saved} examples per step, and "
+                      f"train.micro_batch_size={micro_batch_size} x train.grad_accum={grad_accum} x "
+                      f"{world_size} ranks = {now}; "
+                      + (f"keep it with {' or '.join(ways)}" if ways else
+                         f"no micro-batch x accumulation gives {saved} on {world_size} ranks (use a rank "
+                         f"count dividing {saved})")
+                      + ", or continue with a new global batch with train.allow_new_global_batch=true")

@@ -1,0 +1,92 @@
+"""The resume policy on its own (sftmix_ds/resume.py): no process, no engine, milliseconds."""
+import json
+
+import pytest
+
+from sftmix_ds.config import ConfigError
+from sftmix_ds.data.tokenize import Example
+from sftmix_ds.resume import fit_layout, identity_changes, resumable_change, run_identity, same_run_problem
+
+META = {"world_size": 2, "zero_stage": 3, "global_batch": 8, "micro_batch_size": 2, "grad_accum": 2}
+
+
+def fit(meta=META, **run):
+    settings = dict(world_size=2, zero_stage=3, micro_batch_size=2, grad_accum=2, allow_new_global_batch=False)
+    return fit_layout("ckpt/step_4", meta, **{**settings, **run})
+
+
+def test_the_same_layout_loads_directly():
+    assert fit() == (False, 2)
+    assert fit(grad_accum=4) == (False, 4)  # same rank count: the identity check judges the global batch
+
+
+def test_another_rank_count_goes_universal_and_keeps_the_global_batch():
+    assert fit(world_size=1) == (True, 4)  # 2 x 2 x 2 = 8 = 2 x 4 x 1: grad_accum derived
+    assert fit(world_size=4) == (True, 1)
+    assert fit(world_size=4, micro_batch_size=1, grad_accum=2) == (True, 2)  # the user's settings keep it
+    assert fit(world_size=4, micro_batch_size=4, grad_accum=1, allow_new_global_batch=True) == (True, 1)
+
+
+def test_a_global_batch_that_cannot_be_kept_is_refused_naming_the_settings():
+    with pytest.raises(ConfigError, match=r"global batch is 8 .* keep it with train.micro_batch_size=1 "
+                                          r"train.grad_accum=8 or train.micro_batch_size=2 train.grad_accum=4"):
+        fit(world_size=1, micro_batch_size=3)
+    with pytest.raises(ConfigError, match=r"no micro-batch x accumulation gives 8 on 3 ranks"):
+        fit(world_size=3)
+
+
+def test_another_zero_stage_or_an_old_checkpoint_on_other_ranks_is_refused():
+    with pytest.raises(ConfigError, match="written under ZeRO-3 and deepspeed.zero_stage=2"):
+        fit(zero_stage=2)
+    old = {k: v for k, v in META.items() if k != "global_batch"}
+    with pytest.raises(ConfigError, match="before checkpoints recorded their global batch; resume it on 2 ranks"):
+        fit(old, world_size=1)
+    assert fit(old) == (False, 2)
+
+
+SETTINGS = {"output_dir": "a", "train": {"lr": 1e-4, "compile": False, "grad_accum": 2, "save_every": 4},
+            "model": {"name": "tiny", "attn_implementation": "sdpa"}}
+EXAMPLES = [Example(f"e{i}", [1, 2, 3 + i], [-100, 2, 3 + i]) for i in range(4)]
+
+
+def identity(settings=SETTINGS, examples=EXAMPLES, method=None, global_batch=8):
+    return run_identity(json.loads(json.dumps(settings)), examples, method or {}, global_batch)
+
+
+def changed(**train):
+    return {**SETTINGS, "train": {**SETTINGS["train"], **train}}
+
+
+def test_speed_switches_and_where_things_go_may_change_the_math_may_not():
+    base = identity()
+    assert resumable_change("train.compile") and resumable_change("model.attn_implementation")
+    assert resumable_change("train.eval_every") and not resumable_change("train.lr")
+    assert identity_changes(base, identity(changed(compile=True, grad_accum=4, save_every=1))) == []
+    assert identity_changes(base, identity({**SETTINGS, "output_dir": "b"})) == []
+    assert identity_changes(base, identity(changed(lr=1e-3))) == ["train.lr: 0.0001 -> 0.001"]
+    assert identity_changes(base, identity(global_batch=4)) == ["global_batch: 8 -> 4"]
+    assert identity_changes(base, identity(examples=EXAMPLES[:3])) == [
+        "the training examples differ (other data, tokenizer, max_length or method state)"]
+    assert identity_changes(base, identity(method={"split": "other"}))[0].startswith("the training examples differ")
+
+
+def test_a_checkpoints_identity_is_computed_as_before():
+    """The identity recorded in existing checkpoints: the examples' digest then the method state, and
+    every setting but the resumable ones, computed here independently of the module."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for e in EXAMPLES:
+        h.update(json.dumps([e.id, e.input_ids, e.labels]).encode())
+    h.update(json.dumps({}, sort_keys=True).encode())
+    assert identity() == {"data": h.hexdigest()[:16],
+                          "settings": {"train.lr": 1e-4, "model.name": "tiny", "global_batch": 8}}
+
+
+def test_same_run_problem_names_the_changes_and_lets_a_new_global_batch_through_when_allowed():
+    meta = {"identity": identity()}
+    assert same_run_problem("f", meta, identity(), False) is None
+    assert same_run_problem("f", meta, identity(changed(lr=1e-3)), False) == "train.lr: 0.0001 -> 0.001"
+    assert same_run_problem("f", meta, identity(global_batch=4), False) == "global_batch: 8 -> 4"
+    assert same_run_problem("f", meta, identity(global_batch=4), True) is None
+    assert same_run_problem("f", {}, identity(changed(lr=1e-3)), False) is None  # written before identities
