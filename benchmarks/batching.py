@@ -51,6 +51,7 @@ def padding_share(method: str, layout: str, confidence: str, micro_batch: int, s
     from omegaconf import OmegaConf
 
     from sftmix_ds.data import load_split
+    from sftmix_ds.methods.base import RunOptions
     from sftmix_ds.methods.ntp import NTP
     from sftmix_ds.methods.sftmix import SFTMix
     from sftmix_ds.models import load_tokenizer, prepare_model
@@ -65,9 +66,9 @@ def padding_share(method: str, layout: str, confidence: str, micro_batch: int, s
                                   "group_by_length": layout == "grouped"})
     pack_width = max_length if layout == "packed" else 0
     if method == "ntp":
-        m = NTP(pack_width=pack_width)
+        m = NTP(options=RunOptions(pack_width=pack_width))
     else:
-        m = SFTMix(pack_width=pack_width)
+        m = SFTMix(options=RunOptions(pack_width=pack_width))
         with open(confidence) as f:
             m.split = {r["id"]: r["split"] for r in map(json.loads, list(f)[1:])}
     batches = m.batches(examples, train_cfg, 1, 0)

@@ -113,7 +113,6 @@ def step_and_scoring(model_name: str, steps: int) -> dict:
     strategy = DeepSpeedStrategy(cfg.deepspeed, cfg.train)
     result = {}
     for method in (NTP(), SFTMix()):
-        method.seed = 0
         batch = method.collate(batch_examples, pad_id)
         counts = method.token_counts(batch)
         inputs = {k: v.to(strategy.comm.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}

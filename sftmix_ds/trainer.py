@@ -17,7 +17,6 @@ from collections import Counter
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 from tqdm import tqdm
 
@@ -29,6 +28,7 @@ from .engine import (PREFIX, Checkpointer, Collectives, DeepSpeedStrategy, LossM
                      complete_checkpoints, dist_env, read_complete, sample_ids)
 from .eval import eval_sets, evaluate_model
 from .inference import score, score_nll, scoring_plan
+from .methods.base import build_method
 from .models import load_tokenizer, prepare_model
 from .faults import maybe_die, maybe_poison
 from .resume import fit_layout, find_resume, finished, run_identity, same_run_problem
@@ -140,7 +140,7 @@ class Recipe:
 
     def _setup_data(self) -> None:
         """Model files, tokenizer, tokenized splits and the method's stage: all before any process group."""
-        cfg, t = self.cfg, self.t
+        cfg = self.cfg
         self.model_path = prepare_model(cfg.model, cfg.model_cache_dir)
         if cfg.peft.kind == "lora":
             check_lora_targets(self.model_path, cfg.peft)
@@ -150,8 +150,7 @@ class Recipe:
         self.eval_sets = {key: load_split(cfg.data, self.tokenizer, files) for key, files in named.items() if files}
         if cfg.eval is not None:
             eval_sets(cfg.eval)  # bad evaluation data fails now, not after training
-        self.method = instantiate(cfg.method, chunk_size=t.loss_chunk_size, loss_backend=t.loss_backend,
-                                  pack_width=cfg.data.max_length if t.packing else 0)
+        self.method = build_method(cfg)
         self.train_set = self.method.before_training(cfg, train_set, self.tokenizer)
         self.names = list(self.method.weights)
 

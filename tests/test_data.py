@@ -229,6 +229,7 @@ def test_packed_loss_and_gradients_equal_padded(attn):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from sftmix_ds.losses import Head
+    from sftmix_ds.methods.base import RunOptions
     from sftmix_ds.methods.ntp import NTP
 
     torch.manual_seed(0)
@@ -236,7 +237,7 @@ def test_packed_loss_and_gradients_equal_padded(attn):
                                          num_attention_heads=4, num_key_value_heads=2, attn_implementation=attn))
     examples = random_examples([5, 9, 3, 12, 7, 4]) + [None]
     results = []
-    for method in (NTP(), NTP(pack_width=16)):
+    for method in (NTP(), NTP(options=RunOptions(pack_width=16))):
         batch = method.collate(examples, pad_id=0)
         assert ("position_ids" in batch) == bool(method.pack_width)
         mask = None if "position_ids" in batch else batch["attention_mask"]
@@ -337,6 +338,7 @@ def test_packed_rows_reach_flash_attention_as_one_row(monkeypatch):
     from transformers import modeling_flash_attention_utils as fa_utils
 
     from sftmix_ds.engine.wrapper import LossModule
+    from sftmix_ds.methods.base import RunOptions
     from sftmix_ds.methods.ntp import NTP
 
     from .test_heads import NoZeRO
@@ -349,7 +351,8 @@ def test_packed_rows_reach_flash_attention_as_one_row(monkeypatch):
                                          num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa"))
     examples = random_examples([5, 9, 3, 12, 7, 4]) + [None]
     results = {}
-    for name, method, attn in (("padded", NTP(), "sdpa"), ("packed", NTP(pack_width=16), "flash_attention_2")):
+    packed_ntp = NTP(options=RunOptions(pack_width=16))
+    for name, method, attn in (("padded", NTP(), "sdpa"), ("packed", packed_ntp, "flash_attention_2")):
         model.config._attn_implementation = attn
         module = LossModule(model, method.loss_terms, NoZeRO())
         batch = method.collate(examples, pad_id=0)
@@ -357,7 +360,7 @@ def test_packed_rows_reach_flash_attention_as_one_row(monkeypatch):
         loss = module(**batch)["ntp"]
         loss.backward()
         results[name] = (loss.detach(), [p.grad.clone() for p in model.parameters()])
-    packed_batch = NTP(pack_width=16).collate(examples, pad_id=0)
+    packed_batch = NTP(options=RunOptions(pack_width=16)).collate(examples, pad_id=0)
     assert packed_batch["input_ids"].shape[0] == 3  # several packed rows: the case flash kernels get wrong
     (padded, g_padded), (packed, g_packed) = results["padded"], results["packed"]
     torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
@@ -365,5 +368,5 @@ def test_packed_rows_reach_flash_attention_as_one_row(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     hidden = model.get_decoder()(input_ids=packed_batch["input_ids"], position_ids=packed_batch["position_ids"],
                                  use_cache=False).last_hidden_state  # the rows as they are: examples attend across
-    mixed = NTP(pack_width=16).loss_terms(hidden, module.head(), packed_batch)["ntp"]
+    mixed = NTP(options=RunOptions(pack_width=16)).loss_terms(hidden, module.head(), packed_batch)["ntp"]
     assert abs(mixed.item() - padded.item()) > 1e-3

@@ -8,6 +8,7 @@ from sftmix_ds.config import ConfigError
 from sftmix_ds.engine.wrapper import LossModule, check_head
 from sftmix_ds.inference import example_nll
 from sftmix_ds.losses import fused_sftmix_loss, reference_sftmix_loss
+from sftmix_ds.methods.base import RunOptions
 from sftmix_ds.methods.ntp import NTP
 
 SMALL = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -60,7 +61,7 @@ def test_fused_ntp_loss_and_scoring_equal_cross_entropy_on_the_models_own_logits
     logits = model(input_ids=b["input_ids"]).logits
     per_token = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), b["labels"][:, 1:].reshape(-1),
                                 ignore_index=-100, reduction="none").view(2, -1)
-    module = LossModule(model, NTP(chunk_size=5).loss_terms, NoZeRO())
+    module = LossModule(model, NTP(options=RunOptions(chunk_size=5)).loss_terms, NoZeRO())
     check_head(module, b["input_ids"][:1], name)  # the contract is read correctly: accepted
     torch.testing.assert_close(module(**b)["ntp"], per_token.sum(), rtol=1e-10, atol=1e-10)
     scoring = LossModule(model, lambda h, head, bb: example_nll(h, head, bb, chunk_size=3), NoZeRO())(**b)

@@ -12,7 +12,8 @@ from sftmix_ds.data.batching import PairBatches
 from sftmix_ds.data.tokenize import Example
 from sftmix_ds.losses import Head
 from sftmix_ds.methods.ntp import response_rows
-from sftmix_ds.methods.sftmix import SFTMix
+from sftmix_ds.methods.base import RunOptions
+from sftmix_ds.methods.sftmix import SFTMix, SFTMixConfig
 from sftmix_ds.tracking import MEASURED
 
 from .helpers import ROOT, read_metrics, train_cli
@@ -70,8 +71,7 @@ def pair_examples(tokenizer):
 
 def test_alignment_pairs_nth_response_token_with_nth(tokenizer):
     exs = pair_examples(tokenizer)
-    method = SFTMix(chunk_size=4)
-    method.seed = 0
+    method = SFTMix(options=RunOptions(chunk_size=4))
     batch = method.collate(exs, tokenizer.pad_token_id, key=(0, 0))
     # Tag every position with (example, position) and flatten as the loss does.
     B, T = batch["input_ids"].shape
@@ -97,8 +97,7 @@ def test_sftmix_loss_equals_naive_mixup_on_a_model(smollm2_path, tokenizer):
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)).double()
     exs = pair_examples(tokenizer)
-    method = SFTMix(chunk_size=5, alpha=0.5)
-    method.seed = 3
+    method = SFTMix(SFTMixConfig(alpha=0.5), RunOptions(chunk_size=5, seed=3))
     batch = method.collate(exs, tokenizer.pad_token_id, key=(0, 0))
     hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     W = model.lm_head.weight
@@ -128,10 +127,10 @@ def test_sftmix_loss_equals_naive_mixup_on_a_model(smollm2_path, tokenizer):
 
 
 def test_lam_per_batch_and_per_pair():
-    m = SFTMix(lam_per="batch")
+    m = SFTMix(SFTMixConfig(lam_per="batch"))
     lam = m.draw_lam([("a", "b"), ("c", "d")], (0, 3))
     assert lam[0] == lam[1] and torch.equal(lam, m.draw_lam([("x", "y"), ("z", "w")], (0, 3)))
-    p = SFTMix(lam_per="pair", alpha=0.5)
+    p = SFTMix(SFTMixConfig(lam_per="pair", alpha=0.5))
     many = p.draw_lam([(str(i), str(i + 1)) for i in range(2000)], (0, 0))
     # U-shaped Beta(.5, .5): mean one half, much of the mass near 0 and 1
     assert 0.45 < many.mean().item() < 0.55 and ((many < 0.1) | (many > 0.9)).float().mean() > 0.3
@@ -256,7 +255,7 @@ def test_mu_zero_skips_the_mixup_computation(monkeypatch):
     head = Head(torch.randn(50, 8, generator=g, dtype=torch.float64))
     terms = {}
     for mu in (0.0, 0.2):
-        method = SFTMix(mu=mu)
+        method = SFTMix(SFTMixConfig(mu=mu))
         batch = method.collate(examples, 0, key=(0, 0))
         terms[mu] = method.loss_terms(hidden, head, batch)
     assert pairs_seen == [0]  # mu=0 went through the plain NTP loss; mu=0.2 did not call it
@@ -281,7 +280,7 @@ def test_packed_sftmix_step_equals_the_padded_step(attn):
         examples.append(Example(f"e{i}", ids, [-100] * n_prompt + ids[n_prompt:]))
     examples = examples[:3] + [None] + examples[3:] + [None]  # k = 4: 3 confident + an empty slot, 3 unconfident + one
     results = []
-    for method in (SFTMix(), SFTMix(pack_width=24)):
+    for method in (SFTMix(), SFTMix(options=RunOptions(pack_width=24))):
         batch = method.collate(examples, pad_id=0, key=(0, 1))
         assert ("position_ids" in batch) == bool(method.pack_width)
         mask = None if "position_ids" in batch else batch["attention_mask"]

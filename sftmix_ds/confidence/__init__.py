@@ -1,3 +1,4 @@
 from .split import (CONFIDENT, UNCONFIDENT, ConfidenceFileError, confidence_records, read_confidence_file,
                     write_confidence_file)
-from .stage import run_confidence_stage
+from .online import OnlineSplit
+from .stage import run_confidence_stage, stage_root

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+from typing import Optional
 
 from omegaconf import OmegaConf, open_dict
 
@@ -68,9 +69,9 @@ def reference_run_config(cfg, ref_model_cfg, out_dir: str):
     return ref
 
 
-def stage_root(cfg) -> str:
+def stage_root(stage_dir: Optional[str], output_dir: str) -> str:
     """Where stage-1 outputs go: method.stage_dir, or OUTPUT_DIR/confidence."""
-    return cfg.method.stage_dir or os.path.join(cfg.output_dir, "confidence")
+    return stage_dir or os.path.join(output_dir, "confidence")
 
 
 def _step_of(path: str) -> int:
@@ -94,7 +95,7 @@ def run_confidence_stage(cfg) -> str:
     tokenizer, pad_id = load_tokenizer(ref_path)
     examples = load_split(cfg.data, tokenizer, cfg.data.train_files)
     fp = fingerprint(cfg, ref_model_cfg, examples, world_size)
-    stage_dir = os.path.join(stage_root(cfg), fp)
+    stage_dir = os.path.join(stage_root(cfg.method.stage_dir, cfg.output_dir), fp)
     out_path = os.path.join(stage_dir, CONFIDENCE_FILE)
     if os.path.exists(out_path):
         log.info("stage 1: reusing %s", out_path)
@@ -118,12 +119,12 @@ def run_confidence_stage(cfg) -> str:
         checkpoints = exports
 
     perplexities = [score_checkpoint(cfg, path, examples, pad_id, stage_dir) for path in checkpoints]
-    return publish_split(cfg, confidence_records(perplexities), stage_dir, fp, {"checkpoints": checkpoints})
+    return publish_split(confidence_records(perplexities), stage_dir, fp, {"checkpoints": checkpoints}, cfg)
 
 
-def publish_split(cfg, records, stage_dir: str, fp: str, extra: dict, wandb_stage_run: bool = True) -> str:
+def publish_split(records, stage_dir: str, fp: str, extra: dict, cfg=None) -> str:
     """confidence.jsonl, its histogram and summary.json in stage_dir (rank 0), and the log line;
-    with wandb_stage_run, the summary as a wandb run of its own (not from inside a training run)."""
+    given the run's cfg, the summary as a wandb run of its own (not from inside a training run)."""
     out_path = os.path.join(stage_dir, CONFIDENCE_FILE)
     summary = summarize(records)
     if dist_env()[0] == 0:
@@ -131,7 +132,7 @@ def publish_split(cfg, records, stage_dir: str, fp: str, extra: dict, wandb_stag
         write_confidence_file(out_path, records, fp)
         plot_confidence(records, os.path.join(stage_dir, "confidence.png"))
         write_json_atomic(os.path.join(stage_dir, "summary.json"), {**summary, **extra}, indent=1)
-        if wandb_stage_run:
+        if cfg is not None:
             log_stage_summary(cfg, "confidence", summary, stage_dir, os.path.join(stage_dir, "confidence.png"))
     log.info("stage 1: %s -> %s", summary, out_path)
     barrier_if_initialized()
@@ -144,9 +145,9 @@ def random_confidence_file(cfg) -> str:
     tokenizer, _ = load_tokenizer(prepare_model(cfg.model, cfg.model_cache_dir))
     ids = [e.id for e in load_split(cfg.data, tokenizer, cfg.data.train_files)]
     fp = hashlib.sha256(json.dumps([cfg.train.seed, sorted(ids)]).encode()).hexdigest()[:16]
-    stage_dir = os.path.join(stage_root(cfg), f"random-{fp}")
-    return publish_split(cfg, random_split_records(ids, cfg.train.seed), stage_dir, fp,
-                         {"source": "random", "seed": cfg.train.seed})
+    stage_dir = os.path.join(stage_root(cfg.method.stage_dir, cfg.output_dir), f"random-{fp}")
+    return publish_split(random_split_records(ids, cfg.train.seed), stage_dir, fp,
+                         {"source": "random", "seed": cfg.train.seed}, cfg)
 
 
 def score_checkpoint(cfg, model_path: str, examples, pad_id: int, stage_dir: str) -> dict:

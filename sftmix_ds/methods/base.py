@@ -1,14 +1,15 @@
 """The contract between the training recipe and a method.
 
 A method is one module in this package plus one `conf/method/NAME.yaml`: the
-module defines a config schema (a MethodConfig subclass; Hydra checks the yaml
-against it, registered as NAME_schema) and a Method subclass that the yaml's
-`_target_` names. The recipe (sftmix_ds/trainer.py) relies on nothing else.
+module defines a config schema (a MethodConfig subclass, where its defaults live;
+Hydra checks the yaml against it, registered as NAME_schema) and a Method subclass
+that the yaml's `_target_` names, built from that config object and the run's
+options (build_method). The recipe (sftmix_ds/trainer.py) relies on nothing else.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 from omegaconf import MISSING
@@ -21,6 +22,29 @@ from ..losses import Head
 class MethodConfig:
     name: str = MISSING
     _target_: str = MISSING
+
+
+@dataclass
+class RunOptions:
+    """What a method takes from the rest of the run's config."""
+    chunk_size: int = 0  # the fused loss's rows per chunk (train.loss_chunk_size; 0: automatic)
+    loss_backend: str = "auto"  # train.loss_backend
+    pack_width: int = 0  # pack rows of this many tokens (data.max_length with train.packing; 0: pad)
+    seed: int = 0  # train.seed
+    output_dir: str = "."  # where the run's outputs go
+
+    @classmethod
+    def of(cls, cfg) -> "RunOptions":
+        t = cfg.train
+        return cls(chunk_size=t.loss_chunk_size, loss_backend=t.loss_backend,
+                   pack_width=cfg.data.max_length if t.packing else 0, seed=t.seed, output_dir=cfg.output_dir)
+
+
+def build_method(cfg) -> "Method":
+    """The run's method, from its typed config (cfg.method) and the run's options."""
+    from ..config import method_class
+
+    return method_class(cfg.method)(cfg.method, RunOptions.of(cfg))
 
 
 class Method:
@@ -41,12 +65,16 @@ class Method:
     """
 
     weights: Dict[str, float] = {}
+    config_class = MethodConfig
 
-    def __init__(self, name: str, chunk_size: int = 0, loss_backend: str = "auto", pack_width: int = 0,
-                 **_stage_options):
-        """chunk_size, loss_backend: the fused loss's; pack_width: pack rows of this many tokens (0: pad)."""
-        self.name = name
-        self.chunk_size, self.loss_backend, self.pack_width = chunk_size, loss_backend, pack_width
+    def __init__(self, config: Optional[MethodConfig] = None, options: Optional[RunOptions] = None):
+        """config: this method's config (its MethodConfig subclass; default: its defaults)."""
+        self.config = config if config is not None else self.config_class()
+        self.options = options or RunOptions()
+        self.name = self.config.name
+        self.chunk_size = self.options.chunk_size
+        self.loss_backend = self.options.loss_backend
+        self.pack_width = self.options.pack_width
 
     @staticmethod
     def check_config(cfg) -> None:

@@ -31,9 +31,7 @@ def lengths_if_grouped(train_set, train_cfg):
 
 class NTP(Method):
     weights = {"ntp": 1.0}
-
-    def __init__(self, name: str = "ntp", **options):
-        super().__init__(name, **options)
+    config_class = NTPConfig
 
     def batches(self, train_set, train_cfg, world_size: int, rank: int) -> Batches:
         return Batches(len(train_set), train_cfg.micro_batch_size, train_cfg.grad_accum, world_size, rank,

@@ -45,6 +45,8 @@ class S3FTConfig(MethodConfig):
 
 
 class S3FT(NTP):
+    config_class = S3FTConfig
+
     @staticmethod
     def check_config(cfg) -> None:
         m = cfg.method

@@ -9,8 +9,6 @@ Both normalisers are global token counts (all ranks, whole accumulation window).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import zlib
@@ -22,12 +20,10 @@ import torch
 
 from ..common import evenly_spaced
 from ..config import ConfigError, model_config_path, one_of, positive
-from ..confidence import CONFIDENT, confidence_records, read_confidence_file, run_confidence_stage
-from ..confidence.split import summarize
-from ..confidence.stage import CONFIDENCE_FILE, publish_split, stage_root
+from ..confidence import CONFIDENT, OnlineSplit, read_confidence_file, run_confidence_stage, stage_root
 from ..data.batching import PairBatches, Phases, aligned_pairs, collate, pack
 from ..losses import Head, fused_sftmix_loss
-from .base import MethodConfig
+from .base import MethodConfig, RunOptions
 from .ntp import NTP, lengths_if_grouped, response_rows
 
 log = logging.getLogger(__name__)
@@ -59,18 +55,17 @@ class SFTMixConfig(MethodConfig):
 
 
 class SFTMix(NTP):
-    def __init__(self, name: str = "sftmix", mu: float = 0.2, alpha: float = 0.5, lam_per: str = "pair",
-                 confidence_source: str = "reference", checkpoints: int = 4, warmup_epochs: int = 1,
-                 score_batch_size: int = 8, **options):
-        super().__init__(name, **options)
-        self.weights = {"ntp": 1.0, "mix": mu}
-        self.alpha, self.lam_per = alpha, lam_per
-        self.online = confidence_source == "online"
-        self.checkpoints, self.warmup_epochs, self.score_batch_size = checkpoints, warmup_epochs, score_batch_size
+    config_class = SFTMixConfig
+
+    def __init__(self, config: Optional[SFTMixConfig] = None, options: Optional[RunOptions] = None):
+        super().__init__(config, options)
+        c = self.config
+        self.weights = {"ntp": 1.0, "mix": c.mu}
         self.split = None  # id -> confident | unconfident
-        self.seed = 0
-        self.scores = {}  # online: step -> {id: perplexity} at each scoring point reached
-        self.score_steps = []
+        self.online = None
+        if c.confidence_source == "online":  # the split comes from this run's own warm-up epochs
+            self.online = OnlineSplit(os.path.join(stage_root(c.stage_dir, self.options.output_dir), "online"),
+                                      self.options.seed)
 
     @staticmethod
     def check_config(cfg) -> None:
@@ -105,9 +100,7 @@ class SFTMix(NTP):
             raise ConfigError(f"method.reference_model={m.reference_model!r}: no conf/model/{m.reference_model}.yaml")
 
     def before_training(self, cfg, train_set, tokenizer):
-        self.seed, self.cfg = cfg.train.seed, cfg
-        if self.online:  # the split comes from this run's own warm-up epochs (after_step)
-            self.ids = [e.id for e in train_set]
+        if self.online:
             return train_set
         path = run_confidence_stage(cfg)
         records = read_confidence_file(path, expected_ids=[e.id for e in train_set])
@@ -117,27 +110,33 @@ class SFTMix(NTP):
     def identity(self) -> dict:
         return {"split": "online" if self.online else sorted(self.split.items())}
 
+    @property
+    def _split(self) -> dict:
+        return self.online.split if self.online else self.split
+
     def batches(self, train_set, train_cfg, world_size: int, rank: int):
         if not self.online:
             return self._pair_batches(train_set, train_cfg, world_size, rank)
         half = len(train_set) // 2  # the median split's sizes, known before the split is
         planned = PairBatches(range(half), range(half, len(train_set)), train_cfg.micro_batch_size,
                               train_cfg.grad_accum, world_size, rank, train_cfg.seed).steps_per_epoch
-        phases = Phases(super().batches(train_set, train_cfg, world_size, rank), self.warmup_epochs,
+        c = self.config
+        phases = Phases(super().batches(train_set, train_cfg, world_size, rank), c.warmup_epochs,
                         lambda: self._pair_batches(train_set, train_cfg, world_size, rank), planned)
-        if self.checkpoints > phases.first_steps:
-            raise ConfigError(f"method.checkpoints={self.checkpoints}: the {self.warmup_epochs} warm-up epoch(s) "
+        if c.checkpoints > phases.first_steps:
+            raise ConfigError(f"method.checkpoints={c.checkpoints}: the {c.warmup_epochs} warm-up epoch(s) "
                               f"have only {phases.first_steps} optimizer steps to score at; use at most "
                               f"{phases.first_steps}, or a smaller train.micro_batch_size")
-        self.score_steps = evenly_spaced(phases.first_steps, self.checkpoints)
-        if 0 < train_cfg.max_steps < self.score_steps[-1]:
+        score_steps = evenly_spaced(phases.first_steps, c.checkpoints)
+        if 0 < train_cfg.max_steps < score_steps[-1]:
             raise ConfigError(f"train.max_steps={train_cfg.max_steps} ends before the online split is made at step "
-                              f"{self.score_steps[-1]} (the end of method.warmup_epochs={self.warmup_epochs})")
+                              f"{score_steps[-1]} (the end of method.warmup_epochs={c.warmup_epochs})")
+        self.online.plan([e.id for e in train_set], score_steps)
         return phases
 
     def _pair_batches(self, train_set, train_cfg, world_size: int, rank: int) -> PairBatches:
-        confident = [i for i, e in enumerate(train_set) if self.split[e.id] == CONFIDENT]
-        unconfident = [i for i, e in enumerate(train_set) if self.split[e.id] != CONFIDENT]
+        confident = [i for i, e in enumerate(train_set) if self._split[e.id] == CONFIDENT]
+        unconfident = [i for i, e in enumerate(train_set) if self._split[e.id] != CONFIDENT]
         batches = PairBatches(confident, unconfident, train_cfg.micro_batch_size, train_cfg.grad_accum, world_size,
                               rank, train_cfg.seed, lengths=lengths_if_grouped(train_set, train_cfg))
         if batches.leftovers:
@@ -148,49 +147,31 @@ class SFTMix(NTP):
     # -- online confidence: scoring points during the warm-up epochs, the split in the checkpoint --
 
     def after_step(self, step: int, score) -> dict:
-        if step not in self.score_steps or step in self.scores:
+        if not (self.online and self.online.due(step)):
             return {}
-        self.scores[step] = score(self.score_batch_size)
-        if len(self.scores) < len(self.score_steps):
-            return {}
-        summary = self._make_split(publish=True)
-        return {f"confidence/{k}": v for k, v in summary.items()}
+        return self.online.add(step, score(self.config.score_batch_size))
 
     def state(self) -> dict:
-        return {"online_scores": self.scores} if self.online else {}
+        return self.online.state() if self.online else {}
 
     def load_state(self, state: dict) -> None:
         if self.online:
-            self.scores = dict(state.get("online_scores", {}))
-            if len(self.scores) == len(self.score_steps):
-                self._make_split(publish=not os.path.exists(os.path.join(self._stage_dir(), CONFIDENCE_FILE)))
-
-    def _stage_dir(self) -> str:
-        return os.path.join(stage_root(self.cfg), "online")
-
-    def _make_split(self, publish: bool) -> dict:
-        """The median split of -mean perplexity over the scoring points, as stage 1 makes it."""
-        records = confidence_records([self.scores[s] for s in self.score_steps])
-        self.split = {r["id"]: r["split"] for r in records}
-        if publish:
-            fp = hashlib.sha256(json.dumps([self.seed, self.ids, self.score_steps]).encode()).hexdigest()[:16]
-            publish_split(self.cfg, records, self._stage_dir(), fp,
-                          {"source": "online", "scored_at_steps": self.score_steps}, wandb_stage_run=False)
-        return summarize(records)
+            self.online.load_state(state)
 
     def paired(self, epoch: int) -> bool:
-        return not self.online or epoch >= self.warmup_epochs
+        return not self.online or epoch >= self.config.warmup_epochs
 
     def draw_lam(self, pairs: list, key: tuple) -> torch.Tensor:
         """lam ~ Beta(alpha, alpha) for each (id_a, id_b) pair, from a generator keyed by the
         seed, the epoch and the pair's ids (or the step, for lam_per=batch): the same
         whatever the micro-batch size, accumulation or rank count, and exact on resume."""
         epoch, step = key
-        if self.lam_per == "batch":
-            lam = np.random.default_rng([self.seed, epoch, step]).beta(self.alpha, self.alpha)
+        seed, alpha = self.options.seed, self.config.alpha
+        if self.config.lam_per == "batch":
+            lam = np.random.default_rng([seed, epoch, step]).beta(alpha, alpha)
             return torch.full((len(pairs),), float(lam))
-        return torch.tensor([np.random.default_rng([self.seed, epoch, zlib.crc32(a.encode()), zlib.crc32(b.encode())])
-                             .beta(self.alpha, self.alpha) for a, b in pairs], dtype=torch.float32)
+        return torch.tensor([np.random.default_rng([seed, epoch, zlib.crc32(a.encode()), zlib.crc32(b.encode())])
+                             .beta(alpha, alpha) for a, b in pairs], dtype=torch.float32)
 
     def collate(self, examples, pad_id: int, key: tuple = (0, 0)) -> dict:
         if not self.paired(key[0]):  # online warm-up: plain NTP batches
