@@ -2,10 +2,15 @@
 
 after_step and in_save (checkpoint files written, not yet marked complete) make that
 rank die by SIGKILL (no clean-up, as under the OOM killer or a node failure);
-nan_loss makes its loss NaN; enospc fails its checkpoint write. Unset, this does nothing."""
+nan_loss makes its loss NaN; enospc fails its checkpoint write; slow_publish:RANK:0 delays that
+rank's write of a stage's published file by DELAY_S (so readers on other ranks come first).
+Unset, this does nothing."""
 import errno
 import os
 import signal
+import time
+
+DELAY_S = 5.0
 
 
 def _armed(point: str, rank: int, step: int) -> bool:
@@ -21,6 +26,11 @@ def _armed(point: str, rank: int, step: int) -> bool:
 def maybe_die(point: str, rank: int, step: int) -> None:
     if _armed(point, rank, step):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def maybe_delay(point: str, rank: int, step: int) -> None:
+    if _armed(point, rank, step):
+        time.sleep(DELAY_S)
 
 
 def maybe_disk_full(rank: int, step: int) -> None:

@@ -271,6 +271,17 @@ def test_random_confidence_source_trains_and_writes_the_stage_files(tmp_path):
         assert json.load(f)["source"] == "random"
 
 
+@pytest.mark.e2e
+def test_the_random_source_on_two_ranks_waits_for_rank_0s_split(tmp_path):
+    """The random split is published by rank 0 before any process group exists, where a barrier
+    does nothing: the other rank waits for the file, here with rank 0's write delayed by 5 s."""
+    launch_cli("train.py", ["model=tiny", "method.confidence_source=random", "train.max_steps=1",
+                            "train.micro_batch_size=2", "train.eval_every=0", "train.export_final=false",
+                            f"output_dir={tmp_path}"], nproc=2, env={"SFTMIX_FAULT": "slow_publish:0:0"})
+    records = _confidence(str(tmp_path))
+    assert len(records) == 128 and sum(r["split"] == CONFIDENT for r in records.values()) == 64
+
+
 # --- confidence_source=online: the run's own warm-up epochs, scored in place ---------------------------
 
 ONLINE = ["model=tiny", "data=jsonl", "train.epochs=2", "train.lr=1e-3", "train.adam_eps=1e-4",

@@ -22,7 +22,8 @@ from omegaconf import OmegaConf, open_dict
 
 from ..config import ConfigError, load_model_config, resolve_precision
 from ..data import load_split
-from ..engine import Collectives, barrier_if_initialized, dist_env
+from ..engine import Collectives, after_rank0_wrote, dist_env
+from ..faults import maybe_delay
 from ..models import load_tokenizer, prepare_model
 from ..common import write_json_atomic
 from ..identity import examples_hash, without_speed_switches
@@ -128,6 +129,7 @@ def publish_split(records, stage_dir: str, fp: str, extra: dict, cfg=None) -> st
     out_path = os.path.join(stage_dir, CONFIDENCE_FILE)
     summary = summarize(records)
     if dist_env()[0] == 0:
+        maybe_delay("slow_publish", 0, 0)
         os.makedirs(stage_dir, exist_ok=True)
         write_confidence_file(out_path, records, fp)
         plot_confidence(records, os.path.join(stage_dir, "confidence.png"))
@@ -135,7 +137,7 @@ def publish_split(records, stage_dir: str, fp: str, extra: dict, cfg=None) -> st
         if cfg is not None:
             log_stage_summary(cfg, "confidence", summary, stage_dir, os.path.join(stage_dir, "confidence.png"))
     log.info("stage 1: %s -> %s", summary, out_path)
-    barrier_if_initialized()
+    after_rank0_wrote(out_path)
     return out_path
 
 

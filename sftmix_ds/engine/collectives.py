@@ -64,9 +64,19 @@ class Collectives:
         dist.barrier()
 
 
-def barrier_if_initialized() -> None:
+def after_rank0_wrote(path: str, timeout_s: float = 600.0) -> None:
+    """Return on every rank once rank 0 has written `path` (whole: written by rename): a barrier in
+    the process group, and before there is one (a stage run before any engine starts, where a
+    barrier would be a no-op) a bounded wait for the file to appear."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+        return
+    rank, _, world_size = dist_env()
+    deadline = time.monotonic() + timeout_s
+    while rank != 0 and world_size > 1 and not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise UserError(f"{path}: rank 0 has not written it after {timeout_s:.0f} s; its log says why")
+        time.sleep(0.2)
 
 
 def dist_env() -> tuple[int, int, int]:
