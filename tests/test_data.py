@@ -239,7 +239,7 @@ def test_packed_loss_and_gradients_equal_padded(attn):
     results = []
     for method in (NTP(), NTP(options=RunOptions(pack_width=16))):
         batch = method.collate(examples, pad_id=0)
-        assert ("position_ids" in batch) == bool(method.pack_width)
+        assert ("position_ids" in batch) == bool(method.options.pack_width)
         mask = None if "position_ids" in batch else batch["attention_mask"]
         hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=mask,
                                      position_ids=batch.get("position_ids"), use_cache=False).last_hidden_state

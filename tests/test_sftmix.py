@@ -282,7 +282,7 @@ def test_packed_sftmix_step_equals_the_padded_step(attn):
     results = []
     for method in (SFTMix(), SFTMix(options=RunOptions(pack_width=24))):
         batch = method.collate(examples, pad_id=0, key=(0, 1))
-        assert ("position_ids" in batch) == bool(method.pack_width)
+        assert ("position_ids" in batch) == bool(method.options.pack_width)
         mask = None if "position_ids" in batch else batch["attention_mask"]
         hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=mask,
                                      position_ids=batch.get("position_ids"), use_cache=False).last_hidden_state

@@ -73,8 +73,7 @@ class Checkpointer:
         self.strategy = strategy
         self.comm = strategy.comm
 
-    def save(self, ckpt_root: str, step: int, client_state: dict, keep: int,
-                        meta: Optional[dict] = None) -> str:
+    def save(self, ckpt_root: str, step: int, client_state: dict, keep: int, meta: Optional[dict] = None) -> str:
         """Every rank writes its part; then complete.json, with the manifest (sizes, checksums)
         and `meta`, marks the folder usable. Collective."""
         tag = f"step_{step}"

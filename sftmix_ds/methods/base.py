@@ -72,9 +72,6 @@ class Method:
         self.config = config if config is not None else self.config_class()
         self.options = options or RunOptions()
         self.name = self.config.name
-        self.chunk_size = self.options.chunk_size
-        self.loss_backend = self.options.loss_backend
-        self.pack_width = self.options.pack_width
 
     @staticmethod
     def check_config(cfg) -> None:

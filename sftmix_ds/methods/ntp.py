@@ -38,7 +38,8 @@ class NTP(Method):
                        train_cfg.seed, lengths=lengths_if_grouped(train_set, train_cfg))
 
     def collate(self, examples, pad_id: int, key: tuple = (0, 0)) -> dict:
-        return pack(examples, pad_id, self.pack_width) if self.pack_width else collate(examples, pad_id)
+        width = self.options.pack_width
+        return pack(examples, pad_id, width) if width else collate(examples, pad_id)
 
     def token_counts(self, batch: dict) -> dict:
         return {"ntp": response_tokens(batch["labels"])}
@@ -46,6 +47,7 @@ class NTP(Method):
     def loss_terms(self, hidden: torch.Tensor, head: Head, batch: dict) -> dict:
         rows, targets = response_rows(hidden, batch["labels"])
         empty = torch.zeros(0, dtype=torch.long, device=rows.device)
-        ntp_sum, _ = fused_sftmix_loss(rows, head.weight, targets, empty, empty, empty.to(rows.dtype), self.chunk_size,
-                                       self.loss_backend, head.bias, head.scale, head.softcap)
+        ntp_sum, _ = fused_sftmix_loss(rows, head.weight, targets, empty, empty, empty.to(rows.dtype),
+                                       self.options.chunk_size, self.options.loss_backend, head.bias, head.scale,
+                                       head.softcap)
         return {"ntp": ntp_sum}

@@ -176,7 +176,8 @@ class SFTMix(NTP):
     def collate(self, examples, pad_id: int, key: tuple = (0, 0)) -> dict:
         if not self.paired(key[0]):  # online warm-up: plain NTP batches
             return super().collate(examples, pad_id, key)
-        batch = pack(examples, pad_id, self.pack_width) if self.pack_width else collate(examples, pad_id)
+        width = self.options.pack_width
+        batch = pack(examples, pad_id, width) if width else collate(examples, pad_id)
         k = len(examples) // 2
         pair_a, pair_b, pair_of_row = aligned_pairs(batch["labels"], k, batch.pop("placements", None))
         ids = [(e.id if e is not None else "") for e in examples]
@@ -198,7 +199,7 @@ class SFTMix(NTP):
             return {**super().loss_terms(hidden, head, batch), "mix": hidden.new_zeros((), dtype=torch.float32)}
         rows, targets = response_rows(hidden, batch["labels"])
         ntp_sum, mix_sum = fused_sftmix_loss(rows, head.weight, targets, batch["pair_a"], batch["pair_b"],
-                                             batch["lam"].float(), self.chunk_size, self.loss_backend,
+                                             batch["lam"].float(), self.options.chunk_size, self.options.loss_backend,
                                              head.bias, head.scale, head.softcap)
         return {"ntp": ntp_sum, "mix": mix_sum}
 
