@@ -5,7 +5,7 @@ import pytest
 
 from sftmix_ds.data.formats import Conversation
 from sftmix_ds.eval import accuracy, markdown_table
-from sftmix_ds.inference.judges import contains, numeric
+from sftmix_ds.inference.judges import numeric
 
 from .helpers import launch_cli
 
@@ -25,9 +25,7 @@ def test_accuracy_on_a_scripted_model_with_known_answers():
     assert [e["answer"] for e in result["examples"]] == list(scripted.values())
 
 
-def test_contains_judge_for_open_answers():
-    assert contains({"answer": "New Delhi"}, "The capital of India is New Delhi.")
-    assert not contains({"answer": "Rome"}, "The capital is Romeo")
+
 
 
 @pytest.mark.e2e

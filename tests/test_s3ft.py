@@ -1,11 +1,11 @@
-"""S3FT: the sandbox, the judges, the leak filter, and the target build end to end."""
+"""S3FT: the sandbox, the leak filter, and the target build end to end (the judges: tests/test_judges.py)."""
 import json
 import os
 
 import pytest
 
-from sftmix_ds.inference import LLMJudge, resolve_judge, run_python
-from sftmix_ds.inference.judges import exact, numeric, parse_verdict, python_tests
+from sftmix_ds.inference import resolve_judge, run_python
+from sftmix_ds.inference.judges import numeric
 from sftmix_ds.s3ft import leaks_prompt, read_done
 
 from .helpers import ROOT, launch_cli, train_cli
@@ -35,48 +35,19 @@ def test_sandbox_environment_is_empty(monkeypatch):
     assert run_python(program).passed
 
 
-def humaneval(n):
-    with open(os.path.join(ROOT, "sftmix_ds", "builtin_data", "humaneval.jsonl")) as f:
-        return [json.loads(line) for line in f][:n]
 
 
-def test_python_tests_judge_on_humaneval():
-    problems = humaneval(4)
-    assert all(python_tests(p, p["completion"]) for p in problems)  # gold solutions pass
-    body_only = problems[0]["completion"].split('"""\n', 2)[-1].replace("```", "")
-    assert python_tests(problems[0], body_only)  # a bare body gets the stub prepended
-    wrong = f"```python\ndef {problems[0]['entry_point']}(*args):\n    return None\n```"
-    assert not python_tests(problems[0], wrong)
-    assert not python_tests(problems[0], "```python\nwhile True: pass\n```", timeout_s=2)
 
 
-@pytest.mark.parametrize("gold,candidate,expected", [
-    ("1234", "First 1000 + 234.\nThe answer is 1,234.", True), ("-4", "so x = -4", True),
-    ("0.5", "The answer is 0.50", True), ("12", "The answer is 13.", False), ("7", "no idea", False),
-    ("40", "She pays $40 in total.", True), ("1500", "It weighs 1,500 kg", True), ("3", "3 apples and 2 pears", False),
-    ("-12", "The temperature drops to -12 degrees.", True)])
-def test_numeric_judge(gold, candidate, expected):
-    assert numeric({"answer": gold}, candidate) is expected
 
 
-def test_exact_judge_normalises():
-    assert exact({"answer": "New Delhi"}, "Let me think.\nnew delhi.")
-    assert exact({"answer": "The Hague"}, "hague")
-    assert not exact({"answer": "Paris"}, "Lyon")
 
 
-def test_llm_judge_parses_a_verdict_and_counts_anything_else_as_no():
-    prompts_seen = []
 
-    def scripted(prompts):
-        prompts_seen.extend(prompts)
-        return ["Reasoning...\nVERDICT: yes", "VERDICT: NO", "I think it is right", "verdict: Yes."]
 
-    verdicts = LLMJudge(scripted).judge_many([("q1", "g1", "c1"), ("q2", "g2", "c2"), ("q3", "g3", "c3"),
-                                               ("q4", "g4", "c4")])
-    assert verdicts == [True, False, False, True]
-    assert "q2" in prompts_seen[1] and "g2" in prompts_seen[1] and "c2" in prompts_seen[1]
-    assert not parse_verdict("") and parse_verdict("VERDICT: no ... VERDICT: yes")
+
+
+
 
 
 def test_leak_filter_and_judge_resolution():

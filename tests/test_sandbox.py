@@ -263,20 +263,7 @@ def test_a_sandbox_that_cannot_start_is_an_error_not_a_verdict(problem, monkeypa
         sandbox.run_python("print(1)")
 
 
-@pytest.mark.parametrize("gold,candidate,expected", [
-    ("1634852831975", "The total is 1634851831975.", False),  # a relative tolerance of 1e-6 accepted these
-    ("10861852", "so 10861860", False),
-    ("12", "1,2", False),  # "1,2" is not twelve
-    ("2", "pick 1,2", True),
-    ("1234567", "It is 1,234,567.", True),
-    ("1234", "1,23,4", False),
-    ("0.5", "0.50", True), ("7", "7.0", True), ("0.1", "0.1000001", False),
-    (0.3333333333, "about 0.33333333", True),  # the gold is a float value: relative 1e-6
-    ("1.5e-3", "0.0015000001", True), ("1.5e-3", "0.0016", False)])
-def test_numeric_judge_is_exact_except_for_float_golds(gold, candidate, expected):
-    from sftmix_ds.inference.judges import numeric
 
-    assert numeric({"answer": gold}, candidate) is expected
 
 
 def test_no_sandbox_refuses_code_unless_allowed(problem, monkeypatch):
