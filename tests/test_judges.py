@@ -40,10 +40,41 @@ def test_numeric_judge_is_exact_except_for_float_golds(gold, candidate, expected
     assert numeric({"answer": gold}, candidate) is expected
 
 
+@pytest.mark.parametrize("gold,candidate,expected", [
+    # the reproductions, and what the same rule says about their neighbours
+    ("3/4", "4", False), ("3/4", "The answer is 3/4.", True), ("3/4", "so 0.75", True), ("-1/2", "-0.5", True),
+    ("2:30", "30", False), ("2:30", "It ends at 2:30 pm.", True), ("1:05:09", "1:05:09", True),
+    ("2:30", "2.5", False),
+    ("-25", "\u221225", True), ("-25", "the answer is \uff0d25", True), ("25", "\u221225", False),
+    ("5", "1e999999999", False), ("5", "1e-999999999", False), (2.5, "1e400", False), (2.5, "2.5", True),
+    ("7", "7/0", False)])
+def test_numeric_judge_reads_fractions_times_and_minus_signs_and_rejects_what_it_cannot_read(gold, candidate,
+                                                                                             expected):
+    assert numeric({"answer": gold}, candidate) is expected
+
+
 def test_exact_judge_normalises():
     assert exact({"answer": "New Delhi"}, "Let me think.\nnew delhi.")
     assert exact({"answer": "The Hague"}, "hague")
     assert not exact({"answer": "Paris"}, "Lyon")
+
+
+@pytest.mark.parametrize("gold,candidate,expected", [
+    ("-25", "25", False), ("-25", "-25", True), ("-25", "Thinking.\n\u221225.", True),
+    ("3.5", "3-5", False), ("3.5", "3.5", True), ("1/2", "1 2", False), ("1/2", "1/2", True),
+    ("2:30", "2 30", False), ("New Delhi", "NEW DELHI!", True), ("well-known", "well known", True)])
+def test_exact_judge_keeps_signs_and_separators_of_numbers(gold, candidate, expected):
+    assert exact({"answer": gold}, candidate) is expected
+
+
+@pytest.mark.parametrize("gold,candidate,expected", [
+    ("Paris", "It is not Paris, it is Lyon.", False), ("Paris", "The capital isn't Paris.", False),
+    ("Paris", "No, Paris.", False), ("Paris", "It can't be Paris.", False),
+    ("Paris", "Paris.", True), ("Paris", "The capital of France is Paris.", True),
+    ("Paris", "Not Lyon: the capital is Paris.", True),  # the negation is not next to the answer
+    ("New Delhi", "Definitely New Delhi", True)])
+def test_contains_judge_rejects_a_negated_answer(gold, candidate, expected):
+    assert contains({"answer": gold}, candidate) is expected
 
 
 def test_contains_judge_for_open_answers():

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import functools
 import importlib
-import math
 import re
 from decimal import Decimal
 from fractions import Fraction
-from typing import Callable, Optional
+from typing import Callable
 
 from .sandbox import isolation, run_tests
 
@@ -31,49 +30,90 @@ Candidate answer:
 Does the candidate answer reach the same final answer as the gold answer? \
 Reply with one line: VERDICT: yes or VERDICT: no."""
 
+# Minus signs people (and models) write: U+2212 and the full-width hyphen-minus mean "-".
+MINUS = str.maketrans({"\u2212": "-", "\uff0d": "-"})
 # A number as people write it: thousands separators only in whole groups of three (1,234,567),
-# an optional decimal part, an optional exponent; "1,2" is two numbers, not 12.
-NUMBER = re.compile(r"(?<![\d.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?(?![\d,]*\d)|-?\.\d+")
-FLOAT_REL_TOL = 1e-6
+# an optional decimal part, an optional exponent; "1,2" is two numbers, not 12. Before it, a
+# fraction (3/4) and a time of day or duration (2:30, 1:05:09), which are one value each.
+NUMBER = re.compile(r"(?P<time>(?<![\d.:/])\d{1,2}(?::\d{2}){1,2}(?![\d:]))"
+                    r"|(?P<fraction>(?<![\d.:/])-?\d+/\d+(?![\d/]|\.\d))"
+                    r"|(?P<decimal>(?<![\d.:/])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?(?![\d,]*\d)"
+                    r"|-?\.\d+)")
+MAX_EXPONENT = 400  # beyond any float: a number written with a larger exponent is not read (no huge integers)
+FLOAT_REL_TOL = Fraction(1, 10**6)
+FLOAT_ABS_TOL = Fraction(1, 10**12)
 
 
-def last_number(text: str) -> Optional[Fraction]:
-    """The final number in a text ("... The answer is 1,234." -> 1234), exactly, or None."""
-    found = NUMBER.findall(text or "")
-    return Fraction(Decimal(found[-1].replace(",", ""))) if found else None
+def last_number(text: str):
+    """The final number in a text ("... The answer is 1,234." -> 1234), exactly: a Fraction, or
+    ("time", (h, m[, s])) for a time; None when there is none or it cannot be read."""
+    matches = list(NUMBER.finditer((text or "").translate(MINUS)))
+    if not matches:
+        return None
+    m = matches[-1]
+    if m["time"]:
+        return "time", tuple(int(part) for part in m["time"].split(":"))
+    if m["fraction"]:
+        numerator, denominator = m["fraction"].split("/")
+        return Fraction(int(numerator), int(denominator)) if int(denominator) else None
+    written = Decimal(m["decimal"].replace(",", ""))
+    if abs(written.as_tuple().exponent) > MAX_EXPONENT:
+        return None
+    return Fraction(written)
 
 
 def numeric(record: dict, candidate: str, field: str = "answer") -> bool:
     """The candidate's last number equals the gold's: exactly (as written decimals: 0.5 = 0.50,
-    1,234 = 1234), except where the gold is a float value (a JSON number with a fraction or an
-    exponent, or text in scientific notation), which is matched within a relative 1e-6."""
+    1,234 = 1234; a fraction gold 3/4 by its value, so 0.75 too; a time gold 2:30 only as that
+    time), except where the gold is a float value (a JSON number with a fraction or an exponent,
+    or text in scientific notation), which is matched within a relative 1e-6. A number the judge
+    cannot read (an exponent beyond 400, a zero denominator) is a wrong answer."""
     gold_value = record[field]
     gold, got = last_number(str(gold_value)), last_number(candidate)
-    if gold is None or got is None:
+    if gold is None or got is None or isinstance(gold, tuple) != isinstance(got, tuple):
         return False
     inexact = isinstance(gold_value, float) or bool(re.search(r"\d[eE][-+]?\d", str(gold_value)))
-    if inexact:
-        return math.isclose(float(gold), float(got), rel_tol=FLOAT_REL_TOL, abs_tol=1e-12)
+    if inexact and not isinstance(gold, tuple):
+        return abs(gold - got) <= max(FLOAT_REL_TOL * max(abs(gold), abs(got)), FLOAT_ABS_TOL)
     return gold == got
 
 
+ARTICLES = {"the", "a", "an"}
+# A signed number with its inner separators (-25, 3.5, 1/2, 2:30, 1,234) is one token, so signs
+# and separators are compared; other text is compared word by word, case and punctuation aside.
+TOKEN = re.compile(r"(?<![\w.])-?\d+(?:[.,:/]\d+)*|[^\W_]+")
+
+
 def normalize(text: str) -> str:
-    text = re.sub(r"[^\w\s]", " ", (text or "").lower())
-    text = re.sub(r"\b(the|a|an)\b", " ", text)
-    return " ".join(text.split())
+    """Lower-cased tokens without articles: words, and numbers whole with their sign and separators."""
+    tokens = TOKEN.findall((text or "").translate(MINUS).lower())
+    return " ".join(t for t in tokens if t not in ARTICLES)
 
 
 def exact(record: dict, candidate: str, field: str = "answer") -> bool:
-    """Normalised match of the gold answer with the whole candidate or its final line."""
+    """Normalised match of the gold answer with the whole candidate or its final line
+    (normalize: case, punctuation and articles aside; numbers compared whole, sign included)."""
     gold = normalize(str(record[field]))
     lines = [line for line in (candidate or "").strip().splitlines() if line.strip()]
     return bool(gold) and (normalize(candidate) == gold or (bool(lines) and normalize(lines[-1]) == gold))
 
 
+# Words that, just before the gold answer, say it is not the answer ("it is not Paris").
+NEGATIONS = {"not", "no", "never", "nor", "neither", "isn", "wasn", "aren", "weren", "don", "doesn", "didn",
+             "cannot", "can", "won", "wouldn", "shouldn", "hardly"}
+NEGATION_WINDOW = 3  # tokens before the answer that are looked at
+
+
 def contains(record: dict, candidate: str, field: str = "answer") -> bool:
-    """The normalised gold answer appears in the normalised candidate (short open answers)."""
-    gold = normalize(str(record[field]))
-    return bool(gold) and f" {gold} " in f" {normalize(candidate)} "
+    """The normalised gold answer appears in the normalised candidate (short open answers), and no
+    appearance is negated by one of NEGATIONS in the NEGATION_WINDOW tokens before it: what the
+    judge cannot decide ("not Paris ... Paris") it rejects. ("can" counts for "can't", which the
+    normalisation splits.)"""
+    gold = normalize(str(record[field])).split()
+    words = normalize(candidate).split()
+    found = [i for i in range(len(words) - len(gold) + 1) if gold and words[i:i + len(gold)] == gold]
+    negated = any(NEGATIONS & set(words[max(0, i - NEGATION_WINDOW):i]) for i in found)
+    return bool(found) and not negated
 
 
 def extract_code(text: str) -> str:
