@@ -11,8 +11,8 @@ rewrites OUT/summary.md after every stage, so a session cut short keeps what it 
   1. environment: GPU, driver, versions;
   2. GPU tests: the loss tests (Triton kernels compiled on the GPU against the reference, the
      fp32 weight-gradient accumulation, CUDA chunk sizes);
-  3. kernel checks at Llama-3's head shape (M=16384 rows, V=128256): Triton and torch backends
-     against full logits, time and memory (benchmarks/sftmix.py --full);
+  3. kernel checks at SmolLM2's and Llama-3's head shapes (M=16384 rows, d=2048, V=49152 and
+     128256): Triton and torch backends against full logits, time and memory (benchmarks/sftmix.py --full);
   4. ntp and sftmix throughput and MFU on llama1b_random at 2,048 tokens against TRL's
      SFTTrainer, padded and padding-free (benchmarks/throughput.py). MFU counts 6 x (parameters
      - input embedding) + 6 x layers x hidden x sequence FLOPs per token against 989 TFLOP/s
@@ -39,7 +39,7 @@ STAGES = [  # (name, command, timeout s, result files it writes under the repo)
     ("nvidia-smi", ["nvidia-smi"], 30, []),
     ("gpu tests", [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_losses.py",
                    "tests/test_heads.py"], 150, []),
-    ("kernel checks (V=128256)", [PY, "benchmarks/sftmix.py", "--full", "--model", "tiny"], 150,
+    ("kernel checks (V=49152, 128256)", [PY, "benchmarks/sftmix.py", "--full", "--model", "tiny"], 150,
      ["benchmarks/results/sftmix_gpu.md"]),
     ("throughput llama1b_random", [PY, "benchmarks/throughput.py", "--models", "llama1b_random", "--seq", "2048",
                                    "--steps", "8", "--warmup", "2", "--micro-batch", "4"], 330,
