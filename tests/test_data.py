@@ -293,6 +293,29 @@ def test_cache_follows_content_not_size_and_mtime(tmp_path, tokenizer):
     assert tokenizer.decode(second[0].input_ids).count("2+3?") == 1
 
 
+def test_the_cache_follows_the_whole_tokenizer_not_only_its_vocabulary(tmp_path, tokenizer):
+    """Two tokenizers with one vocabulary that split text differently (here a lowercasing
+    normalizer) never share cached ids; the same tokenizer from another folder does."""
+    import copy
+
+    from tokenizers import normalizers
+
+    path = write_jsonl(tmp_path / "d.jsonl", [{"id": "x", "prompt": "Say HELLO", "completion": "HELLO World"}])
+    kw = dict(fmt="auto", max_length=64, overlong="truncate", system_prompt=None, cache_dir=str(tmp_path / "cache"))
+    first = load_examples([path], tokenizer, **kw)
+    lowercasing = copy.deepcopy(tokenizer)
+    lowercasing.backend_tokenizer.normalizer = normalizers.Lowercase()
+    assert lowercasing.get_vocab() == tokenizer.get_vocab()
+    second = load_examples([path], lowercasing, **kw)
+    assert second[0].input_ids != first[0].input_ids
+    assert second[0].input_ids == lowercasing.apply_chat_template(
+        [{"role": "user", "content": "Say HELLO"}, {"role": "assistant", "content": "HELLO World"}], tokenize=True,
+        return_dict=False)[:len(second[0].input_ids)]
+    assert len(os.listdir(tmp_path / "cache")) == 4  # a cache file each, and their locks
+    assert load_examples([path], copy.deepcopy(tokenizer), **kw)[0].input_ids == first[0].input_ids
+    assert len(os.listdir(tmp_path / "cache")) == 4
+
+
 def test_a_huge_field_is_cut_before_tokenizing_with_the_same_result(tmp_path, tokenizer):
     """The cut (max_length x the longest token's characters) cannot change the first max_length
     tokens: the capped tokenization equals the full one, truncated."""

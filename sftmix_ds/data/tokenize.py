@@ -83,10 +83,25 @@ def _fingerprint(paths: List[str], tokenizer, **settings) -> str:
                 h.update(f"{f}:{file_digest(f)}".encode())
         except OSError as e:
             raise DataError(f"{p}: cannot read ({e.strerror or e})") from None
-    h.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
+    h.update(tokenizer_definition(tokenizer).encode())
     h.update(str(tokenizer.chat_template).encode())
     h.update(json.dumps({**settings, "version": CACHE_VERSION}, sort_keys=True).encode())
     return h.hexdigest()[:20]
+
+
+# Where a tokenizer was loaded from does not change the ids it makes.
+LOCATION_KWARGS = ("name_or_path", "vocab_file", "merges_file", "tokenizer_file", "is_local", "local_files_only")
+
+
+def tokenizer_definition(tokenizer) -> str:
+    """Everything that decides the ids a tokenizer makes: its class, the whole definition of a fast
+    tokenizer (normalizer, pre-tokenizer, model, added and special tokens, post-processor; a slow
+    one: its vocabulary) and its flags (add_bos_token, clean_up_tokenization_spaces, ...). Two
+    tokenizers with one vocabulary that split text differently differ here."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    definition = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    flags = {k: v for k, v in tokenizer.init_kwargs.items() if k not in LOCATION_KWARGS}
+    return json.dumps([type(tokenizer).__name__, definition, flags], sort_keys=True, default=str)
 
 
 @functools.lru_cache(maxsize=8)
