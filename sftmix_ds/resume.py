@@ -9,11 +9,15 @@ import logging
 import os
 from typing import NamedTuple, Optional
 
+from omegaconf import OmegaConf
+
 from .config import ConfigError
+from .data.tokenize import content_digest
 from .engine.checkpoint import complete_checkpoints
 from .identity import SPEED_SWITCHES, examples_hash
 
 log = logging.getLogger(__name__)
+RUN_FILE = "run.json"  # in OUTPUT_DIR: run_record of the run, written when it starts
 
 # Settings a resumed run may change: where things go, how often it logs, saves and evaluates,
 # and the speed switches (tested to leave the math unchanged).
@@ -59,10 +63,9 @@ def find_resume(cfg) -> list:
     return [cfg.resume]
 
 
-def run_identity(settings: dict, examples, method_identity: dict, global_batch: int) -> dict:
-    """What a checkpoint must share with the run that resumes it: the training examples (and the
-    method's state, e.g. SFTMix's split) by digest, the global batch, and every setting (the
-    resolved config as a plain dict) but RESUMABLE_CHANGES."""
+def kept_settings(settings: dict) -> dict:
+    """Every setting of the resolved config (a plain dict), flattened to dotted keys, but
+    RESUMABLE_CHANGES."""
     flat = {}
 
     def walk(node, prefix=""):
@@ -73,7 +76,14 @@ def run_identity(settings: dict, examples, method_identity: dict, global_batch: 
                 flat[f"{prefix}{k}"] = v
 
     walk(settings)
-    kept = {k: v for k, v in flat.items() if not resumable_change(k)}
+    return {k: v for k, v in flat.items() if not resumable_change(k)}
+
+
+def run_identity(settings: dict, examples, method_identity: dict, global_batch: int) -> dict:
+    """What a checkpoint must share with the run that resumes it: the training examples (and the
+    method's state, e.g. SFTMix's split) by digest, the global batch, and every setting (the
+    resolved config as a plain dict) but RESUMABLE_CHANGES."""
+    kept = kept_settings(settings)
     kept["global_batch"] = global_batch
     h = examples_hash(examples)
     h.update(json.dumps(method_identity, sort_keys=True).encode())
@@ -105,6 +115,30 @@ def same_run_problem(folder: str, meta: dict, identity: dict, allow_new_global_b
     if not changes:
         return None
     return "; ".join(changes[:8]) + (f"; and {len(changes) - 8} more" if len(changes) > 8 else "")
+
+
+def run_record(cfg) -> dict:
+    """What a finished run in OUTPUT_DIR (RUN_FILE) is compared by before it counts as this run: every
+    setting but RESUMABLE_CHANGES, and the content of the training data files (not their names)."""
+    return {"settings": kept_settings(OmegaConf.to_container(cfg, resolve=True)),
+            "data": content_digest(list(cfg.data.train_files))}
+
+
+def check_finished_run(cfg) -> None:
+    """resume=auto on an OUTPUT_DIR whose run is finished has nothing to do, but only if that run is
+    this one: another model, method, data or settings is refused, naming what differs (the second
+    run would otherwise exit 0 and leave the first run's model as if it were its own)."""
+    path = os.path.join(cfg.output_dir, RUN_FILE)
+    if not os.path.exists(path):
+        log.warning("%s holds a finished run from before runs recorded what they trained; not compared",
+                    cfg.output_dir)
+        return
+    with open(path) as f:
+        changes = identity_changes(json.load(f), run_record(cfg))
+    if changes:
+        what = "; ".join(changes[:8]) + (f"; and {len(changes) - 8} more" if len(changes) > 8 else "")
+        raise ConfigError(f"output_dir={cfg.output_dir} holds a finished run with other data or settings ({what}); "
+                          "choose another output_dir")
 
 
 class Layout(NamedTuple):

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf, open_dict
 from tqdm import tqdm
 
 from .adapters import adapter_summary, apply_lora, check_lora_targets
-from .common import UserError, atomic_file, evenly_spaced, to_device
+from .common import UserError, atomic_file, evenly_spaced, to_device, write_json_atomic
 from .config import ConfigError, validate
 from .data import load_split
 from .engine import (PREFIX, Checkpointer, Collectives, DeepSpeedStrategy, LossModule, check_head,
@@ -31,7 +31,8 @@ from .inference import score, score_nll, scoring_plan
 from .methods.base import build_method
 from .models import load_tokenizer, prepare_model
 from .faults import maybe_die, maybe_poison
-from .resume import fit_layout, find_resume, finished, run_identity, same_run_problem
+from .resume import (RUN_FILE, check_finished_run, find_resume, finished, fit_layout, run_identity, run_record,
+                     same_run_problem)
 from .tracking import MetricsLog, append_jsonl, keep_steps_up_to
 
 log = logging.getLogger("sftmix_ds")
@@ -111,6 +112,7 @@ class Recipe:
         validate(self.cfg)
         self.resume_from = find_resume(self.cfg)
         if self.cfg.resume == "auto" and finished(self.cfg):
+            check_finished_run(self.cfg)
             log.info("%s/model exists: this run is finished (resume=none with a new output_dir trains again)",
                      self.cfg.output_dir)
             return False
@@ -174,6 +176,7 @@ class Recipe:
             os.makedirs(cfg.output_dir, exist_ok=True)
             with atomic_file(os.path.join(cfg.output_dir, "config.yaml")) as f:
                 f.write(OmegaConf.to_yaml(cfg, resolve=True))
+            write_json_atomic(os.path.join(cfg.output_dir, RUN_FILE), run_record(cfg))
         self.model = self.strategy.load_model(self.model_path, cfg.model.attn_implementation)
         if cfg.peft.kind == "lora":
             self.model = apply_lora(self.model, cfg.peft)

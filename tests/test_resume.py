@@ -90,3 +90,40 @@ def test_same_run_problem_names_the_changes_and_lets_a_new_global_batch_through_
     assert same_run_problem("f", meta, identity(global_batch=4), False) == "global_batch: 8 -> 4"
     assert same_run_problem("f", meta, identity(global_batch=4), True) is None
     assert same_run_problem("f", {}, identity(changed(lr=1e-3)), False) is None  # written before identities
+
+
+def test_a_finished_run_counts_as_this_run_only_with_the_same_settings_and_data(tmp_path):
+    """resume=auto on a finished OUTPUT_DIR does nothing only when the run there is this one:
+    other settings or other data content are refused, naming them; a moved copy of the same data
+    and a resumable setting are the same run."""
+    import shutil
+
+    from hydra import compose, initialize_config_dir
+
+    from sftmix_ds.config import CONF_DIR, register_configs
+    from sftmix_ds.resume import RUN_FILE, check_finished_run, run_record
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"id": "a", "prompt": "1+1?", "completion": "2"}\n')
+    register_configs()
+
+    def cfg(*overrides, train_file=data):
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return compose(config_name="train", overrides=["model=tiny", "method=ntp", "data=jsonl",
+                                                           f"data.train_files=[{train_file}]",
+                                                           f"output_dir={tmp_path / 'run'}", *overrides])
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / RUN_FILE).write_text(json.dumps(run_record(cfg())))
+    check_finished_run(cfg())
+    check_finished_run(cfg("train.log_every=7", "train.compile=true"))
+    moved = tmp_path / "elsewhere.jsonl"
+    shutil.copy(data, moved)
+    check_finished_run(cfg(train_file=moved))
+    with pytest.raises(ConfigError, match=r"holds a finished run with other data or settings \(train.lr: "):
+        check_finished_run(cfg("train.lr=0.001"))
+    with pytest.raises(ConfigError, match="model.arch.hidden_size: 64 -> 2048"):
+        check_finished_run(cfg("model=llama1b_random"))
+    moved.write_text('{"id": "a", "prompt": "1+2?", "completion": "3"}\n')
+    with pytest.raises(ConfigError, match="the training examples differ"):
+        check_finished_run(cfg(train_file=moved))

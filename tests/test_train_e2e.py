@@ -259,3 +259,15 @@ def test_named_eval_sets_each_epoch_and_before_the_first_step(tmp_path):
     data_cfg = OmegaConf.load(os.path.join(out, "config.yaml")).data
     assert evals[-1]["eval_loss/capitals"] == pytest.approx(
         naive_response_nll(os.path.join(out, "model"), data_cfg, [other]), rel=1e-4)
+
+
+def test_a_second_run_with_other_settings_in_a_finished_folder_is_refused(tmp_path):
+    """The default output_dir names a run by method, model and data option only: a second run with
+    another learning rate lands in the first run's folder, and must not exit 0 as "finished"."""
+    common = ["model=tiny", "method=ntp", "train.max_steps=1", "train.eval_every=0", f"output_dir={tmp_path}"]
+    train_cli(common)
+    assert json.loads((tmp_path / "run.json").read_text())["settings"]["train.max_steps"] == 1
+    again = train_cli(common + ["train.log_every=3"])
+    assert "this run is finished" in again.stderr
+    other = train_cli(common + ["train.lr=0.001"], check=False)
+    assert other.returncode == 2 and "holds a finished run with other data or settings (train.lr: " in other.stderr

@@ -71,18 +71,32 @@ class Example:
         return sum(label != IGNORE for label in self.labels)
 
 
+def _file_digests(path: str) -> List[tuple]:
+    """(file, content digest) of a data path's files (a folder: every file in it, sorted)."""
+    try:
+        files = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs) if os.path.isdir(path) else [path]
+        return [(f, file_digest(f)) for f in files]
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def content_digest(paths: List[str]) -> str:
+    """The data files' contents, in order, whatever their names or folders."""
+    h = hashlib.sha256()
+    for p in paths:
+        for _, digest in _file_digests(p):
+            h.update(digest.encode())
+    return h.hexdigest()[:16]
+
+
 def _fingerprint(paths: List[str], tokenizer, **settings) -> str:
     """Keyed on the files' content (not size and mtime, which cp -p and rsync -t keep), the
     tokenizer and the settings."""
     h = hashlib.sha256()
     for p in paths:
         h.update(p.encode())
-        try:
-            files = sorted(os.path.join(r, f) for r, _, fs in os.walk(p) for f in fs) if os.path.isdir(p) else [p]
-            for f in files:
-                h.update(f"{f}:{file_digest(f)}".encode())
-        except OSError as e:
-            raise DataError(f"{p}: cannot read ({e.strerror or e})") from None
+        for f, digest in _file_digests(p):
+            h.update(f"{f}:{digest}".encode())
     h.update(tokenizer_definition(tokenizer).encode())
     h.update(str(tokenizer.chat_template).encode())
     h.update(json.dumps({**settings, "version": CACHE_VERSION}, sort_keys=True).encode())
