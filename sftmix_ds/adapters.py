@@ -12,6 +12,7 @@ generation read like any other model.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Dict, List
 
@@ -19,17 +20,36 @@ import torch
 from torch import nn
 
 from .config import ConfigError
+from .models import decoder_blocks
+
+log = logging.getLogger(__name__)
 
 ADAPTER = "default"  # peft's name for the one adapter
 
 
+def _is_linear(module) -> bool:
+    """A layer peft's LoRA wraps: nn.Linear, or GPT-2's Conv1D (a linear layer stored transposed)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
 def decoder_linear_names(model) -> List[str]:
-    """The distinct names of the nn.Linear layers inside the decoder blocks (q_proj, ..., down_proj)."""
+    """The distinct names of the linear layers inside the decoder blocks (q_proj, ..., down_proj)."""
     names = set()
-    for layer in model.get_decoder().layers:
-        names.update(name.rsplit(".", 1)[-1] for name, module in layer.named_modules()
-                     if isinstance(module, nn.Linear))
+    for layer in decoder_blocks(model):
+        names.update(name.rsplit(".", 1)[-1] for name, module in layer.named_modules() if _is_linear(module))
     return sorted(names)
+
+
+def unadapted_weights(model) -> List[str]:
+    """Class names of the decoder-block modules holding weight matrices that are not linear layers,
+    so no LoRA target can reach them: the fused expert weights of MoE models (Qwen3-MoE, Mixtral)."""
+    found = set()
+    for module in decoder_blocks(model)[0].modules():
+        if not _is_linear(module) and any(p.dim() >= 2 for p in module.parameters(recurse=False)):
+            found.add(type(module).__name__)
+    return sorted(found)
 
 
 def lora_targets(model, peft_cfg) -> List[str]:
@@ -52,14 +72,23 @@ def check_lora_targets(model_path: str, peft_cfg) -> None:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
     lora_targets(model, peft_cfg)
+    frozen = unadapted_weights(model)
+    if frozen:
+        log.warning("peft=lora: %s in %s's decoder blocks hold weights that are not linear layers (fused MoE "
+                    "experts); LoRA does not adapt them and they stay frozen", ", ".join(frozen),
+                    type(model).__name__)
 
 
 def apply_lora(model, peft_cfg):
     """The model with LoRA adapters on the target layers; only the adapters train."""
     from peft import LoraConfig, get_peft_model
 
+    from transformers.pytorch_utils import Conv1D
+
+    transposed = any(isinstance(m, Conv1D) for m in decoder_blocks(model).modules())
     config = LoraConfig(r=peft_cfg.r, lora_alpha=peft_cfg.alpha, lora_dropout=peft_cfg.dropout,
-                        target_modules=lora_targets(model, peft_cfg), bias="none", task_type="CAUSAL_LM")
+                        target_modules=lora_targets(model, peft_cfg), bias="none", task_type="CAUSAL_LM",
+                        fan_in_fan_out=transposed)
     return get_peft_model(model, config)
 
 
@@ -97,7 +126,10 @@ def merged_state(model, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tenso
             a = state.pop(f"{name}.lora_A.{ADAPTER}.weight").float()
             b = state.pop(f"{name}.lora_B.{ADAPTER}.weight").float()
             key = f"{name}.base_layer.weight"
-            state[key] = state[key].float() + module.scaling[ADAPTER] * (b @ a)
+            delta = b @ a
+            if getattr(module, "fan_in_fan_out", False):  # GPT-2's Conv1D stores W transposed
+                delta = delta.T
+            state[key] = state[key].float() + module.scaling[ADAPTER] * delta
     prefix = "base_model.model."
     leftover = [k for k in state if "lora_" in k]
     if leftover:

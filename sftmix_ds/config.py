@@ -39,9 +39,10 @@ class ModelConfig:
     tokenizer: Optional[str] = None
     arch: Dict[str, Any] = field(default_factory=dict)
     init_seed: int = 0
-    # transformers attention kernel: sdpa (PyTorch's flash / memory-efficient kernels) | eager |
-    # flash_attention_2 (needs the flash-attn package) | flex_attention
-    attn_implementation: str = "sdpa"
+    # transformers attention kernel: auto (sdpa where the architecture has it, else eager) | sdpa
+    # (PyTorch's flash / memory-efficient kernels) | eager | flash_attention_2 (needs the flash-attn
+    # package) | flex_attention
+    attn_implementation: str = "auto"
 
 
 @dataclass
@@ -313,6 +314,13 @@ def validate(cfg) -> None:
             raise ConfigError("model.path: required when model.source=hf")
         if not os.path.isdir(m.path):
             raise ConfigError(f"model.path={m.path!r}: no such folder (a local transformers checkpoint is expected)")
+        if not os.path.isfile(os.path.join(m.path, "config.json")):
+            raise ConfigError(f"model.path={m.path!r}: no config.json there (a local transformers checkpoint is "
+                              "expected)")
+        from .models import attention_implementation, refuse_router_loss
+
+        attention_implementation(m.path, m.attn_implementation)
+        refuse_router_loss(m.path)
     if m.source == "random" and not m.tokenizer:
         raise ConfigError("model.tokenizer: required when model.source=random")
     one_of("data.format", d.format, ("auto", "alpaca", "chat", "prompt_completion"))
@@ -351,7 +359,8 @@ def validate(cfg) -> None:
                           "on CPU")
     one_of("train.nonfinite", t.nonfinite, ("stop", "skip"))
     one_of("train.loss_backend", t.loss_backend, ("auto", "triton", "torch"))
-    one_of("model.attn_implementation", m.attn_implementation, ("sdpa", "eager", "flash_attention_2", "flex_attention"))
+    one_of("model.attn_implementation", m.attn_implementation,
+           ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention"))
     if m.attn_implementation == "flash_attention_2" and resolve_precision(t.precision) == "fp32":
         raise ConfigError("model.attn_implementation=flash_attention_2: flash attention runs in bf16 or fp16 only, and "
                           f"train.precision={t.precision} trains in fp32; set train.precision=bf16 or use sdpa")

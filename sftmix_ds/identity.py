@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 
-# Speed switches, with their defaults: tested to leave losses and weights unchanged (the layout test
-# in tests/test_train_e2e.py), so a resumed run may change them and a stage fingerprint ignores them.
+# Speed switches, with the value a fingerprint records for each (its default; for attention, sdpa,
+# what the default "auto" picks for Llama models, so older fingerprints hold): tested to leave losses
+# and weights unchanged (the layout test in tests/test_train_e2e.py), so a resumed run may change them
+# and a stage fingerprint ignores them.
 SPEED_SWITCHES = {"train.gradient_checkpointing": False, "train.compile": False, "train.loss_backend": "auto",
                   "train.loss_chunk_size": 0, "model.attn_implementation": "sdpa"}
 

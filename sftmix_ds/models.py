@@ -96,6 +96,59 @@ def load_tokenizer(model_path: str):
     return tokenizer, pad_id
 
 
+ATTENTION_SUPPORT = {"sdpa": "_supports_sdpa", "flash_attention_2": "_supports_flash_attn",
+                     "flex_attention": "_supports_flex_attn", "eager": None}
+
+
+def attention_implementation(model_path: str, requested: str) -> str:
+    """model.attn_implementation for this model's architecture: auto is sdpa where the architecture
+    has it, else eager (Gemma-2's soft-capped attention has no sdpa path); an implementation the
+    architecture lacks is refused, naming the key, before any process group starts."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    config = AutoConfig.from_pretrained(model_path)
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    if model_class is None:
+        raise ConfigError(f"model.path={model_path!r}: {type(config).__name__} has no causal-LM class in transformers")
+    supported = [name for name, flag in ATTENTION_SUPPORT.items() if flag is None or getattr(model_class, flag, False)]
+    if requested == "auto":
+        return "sdpa" if "sdpa" in supported else "eager"
+    if requested not in supported:
+        raise ConfigError(f"model.attn_implementation={requested}: {model_class.__name__} does not support it; it "
+                          f"supports {', '.join(supported)} (auto picks sdpa where it can, else eager)")
+    return requested
+
+
+def refuse_router_loss(model_path: str) -> None:
+    """An MoE config asking for the router's load-balancing loss (output_router_logits=true) is refused:
+    the losses here are computed from the decoder's hidden states, so that term would silently be
+    missing. With it false, as transformers' MoE configs default, the model's own loss has no such
+    term either."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path).get_text_config()
+    if getattr(config, "output_router_logits", False):
+        raise ConfigError(f"model.path={model_path!r}: its config.json sets output_router_logits=true (the MoE "
+                          f"router's load-balancing loss, router_aux_loss_coef="
+                          f"{getattr(config, 'router_aux_loss_coef', None)}), which sftmix_ds's losses do not "
+                          "include; set output_router_logits to false there to train without that term")
+
+
+def decoder_blocks(model):
+    """The decoder's ModuleList of transformer blocks, whatever the family calls it (Llama's `layers`,
+    GPT-2's `h`): the ModuleList child with num_hidden_layers entries."""
+    from torch import nn
+
+    decoder = model.get_decoder()
+    count = model.config.get_text_config().num_hidden_layers
+    for child in decoder.children():
+        if isinstance(child, nn.ModuleList) and len(child) == count:
+            return child
+    raise ConfigError(f"model {type(model).__name__}: found no list of {count} decoder blocks in "
+                      f"{type(decoder).__name__} (needed by peft=lora and train.compile)")
+
+
 def head_contract(model) -> tuple:
     """(scale, soft cap) that the model applies to lm_head's output, from its config:
     Cohere's logit_scale multiplies the logits, Granite's logits_scaling divides them, and

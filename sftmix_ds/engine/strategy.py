@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from ..common import torch_dtype
+from ..models import attention_implementation, decoder_blocks
 from .collectives import Collectives
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ class DeepSpeedStrategy:
         self._hf_ds_config = None
         self.engine = None
 
-    def load_model(self, path: str, attn_implementation: str = "sdpa"):
+    def load_model(self, path: str, attn_implementation: str = "auto"):
         """A transformers model, built partitioned under ZeRO-3 (never whole on one rank)."""
         from transformers import AutoModelForCausalLM
         from transformers.integrations import HfDeepSpeedConfig
@@ -38,11 +39,12 @@ class DeepSpeedStrategy:
             self._size_zero3_buckets(path)
             self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)  # must stay alive while from_pretrained runs
         model = AutoModelForCausalLM.from_pretrained(path, dtype=self.comm.dtype,
-                                                     attn_implementation=attn_implementation)
+                                                     attn_implementation=attention_implementation(path,
+                                                                                                  attn_implementation))
         if self.train_cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.train_cfg.compile:
-            for block in model.get_decoder().layers:
+            for block in decoder_blocks(model):
                 block.compile(dynamic=True)
         model.config.use_cache = False
         return model

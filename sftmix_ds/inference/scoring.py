@@ -86,7 +86,7 @@ def score_nll(engine, comm, examples: Sequence[Example], batch_size: int, pad_id
 
 
 def score_model(deepspeed_cfg, train_cfg, comm, model_path: str, examples: Sequence[Example], *, batch_size: int,
-                pad_id: int, attn_implementation: str = "sdpa", desc: str = "score") -> Dict[str, tuple]:
+                pad_id: int, attn_implementation: str = "auto", desc: str = "score") -> Dict[str, tuple]:
     """score_nll of a saved model: loaded into an inference engine (partitioned under ZeRO-3), its head
     checked against the loss's, scored with a progress bar, and released. Collective."""
     from tqdm import tqdm
