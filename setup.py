@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Distributed instruction tuning on DeepSpeed ZeRO-3: plain SFT, SFTMix and S3FT",
     packages=find_packages(include=["sftmix_ds", "sftmix_ds.*"]),
-    package_data={"sftmix_ds": ["builtin_data/*.jsonl", "builtin_data/smollm2_tokenizer/*"]},
+    package_data={"sftmix_ds": ["builtin_data/*.jsonl", "builtin_data/smollm2_tokenizer/*", "chat_templates/*.jinja"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

@@ -117,8 +117,11 @@ def _evaluate(cfg):
     from .models import prepare_model
 
     validate(cfg)
-    model_path = cfg.eval.model_path or prepare_model(cfg.model, cfg.model_cache_dir)
-    evaluate_model(cfg, model_path, os.path.join(cfg.output_dir, "eval"))
+    if cfg.eval.model_path:
+        evaluate_model(cfg, cfg.eval.model_path, os.path.join(cfg.output_dir, "eval"))
+    else:
+        evaluate_model(cfg, prepare_model(cfg.model, cfg.model_cache_dir), os.path.join(cfg.output_dir, "eval"),
+                       chat_template=cfg.model.chat_template)
 
 
 def train_main() -> None:

@@ -43,6 +43,9 @@ class ModelConfig:
     # (PyTorch's flash / memory-efficient kernels) | eager | flash_attention_2 (needs the flash-attn
     # package) | flex_attention
     attn_implementation: str = "auto"
+    # The chat template, replacing the tokenizer's (needed where it has none): a Jinja file, or a
+    # format shipped in sftmix_ds/chat_templates (chatml, qwen3).
+    chat_template: Optional[str] = None
 
 
 @dataclass

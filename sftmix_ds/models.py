@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+from typing import Optional
 
 from filelock import FileLock
 
@@ -87,11 +88,32 @@ def prepare_model(model_cfg, cache_dir: str) -> str:
                        lambda out: _make_random(out, model_cfg, tokenizer))
 
 
-def load_tokenizer(model_path: str):
-    """The model folder's tokenizer and the id used for padding."""
+CHAT_TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat_templates")
+
+
+def chat_template_text(chat_template: str) -> str:
+    """model.chat_template: a Jinja file, or the name of a format in sftmix_ds/chat_templates."""
+    shipped = os.path.join(CHAT_TEMPLATES, f"{chat_template}.jinja")
+    path = shipped if os.path.isfile(shipped) else chat_template
+    if not os.path.isfile(path):
+        names = sorted(f[: -len(".jinja")] for f in os.listdir(CHAT_TEMPLATES))
+        raise ConfigError(f"model.chat_template={chat_template!r}: no such file, nor a shipped format "
+                          f"({', '.join(names)})")
+    with open(path) as f:
+        return f.read()
+
+
+def load_tokenizer(model_path: str, chat_template: Optional[str] = None, **kwargs):
+    """The model folder's tokenizer (with model.chat_template in place of its own, when given) and the
+    id used for padding."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, **kwargs)
+    if chat_template:
+        tokenizer.chat_template = chat_template_text(chat_template)
+    if not tokenizer.chat_template:
+        raise ConfigError(f"{model_path}: the tokenizer has no chat template; set model.chat_template to a Jinja "
+                          "file or a shipped format (chatml, qwen3)")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return tokenizer, pad_id
 

@@ -146,7 +146,7 @@ class Recipe:
         self.model_path = prepare_model(cfg.model, cfg.model_cache_dir)
         if cfg.peft.kind == "lora":
             check_lora_targets(self.model_path, cfg.peft)
-        self.tokenizer, self.pad_id = load_tokenizer(self.model_path)
+        self.tokenizer, self.pad_id = load_tokenizer(self.model_path, cfg.model.chat_template)
         train_set = load_split(cfg.data, self.tokenizer, cfg.data.train_files)
         named = {"eval_loss": cfg.data.eval_files, **{f"eval_loss/{n}": f for n, f in cfg.data.eval_sets.items()}}
         self.eval_sets = {key: load_split(cfg.data, self.tokenizer, files) for key, files in named.items() if files}

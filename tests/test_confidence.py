@@ -195,7 +195,8 @@ def test_a_speed_switch_reuses_stage_1_and_default_fingerprints_are_unchanged():
     for volatile in ("log_every", "eval_every", "eval_each_epoch", "eval_on_start", "save_every", "keep_checkpoints",
                      "stop_after_steps", "export_dtype", "export_count", "epochs", "max_steps"):
         train.pop(volatile, None)
-    h.update(json.dumps({"model": OmegaConf.to_container(cfg.model, resolve=True), "checkpoints": 4,
+    model = {**OmegaConf.to_container(cfg.model, resolve=True), "attn_implementation": "sdpa"}  # as recorded
+    h.update(json.dumps({"model": model, "checkpoints": 4,
                          "score_checkpoints": [], "train": train, "world_size": 2,
                          "precision": resolve_precision(cfg.train.precision)}, sort_keys=True).encode())
     assert default == h.hexdigest()[:16]

@@ -27,8 +27,9 @@ def test_labels_cover_exactly_the_assistant_turns(tokenizer):
                 {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
     ids, labels = encode(tokenizer, messages, "x")
     assert len(ids) == len(labels)
-    # Both assistant turns, each with its end-of-turn marker, and nothing else.
-    assert assistant_text(tokenizer, ids, labels) == "hello there<|im_end|>\n4<|im_end|>\n"
+    # Both assistant turns, each with its end-of-turn marker, and nothing else (not the newline that
+    # separates turns after <|im_end|>: generation stops at the marker).
+    assert assistant_text(tokenizer, ids, labels) == "hello there<|im_end|>4<|im_end|>"
     # Labels equal the ids where they are set (the shift happens in the loss).
     assert all(label in (IGNORE, i) for i, label in zip(ids, labels))
     # The whole text decodes back to the template's rendering.

@@ -93,7 +93,7 @@ def run_confidence_stage(cfg) -> str:
     rank, _, world_size = dist_env()
     ref_model_cfg = reference_model_config(cfg)
     ref_path = prepare_model(ref_model_cfg, cfg.model_cache_dir)
-    tokenizer, pad_id = load_tokenizer(ref_path)
+    tokenizer, pad_id = load_tokenizer(ref_path, ref_model_cfg.chat_template)
     examples = load_split(cfg.data, tokenizer, cfg.data.train_files)
     fp = fingerprint(cfg, ref_model_cfg, examples, world_size)
     stage_dir = os.path.join(stage_root(cfg.method.stage_dir, cfg.output_dir), fp)
@@ -144,7 +144,7 @@ def publish_split(records, stage_dir: str, fp: str, extra: dict, cfg=None) -> st
 def random_confidence_file(cfg) -> str:
     """method.confidence_source=random: a seeded half/half split of the training ids (the ablation:
     Mixup across a split that carries no confidence), in the same files as stage 1's."""
-    tokenizer, _ = load_tokenizer(prepare_model(cfg.model, cfg.model_cache_dir))
+    tokenizer, _ = load_tokenizer(prepare_model(cfg.model, cfg.model_cache_dir), cfg.model.chat_template)
     ids = [e.id for e in load_split(cfg.data, tokenizer, cfg.data.train_files)]
     fp = hashlib.sha256(json.dumps([cfg.train.seed, sorted(ids)]).encode()).hexdigest()[:16]
     stage_dir = os.path.join(stage_root(cfg.method.stage_dir, cfg.output_dir), f"random-{fp}")

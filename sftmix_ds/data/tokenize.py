@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -16,40 +17,118 @@ from ..common import IGNORE, atomic_file, file_digest
 from .formats import Conversation, DataError, load_conversations
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1  # bump when the encoding below changes
+CACHE_VERSION = 2  # bump when the encoding below changes
+
+
+GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+def _render(tokenizer, messages: List[dict], where: str, **kwargs):
+    try:
+        return tokenizer.apply_chat_template(messages, **kwargs)
+    except Exception as e:  # jinja raises whatever the template author chose
+        raise DataError(f"{where}: the chat template rejects this conversation ({type(e).__name__}: {e})") from None
+
+
+def _special_tokens(tokenizer) -> Tuple[str, ...]:
+    return tuple(t.content for t in tokenizer.added_tokens_decoder.values() if t.special)
+
+
+def _closed_prefix(through: str, text: str, special: Tuple[str, ...]) -> Optional[str]:
+    """`through` (a conversation rendered up to one turn) less the special tokens and whitespace it
+    closes with that the whole rendering `text` does not have there (Phi-3's final <|endoftext|>),
+    when what is left begins `text`; None when it differs in anything else."""
+    while not text.startswith(through):
+        trimmed = through.rstrip()
+        if trimmed == through:
+            token = next((t for t in special if through.endswith(t)), None)
+            if token is None:
+                return None
+            trimmed = through[: -len(token)]
+        through = trimmed
+    return through
+
+
+def _split_end_marker(turn: str, special: Tuple[str, ...]) -> Tuple[str, str]:
+    """(answer, end-of-turn marker) of a rendered assistant turn: the marker is the first special token
+    after the answer's last text (with any whitespace before it), or "" when the template ends turns
+    with plain text only. What follows the marker (ChatML's newline after <|im_end|>, Phi-3's final
+    <|endoftext|>) separates turns or closes the conversation; generation stops at the marker."""
+    answer = turn
+    while True:
+        trimmed = answer.rstrip()
+        for token in special:
+            if trimmed.endswith(token):
+                trimmed = trimmed[: -len(token)]
+                break
+        if trimmed == answer:
+            break
+        answer = trimmed
+    rest = turn[len(answer):]
+    after_space = rest.lstrip()
+    for token in sorted(special, key=len, reverse=True):
+        if after_space.startswith(token):
+            return answer, rest[: len(rest) - len(after_space) + len(token)]
+    return answer, rest
 
 
 def assistant_spans(tokenizer, messages: List[dict], where: str) -> Tuple[str, List[Tuple[int, int]]]:
-    """The rendered conversation and the character spans of its assistant turns.
+    """The rendered conversation and the character spans of its assistant turns, for a template
+    without {% generation %} markers.
 
-    A turn's span runs from the end of the prompt rendered with the generation
-    prompt up to the end of the conversation rendered through that turn, so it
-    covers the answer and the template's end-of-turn marker, which the model
-    must learn to emit.
+    A turn starts where the prompt rendered with the generation prompt ends, and ends with the
+    template's end-of-turn marker (_split_end_marker), which the model must learn to emit. Both
+    ends come from rendering prefixes of the conversation, checked against the whole rendering, so
+    a template that renders a prefix differently is refused rather than guessed at.
     """
-    if not getattr(tokenizer, "chat_template", None):
-        raise DataError(f"{where}: the tokenizer has no chat template; use a chat model or set one")
-    def render(msgs, gen):
-        try:
-            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
-        except Exception as e:  # jinja raises whatever the template author chose
-            raise DataError(f"{where}: the chat template rejects this conversation ({type(e).__name__}: {e})") from None
-
+    render = lambda msgs, gen: _render(tokenizer, msgs, where, tokenize=False, add_generation_prompt=gen)
     text = render(messages, False)
+    special = _special_tokens(tokenizer)
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        start, end = len(render(messages[:i], True)), len(render(messages[: i + 1], False))
-        if not (text.startswith(render(messages[: i + 1], False)) and start < end):
-            raise DataError(f"{where}: the chat template does not render conversations prefix by prefix, "
-                            "so assistant tokens cannot be located")
-        spans.append((start, end))
+        prompt, through = render(messages[:i], True), render(messages[: i + 1], False)
+        if not text.startswith(prompt) or len(prompt) >= len(through):
+            raise DataError(f"{where}: the chat template renders the prompt of assistant message {i} differently from "
+                            "the whole conversation (Mistral v0.3's template, for one, adds the system prompt only "
+                            "to a conversation's last user turn), so its tokens cannot be located; use a template "
+                            "marking assistant turns with {% generation %} (model.chat_template) or drop the "
+                            "system prompt")
+        turn = _closed_prefix(through, text, special)
+        if turn is None:
+            raise DataError(f"{where}: the chat template renders assistant message {i} differently once later turns "
+                            "follow (Qwen3's template, for one, drops an earlier turn's reasoning), so its tokens "
+                            "cannot be located by rendering prefixes; use a template marking assistant turns with "
+                            "{% generation %} ... {% endgeneration %} (model.chat_template), or single-turn data")
+        answer, marker = _split_end_marker(turn[len(prompt):], special)
+        spans.append((len(prompt), len(prompt) + len(answer) + len(marker)))
     return text, spans
 
 
+def end_of_turn_token(tokenizer) -> Optional[str]:
+    """The special token that ends an assistant turn in the tokenizer's chat template (<|im_end|>,
+    <|eot_id|>, <end_of_turn>, ...), from a rendered two-turn probe; None when there is none."""
+    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    try:
+        text, [(start, end)] = assistant_spans(tokenizer, probe, "chat template probe")
+    except DataError:
+        return None
+    marker = _split_end_marker(text[start:end], _special_tokens(tokenizer))[1].strip()
+    return marker or None
+
+
 def encode(tokenizer, messages: List[dict], where: str) -> Tuple[List[int], List[int]]:
-    """Token ids and labels; labels are the ids on assistant tokens and -100 elsewhere."""
+    """Token ids and labels; labels are the ids on assistant tokens and -100 elsewhere. A template
+    marking assistant turns with {% generation %} decides them in one render (transformers'
+    assistant mask); any other by rendering prefixes (assistant_spans)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise DataError(f"{where}: the tokenizer has no chat template; set model.chat_template")
+    if GENERATION_BLOCK.search(template):
+        out = _render(tokenizer, messages, where, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        ids = list(out["input_ids"])
+        return ids, [t if m else IGNORE for t, m in zip(ids, out["assistant_masks"])]
     text, spans = assistant_spans(tokenizer, messages, where)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, labels, k = enc["input_ids"], [], 0

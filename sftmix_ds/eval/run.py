@@ -39,15 +39,17 @@ def eval_sets(eval_cfg) -> list:
     return out
 
 
-def evaluate_model(cfg, model_path: str, out_dir: str, comm: Optional[Collectives] = None) -> dict:
+def evaluate_model(cfg, model_path: str, out_dir: str, comm: Optional[Collectives] = None,
+                   chat_template: Optional[str] = None) -> dict:
     """All ranks call this; rank 0 writes out_dir/eval.json and out_dir/eval.md. comm: this
-    process's Collectives when it already has them (after training)."""
+    process's Collectives when it already has them (after training); chat_template: the base
+    model's model.chat_template (an export carries the template it was trained with)."""
     e = cfg.eval
     comm = comm or Collectives(cfg.deepspeed, cfg.train.precision)
     on_ranks = lambda items, fn: across_ranks(items, fn, comm.world_size, comm.rank, comm.all_gather_object)
     results = {"model": model_path, "tasks": {}, "general": {}}
     generator = Generator(model_path, comm.device, comm.dtype, max_new_tokens=e.max_new_tokens,
-                          batch_size=e.batch_size)
+                          batch_size=e.batch_size, chat_template=chat_template)
     for group, task, convs in eval_sets(e):
         generate = lambda share, name=task.name: generator(share, desc=f"eval {name}")
         results[group][task.name] = accuracy(convs, generate, resolve_judge(task.judge, e.allow_unsandboxed_code),
@@ -55,7 +57,7 @@ def evaluate_model(cfg, model_path: str, out_dir: str, comm: Optional[Collective
         log.info("eval %s: accuracy %.3f on %d", task.name, results[group][task.name]["accuracy"], len(convs))
     generator = None  # the generation model is released before scoring loads another copy
     if e.perplexity_files:
-        tokenizer, pad_id = load_tokenizer(model_path)
+        tokenizer, pad_id = load_tokenizer(model_path, chat_template)
         examples = load_split(cfg.data, tokenizer, e.perplexity_files)
         nll = score_model(cfg.deepspeed, cfg.train, comm, model_path, examples, batch_size=e.batch_size,
                           pad_id=pad_id, attn_implementation=cfg.model.attn_implementation, desc="eval perplexity")

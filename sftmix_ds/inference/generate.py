@@ -6,7 +6,7 @@ and the results are gathered to every rank in input order.
 """
 from __future__ import annotations
 
-from typing import Callable, List, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 from tqdm import tqdm
@@ -15,14 +15,19 @@ from tqdm import tqdm
 class Generator:
     def __init__(self, model_path: str, device, dtype, max_new_tokens: int = 256, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, stop_strings: Sequence[str] = (),
-                 batch_size: int = 16):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+                 batch_size: int = 16, chat_template: Optional[str] = None):
+        from transformers import AutoModelForCausalLM
 
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left")
+        from ..data import end_of_turn_token
+        from ..models import load_tokenizer
+
+        self.tokenizer, pad_id = load_tokenizer(model_path, chat_template, padding_side="left")
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
         self.device, self.batch_size, self.stop_strings = device, batch_size, list(stop_strings)
-        self.kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, use_cache=True,
-                           pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
+        end_of_turn = end_of_turn_token(self.tokenizer)
+        self.kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, use_cache=True, pad_token_id=pad_id,
+                           eos_token_id=stop_ids(self.model.generation_config.eos_token_id,
+                                                 end_of_turn and self.tokenizer.convert_tokens_to_ids(end_of_turn)))
         if do_sample:
             self.kwargs.update(temperature=temperature, top_p=top_p)
 
@@ -50,6 +55,13 @@ class Generator:
             for i, row in zip(batch, generated[:, enc["input_ids"].shape[1]:]):
                 out[i] = self.cut_at_stop(self.tokenizer.decode(row, skip_special_tokens=True))
         return out
+
+
+def stop_ids(configured, end_of_turn: Optional[int]) -> List[int]:
+    """generation_config's eos ids plus the chat template's end-of-turn token: Gemma's config names
+    only <eos>, yet its turns end with <end_of_turn>."""
+    ids = [] if configured is None else [configured] if isinstance(configured, int) else list(configured)
+    return ids + [end_of_turn] if end_of_turn is not None and end_of_turn not in ids else ids
 
 
 def across_ranks(items: Sequence, fn: Callable[[list], list], world_size: int, rank: int, all_gather) -> list:

@@ -79,7 +79,8 @@ def build_targets(cfg) -> str:
         comm = Collectives(cfg.deepspeed, cfg.train.precision)
         generator = Generator(prepare_model(cfg.model, cfg.model_cache_dir), comm.device, comm.dtype,
                               max_new_tokens=m.max_new_tokens, do_sample=m.do_sample, temperature=m.temperature,
-                              top_p=m.top_p, stop_strings=list(m.stop_strings), batch_size=m.generate_batch_size)
+                              top_p=m.top_p, stop_strings=list(m.stop_strings), batch_size=m.generate_batch_size,
+                              chat_template=cfg.model.chat_template)
         on_ranks = lambda items, fn: across_ranks(items, fn, world, rank, comm.all_gather_object)
         judge = make_judge(d.judge, generator, m.judge_prompt, on_ranks, m.allow_unsandboxed_code)
         if rank == 0:
