@@ -62,9 +62,18 @@ def setup_logging(rank: int, output_dir: str) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 
 
+def missing_value_message(error) -> str:
+    """A required config value left unset (???), named by its key."""
+    found = re.search(r"Missing mandatory value: (\S+)", str(error))
+    key = found.group(1) if found else getattr(error, "full_key", "?")
+    return f"{key}: required and not set; give it on the command line ({key}=...)"
+
+
 def hydra_entry(fn, config_name: str) -> None:
     """Run fn(cfg) under Hydra; bad config or data ends with one clear line, exit code 2."""
     import hydra
+
+    from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
 
     from .common import UserError
     from .config import CONF_DIR, check_output_dir, register_configs
@@ -81,9 +90,10 @@ def hydra_entry(fn, config_name: str) -> None:
             check_output_dir(cfg.output_dir)
             setup_logging(dist_env()[0], cfg.output_dir)
             return fn(cfg)
-        except UserError as e:
-            logging.getLogger("sftmix_ds").error("%s", e)
-            print(f"error: {e}", file=sys.stderr)
+        except (UserError, MissingMandatoryValue, InterpolationToMissingValueError) as e:
+            message = str(e) if isinstance(e, UserError) else missing_value_message(e)
+            logging.getLogger("sftmix_ds").error("%s", message)
+            print(f"error: {message}", file=sys.stderr)
             sys.exit(2)
 
     main()
@@ -117,10 +127,13 @@ def _evaluate(cfg):
     from .models import prepare_model
 
     validate(cfg)
+    from .config import path_tag
+
+    # One folder per evaluated model: the base model's and each export's results sit side by side.
     if cfg.eval.model_path:
-        evaluate_model(cfg, cfg.eval.model_path, os.path.join(cfg.output_dir, "eval"))
+        evaluate_model(cfg, cfg.eval.model_path, os.path.join(cfg.output_dir, "eval", path_tag(cfg.eval.model_path)))
     else:
-        evaluate_model(cfg, prepare_model(cfg.model, cfg.model_cache_dir), os.path.join(cfg.output_dir, "eval"),
+        evaluate_model(cfg, prepare_model(cfg.model, cfg.model_cache_dir), os.path.join(cfg.output_dir, "eval", "base"),
                        chat_template=cfg.model.chat_template)
 
 

@@ -7,6 +7,7 @@ the checks a type cannot express.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -205,6 +206,32 @@ class TrainConfig:
 BUILTIN_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "builtin_data")
 
 
+def path_tag(path: str) -> str:
+    """A folder-name-safe tag for a path: its last two components and a digest of the absolute path
+    (two exports both called `model` get different tags)."""
+    full = os.path.abspath(str(path))
+    name = "_".join(full.rstrip(os.sep).split(os.sep)[-2:])
+    digest = hashlib.sha1(full.encode()).hexdigest()[:6]
+    return f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name).strip('_.')}-{digest}"
+
+
+def model_tag(name: str, source: str, path: Optional[str]) -> str:
+    """What names a model in default folder names: model.name for the shipped models, the folder
+    for a local one (model.source=hf keeps whatever model.name the group option had)."""
+    return path_tag(path) if source == "hf" and path else name
+
+
+def data_tag(name: str, train_files) -> str:
+    """data.name for the embedded sets; with a user's files (data=jsonl is always `custom`), the
+    first file's name and a digest of them all."""
+    files = [os.path.abspath(str(f)) for f in train_files]
+    if all(f.startswith(BUILTIN_DATA + os.sep) for f in files):
+        return name
+    stem = os.path.splitext(os.path.basename(files[0].rstrip(os.sep)))[0]
+    digest = hashlib.sha1("\n".join(files).encode()).hexdigest()[:6]
+    return f"{name}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', stem)}-{digest}"
+
+
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 
 
@@ -222,6 +249,8 @@ def load_model_config(name: str):
 def register_configs() -> None:
     if not OmegaConf.has_resolver("sftmix_ds_data"):
         OmegaConf.register_new_resolver("sftmix_ds_data", lambda name: os.path.join(BUILTIN_DATA, name))
+        OmegaConf.register_new_resolver("sftmix_ds_model_tag", model_tag)
+        OmegaConf.register_new_resolver("sftmix_ds_data_tag", data_tag)
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(group="model", name="model_schema", node=ModelConfig)

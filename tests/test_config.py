@@ -202,3 +202,21 @@ def test_bad_output_dirs_are_refused_naming_the_folder(tmp_path):
     assert not (tmp_path / "new").exists()
     proc = train_cli(["model=tiny", "method=ntp", f"output_dir={a_file / 'run'}"], check=False)
     assert proc.returncode == 2 and "which is a file" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_default_folder_names_tell_models_and_data_apart(tmp_path):
+    assert cfg_with().output_dir == "outputs/sftmix-smollm2_135m-arith"  # the embedded default keeps its name
+    assert cfg_with("model=tiny", "method=ntp").output_dir == "outputs/ntp-tiny-arith"
+    a, b = tmp_path / "a" / "model", tmp_path / "b" / "model"  # two exports, both called model
+    names = {cfg_with("model.source=hf", f"model.path={p}").output_dir for p in (a, b)}
+    assert len(names) == 2 and all("a_model-" in n or "b_model-" in n for n in names)
+    one, two = tmp_path / "x" / "train.jsonl", tmp_path / "y" / "train.jsonl"
+    data = {cfg_with("data=jsonl", f"data.train_files=[{p}]").output_dir for p in (one, two)}
+    assert len(data) == 2 and all(n.startswith("outputs/sftmix-smollm2_135m-custom-train-") for n in data)
+
+
+@pytest.mark.e2e
+def test_an_unset_required_value_is_named_not_a_traceback(tmp_path):
+    proc = train_cli(["data=jsonl", "model=tiny"], check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "error: data.train_files: required and not set" in proc.stderr

@@ -46,7 +46,9 @@ def test_eval_entry_point_on_an_exported_model(tmp_path):
     launch_cli("eval.py", ["model=tiny", "eval.tasks.0.limit=4", "eval.general.0.limit=4", "eval.max_new_tokens=4",
                            "eval.batch_size=1",
                            f"eval.model_path={out / 'model'}", f"output_dir={again}"], nproc=2)
-    with open(again / "eval" / "eval.json") as f:
+    from sftmix_ds.config import path_tag
+
+    with open(again / "eval" / path_tag(out / "model") / "eval.json") as f:  # one folder per evaluated model
         two = json.load(f)
     assert two["tasks"] == results["tasks"] and two["general"] == results["general"]
     assert abs(two["perplexity"]["perplexity"] - results["perplexity"]["perplexity"]) < 1e-4 * results[
