@@ -3,7 +3,9 @@
 after_step and in_save (checkpoint files written, not yet marked complete) make that
 rank die by SIGKILL (no clean-up, as under the OOM killer or a node failure);
 nan_loss makes its loss NaN; enospc fails its checkpoint write; slow_publish:RANK:0 delays that
-rank's write of a stage's published file by DELAY_S (so readers on other ranks come first).
+rank's write of a stage's published file by DELAY_S (so readers on other ranks come first);
+slow_build:RANK:0 delays that process's build of a shared cache (token cache, model folder) while it
+holds the build lock (RANK from the environment: these run before any process group).
 Unset, this does nothing."""
 import errno
 import os
@@ -31,6 +33,10 @@ def maybe_die(point: str, rank: int, step: int) -> None:
 def maybe_delay(point: str, rank: int, step: int) -> None:
     if _armed(point, rank, step):
         time.sleep(DELAY_S)
+
+
+def maybe_delay_build() -> None:
+    maybe_delay("slow_build", int(os.environ.get("RANK", "0")), 0)
 
 
 def maybe_disk_full(rank: int, step: int) -> None:

@@ -16,6 +16,7 @@ from typing import Optional
 from filelock import FileLock
 
 from .config import ConfigError
+from .faults import maybe_delay_build
 
 log = logging.getLogger(__name__)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -28,8 +29,10 @@ def _build_once(folder: str, build) -> str:
     with FileLock(folder + ".lock"):
         if not os.path.exists(os.path.join(folder, "config.json")):
             tmp = f"{folder}.tmp{os.getpid()}"
+            log.info("building %s (once for this machine; other processes wait for it)", folder)
             shutil.rmtree(tmp, ignore_errors=True)
             build(tmp)
+            maybe_delay_build()
             shutil.rmtree(folder, ignore_errors=True)
             os.replace(tmp, folder)
     return folder

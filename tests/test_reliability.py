@@ -288,3 +288,43 @@ def test_deepspeed_runs_the_configured_stage_with_nested_extra_keys(tmp_path):
                           f"output_dir={tmp_path / str(stage)}"])
         assert f"DeepSpeed runs ZeRO stage {stage}; effective config" in proc.stderr
         assert '"overlap_comm": false' in proc.stderr and f'"stage": {stage}' in proc.stderr
+
+
+RACE = """
+import json, logging, os, sys
+logging.basicConfig(level=logging.INFO)
+from sftmix_ds.config import load_model_config
+from sftmix_ds.data import load_examples
+from sftmix_ds.models import load_tokenizer, prepare_model
+cache, data = sys.argv[1], sys.argv[2]
+model = load_model_config(sys.argv[3])
+path = prepare_model(model, os.path.join(cache, "models"))
+tokenizer, _ = load_tokenizer(path)
+examples = load_examples([data], tokenizer, fmt="auto", max_length=256, overlong="truncate", system_prompt=None,
+                         cache_dir=os.path.join(cache, "tokenized"))
+print(json.dumps([path, [[e.id, e.input_ids, e.labels] for e in examples]]))
+"""
+
+
+def test_ranks_racing_for_the_token_cache_and_the_model_folder_get_one_build(tmp_path):
+    """Two ranks of a node start at once on empty caches, the builder holding its lock 5 s longer
+    (slow_build): each must wait for the one build and read the same model folder and examples."""
+    import subprocess
+    import sys
+
+    data = os.path.join(ROOT, "sftmix_ds", "builtin_data", "arith_eval.jsonl")
+    env = {**os.environ, "SFTMIX_FAULT": "slow_build:0:0", "PYTHONWARNINGS": "ignore"}
+    procs = [subprocess.Popen([sys.executable, "-c", RACE, str(tmp_path), data, "tiny"], cwd=ROOT, text=True,
+                              env={**env, "RANK": str(rank)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for rank in (0, 1)]
+    results, errors = [], []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        errors.append(err)
+        assert proc.returncode == 0, err[-3000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    assert results[0] == results[1] and len(results[0][1]) == 32
+    logs = "".join(errors)
+    assert logs.count("building ") == 1 and logs.count("tokenizing 32 conversations") == 1
+    assert len([f for f in os.listdir(tmp_path / "models") if not f.endswith(".lock")]) == 1
+    assert len([f for f in os.listdir(tmp_path / "tokenized") if f.endswith(".pt")]) == 1

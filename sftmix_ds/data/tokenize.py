@@ -14,6 +14,7 @@ import torch
 from filelock import FileLock
 
 from ..common import IGNORE, atomic_file, file_digest
+from ..faults import maybe_delay_build
 from .formats import Conversation, DataError, load_conversations
 
 log = logging.getLogger(__name__)
@@ -249,9 +250,12 @@ def load_examples(paths: List[str], tokenizer, *, fmt: str, max_length: int, ove
             examples, stats = [Example(*e) for e in cached["examples"]], cached["stats"]
         else:
             conversations = load_conversations(paths, fmt, system_prompt)
+            log.info("tokenizing %d conversations into %s (once; other processes wait for it)", len(conversations),
+                     path)
             examples, stats = tokenize_conversations(conversations, tokenizer, max_length, overlong)
             if not examples:
                 raise DataError(f"{', '.join(paths)}: no example left after tokenization ({stats})")
+            maybe_delay_build()
             with atomic_file(path, "wb") as f:
                 torch.save({"examples": [(e.id, e.input_ids, e.labels) for e in examples], "stats": stats}, f)
     log.info("%s: %d examples (max_length=%d; %s)", ", ".join(paths), len(examples), max_length,
