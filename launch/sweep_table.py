@@ -1,6 +1,8 @@
 """A sweep's final metrics as one markdown table: `python launch/sweep_table.py multirun/DATE_TIME`.
 
-Reads each point's overrides.yaml and the last record of its metrics.jsonl.
+Reads each point's overrides.yaml and the last record of its metrics.jsonl. Points compare on
+eval_loss, first: `loss` is each point's training objective, which for sftmix adds mu * loss/mix, so it
+would rank points by mu.
 """
 import glob
 import json
@@ -9,7 +11,7 @@ import sys
 
 import yaml
 
-METRICS = ("loss", "loss/ntp", "loss/mix", "eval_loss")
+METRICS = ("eval_loss", "loss/ntp", "loss/mix", "loss")
 
 
 def main(sweep_dir: str) -> None:
@@ -27,6 +29,7 @@ def main(sweep_dir: str) -> None:
         rows.append((os.path.basename(folder), " ".join(overrides), last))
     if not rows:
         sys.exit(f"{sweep_dir}: no */metrics.jsonl found")
+    print("Compare points on eval_loss: `loss` is the training objective (sftmix: loss/ntp + mu * loss/mix).\n")
     print("| point | overrides | step | " + " | ".join(METRICS) + " |")
     print("|---|---|---|" + "---|" * len(METRICS))
     for name, overrides, last in rows:

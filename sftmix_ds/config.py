@@ -59,6 +59,8 @@ class DataConfig:
     eval_sets: Dict[str, List[str]] = field(default_factory=dict)
     # auto: detect per record; alpaca | chat | prompt_completion force one.
     format: str = "auto"
+    # The same for the held-out files (eval_files, eval_sets), which need not share the training format.
+    eval_format: str = "auto"
     system_prompt: Optional[str] = None
     max_length: int = 1024
     # What to do with an example longer than max_length: truncate | drop.
@@ -356,6 +358,7 @@ def validate(cfg) -> None:
     if m.source == "random" and not m.tokenizer:
         raise ConfigError("model.tokenizer: required when model.source=random")
     one_of("data.format", d.format, ("auto", "alpaca", "chat", "prompt_completion"))
+    one_of("data.eval_format", d.eval_format, ("auto", "alpaca", "chat", "prompt_completion"))
     one_of("data.overlong", d.overlong, ("truncate", "drop"))
     if not d.train_files:
         raise ConfigError("data.train_files: at least one file is needed")

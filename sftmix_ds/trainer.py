@@ -149,7 +149,8 @@ class Recipe:
         self.tokenizer, self.pad_id = load_tokenizer(self.model_path, cfg.model.chat_template)
         train_set = load_split(cfg.data, self.tokenizer, cfg.data.train_files)
         named = {"eval_loss": cfg.data.eval_files, **{f"eval_loss/{n}": f for n, f in cfg.data.eval_sets.items()}}
-        self.eval_sets = {key: load_split(cfg.data, self.tokenizer, files) for key, files in named.items() if files}
+        self.eval_sets = {key: load_split(cfg.data, self.tokenizer, files, held_out=True)
+                          for key, files in named.items() if files}
         if cfg.eval is not None:
             eval_sets(cfg.eval)  # bad evaluation data fails now, not after training
         self.method = build_method(cfg)

@@ -394,3 +394,19 @@ def test_packed_rows_reach_flash_attention_as_one_row(monkeypatch):
                                  use_cache=False).last_hidden_state  # the rows as they are: examples attend across
     mixed = NTP(options=RunOptions(pack_width=16)).loss_terms(hidden, module.head(), packed_batch)["ntp"]
     assert abs(mixed.item() - padded.item()) > 1e-3
+
+
+def test_held_out_files_have_their_own_format(tmp_path, tokenizer):
+    from omegaconf import OmegaConf
+
+    from sftmix_ds.config import DataConfig
+    from sftmix_ds.data import load_split
+
+    chat = write_jsonl(tmp_path / "held_out.jsonl", [{"messages": [{"role": "user", "content": "1+1?"},
+                                                                   {"role": "assistant", "content": "2"}]}])
+    data = OmegaConf.merge(OmegaConf.structured(DataConfig),
+                           {"name": "x", "train_files": ["t.jsonl"], "format": "alpaca", "cache_dir": str(tmp_path)})
+    with pytest.raises(DataError, match="held_out.jsonl:1"):  # the training format forced on it
+        load_split(data, tokenizer, [chat])
+    [example] = load_split(data, tokenizer, [chat], held_out=True)  # data.eval_format=auto
+    assert assistant_text(tokenizer, example.input_ids, example.labels) == "2<|im_end|>"

@@ -263,8 +263,9 @@ def load_examples(paths: List[str], tokenizer, *, fmt: str, max_length: int, ove
     return examples
 
 
-def load_split(data_cfg, tokenizer, files) -> List[Example]:
-    """load_examples with the settings of a DataConfig."""
-    return load_examples(list(files), tokenizer, fmt=data_cfg.format, max_length=data_cfg.max_length,
+def load_split(data_cfg, tokenizer, files, held_out: bool = False) -> List[Example]:
+    """load_examples with the settings of a DataConfig (held-out files in data.eval_format)."""
+    fmt = data_cfg.eval_format if held_out else data_cfg.format
+    return load_examples(list(files), tokenizer, fmt=fmt, max_length=data_cfg.max_length,
                          overlong=data_cfg.overlong, system_prompt=data_cfg.system_prompt,
                          cache_dir=data_cfg.cache_dir)

@@ -58,7 +58,7 @@ def evaluate_model(cfg, model_path: str, out_dir: str, comm: Optional[Collective
     generator = None  # the generation model is released before scoring loads another copy
     if e.perplexity_files:
         tokenizer, pad_id = load_tokenizer(model_path, chat_template)
-        examples = load_split(cfg.data, tokenizer, e.perplexity_files)
+        examples = load_split(cfg.data, tokenizer, e.perplexity_files, held_out=True)
         nll = score_model(cfg.deepspeed, cfg.train, comm, model_path, examples, batch_size=e.batch_size,
                           pad_id=pad_id, attn_implementation=cfg.model.attn_implementation, desc="eval perplexity")
         total, count = sum(s for s, _ in nll.values()), sum(c for _, c in nll.values())
