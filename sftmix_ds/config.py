@@ -386,6 +386,9 @@ def validate(cfg) -> None:
         raise ConfigError(f"train.betas={list(t.betas)}: must be two numbers")
     for i, beta in enumerate(t.betas):
         in_range(f"train.betas[{i}]", beta, 0, 1, high_open=True)
+    in_range("train.seed", t.seed, 0, 2**32 - 1)  # numpy's seeds are 32-bit
+    check_folder("data.cache_dir", d.cache_dir)
+    check_folder("model_cache_dir", cfg.model_cache_dir)
     positive("deepspeed.timeout_minutes", ds.timeout_minutes)
     positive("deepspeed.build_lock_wait_minutes", ds.build_lock_wait_minutes, zero_ok=True)
     check_deepspeed_extra(OmegaConf.to_container(ds.extra, resolve=True))
@@ -432,19 +435,30 @@ def check_peft(cfg) -> None:
                           "train.export_merged=true or eval.model_path")
 
 
-def check_output_dir(path: str) -> None:
-    """output_dir names a folder that exists or can be made, and can be written."""
+def check_folder(key: str, path: str) -> None:
+    """The config key `key` names a folder that exists or can be made, and can be written: tried by
+    making (and removing) a folder in its nearest existing ancestor, which catches what permission
+    bits do not (/proc, a read-only mount)."""
+    import tempfile
+
     if not path or not str(path).strip():
-        raise ConfigError("output_dir: empty; name the run's folder")
+        raise ConfigError(f"{key}: empty; name a folder")
     if os.path.exists(path) and not os.path.isdir(path):
-        raise ConfigError(f"output_dir={path!r}: is a file, not a folder")
+        raise ConfigError(f"{key}={path!r}: is a file, not a folder")
     existing = os.path.abspath(path)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
-        raise ConfigError(f"output_dir={path!r}: lies under {existing!r}, which is a file")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"output_dir={path!r}: {existing!r} is not writable (read-only or another user's)")
+        raise ConfigError(f"{key}={path!r}: lies under {existing!r}, which is a file")
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".sftmix_ds_probe"))
+    except OSError as e:
+        raise ConfigError(f"{key}={path!r}: {existing!r} is not writable ({e.strerror}: read-only, another user's "
+                          "or not a real filesystem)") from None
+
+
+def check_output_dir(path: str) -> None:
+    check_folder("output_dir", path)
 
 
 def method_class(method_cfg):

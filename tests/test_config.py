@@ -200,6 +200,13 @@ def test_bad_output_dirs_are_refused_naming_the_folder(tmp_path):
             check_output_dir(path)
     check_output_dir(str(tmp_path / "new" / "run"))  # not there yet: made later
     assert not (tmp_path / "new").exists()
+    for override, message in (("train.seed=-1", r"train.seed=-1: must be in \[0, 4294967295\]"),
+                              ("train.seed=4294967296", "train.seed=4294967296: must be in"),
+                              (f"data.cache_dir={a_file}", f"data.cache_dir='{a_file}': is a file"),
+                              ("data.cache_dir=/proc/cache", "data.cache_dir='/proc/cache': '/proc' is not writable"),
+                              ("model_cache_dir=/proc/models", "model_cache_dir='/proc/models': '/proc' is not")):
+        with pytest.raises(ConfigError, match=message):
+            validate(cfg_with("model=tiny", "method=ntp", override))
     proc = train_cli(["model=tiny", "method=ntp", f"output_dir={a_file / 'run'}"], check=False)
     assert proc.returncode == 2 and "which is a file" in proc.stderr and "Traceback" not in proc.stderr
 

@@ -410,3 +410,65 @@ def test_held_out_files_have_their_own_format(tmp_path, tokenizer):
         load_split(data, tokenizer, [chat])
     [example] = load_split(data, tokenizer, [chat], held_out=True)  # data.eval_format=auto
     assert assistant_text(tokenizer, example.input_ids, example.labels) == "2<|im_end|>"
+
+
+def test_fields_that_change_the_conversation_are_converted_or_refused(tmp_path):
+    """A top-level system and alpaca history become turns; tool definitions, tool calls and other
+    message keys are refused naming FILE:LINE and the field, never dropped."""
+    path = write_jsonl(tmp_path / "d.jsonl", [
+        {"system": "Be terse.", "instruction": "And 3+3?", "output": "6", "history": [["2+2?", "4"]]},
+        {"system": "Be terse.", "prompt": "1+1?", "completion": "2"},
+        {"messages": [{"role": "user", "content": "q"},
+                      {"role": "assistant", "content": "a", "reasoning_content": "think", "tool_calls": None}]}])
+    convs = load_conversations([path])
+    assert convs[0].messages == [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "2+2?"},
+                                 {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"},
+                                 {"role": "assistant", "content": "6"}]
+    assert convs[1].messages[0] == {"role": "system", "content": "Be terse."}
+    assert convs[2].messages[1] == {"role": "assistant", "content": "a", "reasoning_content": "think"}
+    bad = {"tools": ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                      "tools": [{"name": "f"}]}, r"field 'tools' \(tool definitions\) is not supported"),
+           "tool_calls": ({"messages": [{"role": "user", "content": "q"},
+                                        {"role": "assistant", "content": "", "tool_calls": [{"name": "f"}]}]},
+                          r"messages\[1\]: field 'tool_calls' is not supported"),
+           "two systems": ({"system": "s", "messages": [{"role": "system", "content": "t"},
+                                                        {"role": "user", "content": "q"},
+                                                        {"role": "assistant", "content": "a"}]},
+                           "both a top-level 'system' field and a system message"),
+           "history": ({"instruction": "q", "output": "a", "history": [["only one"]]},
+                       r"history\[0\] must be an \[instruction, response\] pair")}
+    for name, (record, message) in bad.items():
+        path = write_jsonl(tmp_path / f"{name}.jsonl", [{"prompt": "x", "completion": "y"}, record])
+        with pytest.raises(DataError, match=f"{name}.jsonl:2: .*{message}"):
+            load_conversations([path])
+
+
+def test_a_file_rewritten_while_read_is_not_cached_under_its_old_content(tmp_path, tokenizer, monkeypatch):
+    import sftmix_ds.data.tokenize as tokenize
+
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "1+1?", "completion": "2"}])
+    read = tokenize.load_conversations
+
+    def read_then_rewrite(*args, **kwargs):
+        conversations = read(*args, **kwargs)
+        write_jsonl(path, [{"prompt": "1+1?", "completion": "3"}])  # a writer replaces the file meanwhile
+        return conversations
+
+    monkeypatch.setattr(tokenize, "load_conversations", read_then_rewrite)
+    settings = dict(fmt="auto", max_length=64, overlong="truncate", system_prompt=None, cache_dir=str(tmp_path / "c"))
+    with pytest.raises(DataError, match="d.jsonl: changed while being read; nothing was cached"):
+        load_examples([path], tokenizer, **settings)
+    assert not [f for f in os.listdir(tmp_path / "c") if f.endswith(".pt")]
+    monkeypatch.setattr(tokenize, "load_conversations", read)
+    [example] = load_examples([path], tokenizer, **settings)
+    assert assistant_text(tokenizer, example.input_ids, example.labels) == "3<|im_end|>"
+
+
+def test_a_line_without_end_is_refused_without_reading_it_whole(tmp_path, monkeypatch):
+    import sftmix_ds.data.formats as formats
+
+    monkeypatch.setattr(formats, "MAX_LINE_BYTES", 1 << 20)
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"prompt": "x", "completion": "y"}) + "\n" + "a" * (3 << 20))
+    with pytest.raises(DataError, match="d.jsonl:2: a line longer than 1 MiB"):
+        load_conversations([str(path)])

@@ -210,3 +210,18 @@ def test_a_model_without_a_chat_template_names_its_folder_and_the_key(tmp_path):
     assert supervised(tokenizer, SINGLE) == ["Paris is the capital of France.<|im_end|>"]
     with pytest.raises(ConfigError, match="model.chat_template='nope': no such file, nor a shipped format"):
         load_tokenizer(str(tmp_path), "nope")
+
+
+def test_the_generator_stops_at_end_of_turn_when_the_config_names_only_eos(tmp_path):
+    """A Gemma-style folder whose generation_config names only <eos>: generation also stops at
+    <end_of_turn>, else every answer would run on to max_new_tokens."""
+    from sftmix_ds.inference import Generator
+
+    tokenizer = family_tokenizer("gemma3")
+    eos, end = tokenizer.convert_tokens_to_ids(["<eos>", "<end_of_turn>"])
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                      num_hidden_layers=1, num_attention_heads=2, eos_token_id=eos)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    generator = Generator(str(tmp_path), "cpu", None, max_new_tokens=2)
+    assert generator.kwargs["eos_token_id"] == [eos, end]

@@ -2,10 +2,12 @@
 
 Files: .jsonl, .json (a list of records), .parquet, or a folder written by
 `datasets.Dataset.save_to_disk`. Record formats:
-- alpaca: {"instruction", "input"?, "output"}
-- chat: {"messages": [{"role": system|user|assistant, "content": str}, ...]}
+- alpaca: {"instruction", "input"?, "output", "history"?: [[instruction, response], ...]}
+- chat: {"messages": [{"role": system|user|assistant, "content": str, "reasoning_content"?: str}, ...]}
 - prompt_completion: {"prompt", "completion"}
-Every problem is reported as a DataError naming the file, the line or record,
+Any of them may carry a top-level "system" (the conversation's system turn). A field that would
+change the conversation but cannot be represented (tool definitions, tool calls, other message
+keys) is refused, never dropped. Every problem is reported as a DataError naming the file, the line or record,
 and what is wrong.
 """
 from __future__ import annotations
@@ -19,6 +21,9 @@ from typing import Iterator, List, Tuple
 from ..common import UserError
 
 ROLES = ("system", "user", "assistant")
+MESSAGE_KEYS = ("role", "content", "reasoning_content")  # reasoning_content: read by reasoning models' templates
+MAX_LINE_BYTES = 256 << 20  # a record longer than this is refused, not read whole
+UNSUPPORTED_FIELDS = {"tools": "tool definitions", "functions": "function definitions"}
 
 
 class DataError(UserError, ValueError):
@@ -51,8 +56,11 @@ def read_records(path: str) -> Iterator[Tuple[str, dict]]:
 
 def _read_jsonl(path: str):
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
+        for lineno, raw in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 1), b""), 1):
             where = f"{path}:{lineno}"
+            if len(raw) > MAX_LINE_BYTES:  # a file with no newline is not read whole into memory
+                raise DataError(f"{where}: a line longer than {MAX_LINE_BYTES >> 20} MiB (one record per line is "
+                                "expected; is this a .json file, or are the newlines missing?)")
             try:
                 line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as e:
@@ -139,6 +147,10 @@ def to_messages(record: dict, fmt: str, where: str, system_prompt: str | None = 
         except KeyError:
             raise DataError(f"{where}: unknown record format: expected 'messages' (chat), 'instruction' (alpaca) "
                             f"or 'prompt' (prompt_completion); found keys {sorted(record)}") from None
+    for key, what in UNSUPPORTED_FIELDS.items():
+        if record.get(key):
+            raise DataError(f"{where}: field {key!r} ({what}) is not supported: the conversation would be trained "
+                            "without it; remove the field or the record")
     if fmt == "alpaca":
         prompt = _text(record, "instruction", where)
         extra = record.get("input")
@@ -146,16 +158,38 @@ def to_messages(record: dict, fmt: str, where: str, system_prompt: str | None = 
             raise DataError(f"{where}: field 'input' must be a string, got {type(extra).__name__}")
         if extra and extra.strip():
             prompt = f"{prompt}\n\n{extra}"
-        messages = [{"role": "user", "content": prompt},
+        messages = [*_alpaca_history(record, where), {"role": "user", "content": prompt},
                     {"role": "assistant", "content": _text(record, "output", where)}]
     elif fmt == "prompt_completion":
         messages = [{"role": "user", "content": _text(record, "prompt", where)},
                     {"role": "assistant", "content": _text(record, "completion", where)}]
     else:
         messages = _chat_messages(record, where)
+    if record.get("system") is not None:
+        if messages[0]["role"] == "system":
+            raise DataError(f"{where}: both a top-level 'system' field and a system message; keep one")
+        messages = [{"role": "system", "content": _text(record, "system", where)}] + messages
     if system_prompt and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system_prompt}] + messages
     return messages
+
+
+def _alpaca_history(record: dict, where: str) -> List[dict]:
+    """Alpaca's optional "history" (LLaMA-Factory's layout): earlier [instruction, response] pairs,
+    which become the turns before this one."""
+    history = record.get("history")
+    if history is None:
+        return []
+    if not isinstance(history, list):
+        raise DataError(f"{where}: field 'history' must be a list of [instruction, response] pairs")
+    turns = []
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+            raise DataError(f"{where}: history[{i}] must be an [instruction, response] pair")
+        pair_record = {"instruction": pair[0], "response": pair[1]}
+        turns += [{"role": "user", "content": _text(pair_record, "instruction", f"{where}: history[{i}]")},
+                  {"role": "assistant", "content": _text(pair_record, "response", f"{where}: history[{i}]")}]
+    return turns
 
 
 def _chat_messages(record: dict, where: str) -> List[dict]:
@@ -170,8 +204,15 @@ def _chat_messages(record: dict, where: str) -> List[dict]:
         role = m.get("role")
         if role not in ROLES:
             raise DataError(f"{at}: unknown role {role!r} (expected one of {', '.join(ROLES)})")
+        unknown = sorted(k for k, v in m.items() if k not in MESSAGE_KEYS and v is not None)
+        if unknown:
+            raise DataError(f"{at}: field {unknown[0]!r} is not supported (only {', '.join(MESSAGE_KEYS)}): the "
+                            "message would be trained without it; remove it or the record")
         content = _text(m, "content", at, required_nonempty=(role == "assistant"))
-        out.append({"role": role, "content": content})
+        message = {"role": role, "content": content}
+        if m.get("reasoning_content") is not None:
+            message["reasoning_content"] = _text(m, "reasoning_content", at, required_nonempty=False)
+        out.append(message)
     if not any(m["role"] == "assistant" for m in out):
         raise DataError(f"{where}: conversation has no assistant turn to train on")
     first = next(i for i, m in enumerate(out) if m["role"] != "system")

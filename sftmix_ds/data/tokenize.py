@@ -240,8 +240,8 @@ def load_examples(paths: List[str], tokenizer, *, fmt: str, max_length: int, ove
     Safe to call from every rank at once before the process group starts: one
     process builds the cache under a file lock, the others then read it.
     """
-    key = _fingerprint(paths, tokenizer, fmt=fmt, max_length=max_length, overlong=overlong,
-                       system_prompt=system_prompt)
+    settings = dict(fmt=fmt, max_length=max_length, overlong=overlong, system_prompt=system_prompt)
+    key = _fingerprint(paths, tokenizer, **settings)
     os.makedirs(cache_dir, exist_ok=True)
     path = os.path.join(cache_dir, f"{key}.pt")
     with FileLock(path + ".lock"):
@@ -255,6 +255,9 @@ def load_examples(paths: List[str], tokenizer, *, fmt: str, max_length: int, ove
             examples, stats = tokenize_conversations(conversations, tokenizer, max_length, overlong)
             if not examples:
                 raise DataError(f"{', '.join(paths)}: no example left after tokenization ({stats})")
+            if _fingerprint(paths, tokenizer, **settings) != key:  # the cache must hold what its key names
+                raise DataError(f"{', '.join(paths)}: changed while being read; nothing was cached. Run again once "
+                                "the files are complete")
             maybe_delay_build()
             with atomic_file(path, "wb") as f:
                 torch.save({"examples": [(e.id, e.input_ids, e.labels) for e in examples], "stats": stats}, f)
