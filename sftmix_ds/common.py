@@ -34,6 +34,32 @@ def to_device(batch: dict, device) -> dict:
     return {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
 
+class OutOfSpace(UserError, OSError):
+    """A write failed because its filesystem is full; what was there before is intact."""
+
+
+def out_of_space(path: str, error: BaseException):
+    """OutOfSpace naming `path` when `error` comes from a full filesystem: ENOSPC or EDQUOT, or any
+    write error while under 64 MiB are free (torch.save and safetensors raise their own types);
+    None otherwise."""
+    import errno
+    import shutil
+
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.isdir(folder):
+        folder = os.path.dirname(folder)
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    full = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+    if not (full or (free is not None and free < (64 << 20))):
+        return None
+    room = f", {free >> 20} MiB free" if free is not None else ""
+    return OutOfSpace(f"{path}: no space left on its filesystem ({folder}{room}): {error}; what was there before "
+                      "is intact; free space and run again")
+
+
 @contextlib.contextmanager
 def atomic_file(path: str, mode: str = "w"):
     """Write `path` whole or not at all: a temporary file beside it, renamed over it on success."""
@@ -42,6 +68,11 @@ def atomic_file(path: str, mode: str = "w"):
         with open(tmp, mode) as f:
             yield f
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        full = out_of_space(path, e)
+        if full is None:
+            raise
+        raise full from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

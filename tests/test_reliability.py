@@ -328,3 +328,46 @@ def test_ranks_racing_for_the_token_cache_and_the_model_folder_get_one_build(tmp
     assert logs.count("building ") == 1 and logs.count("tokenizing 32 conversations") == 1
     assert len([f for f in os.listdir(tmp_path / "models") if not f.endswith(".lock")]) == 1
     assert len([f for f in os.listdir(tmp_path / "tokenized") if f.endswith(".pt")]) == 1
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of a few MiB (root only): a filesystem that fills up for real. mount(size) resizes it."""
+    import subprocess
+
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    mount = lambda *options: subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(options), "tmpfs", str(folder)],
+                                            capture_output=True)
+    if mount("size=1m").returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    yield folder, lambda size: subprocess.run(["mount", "-o", f"remount,size={size}", str(folder)], check=True)
+    subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_a_full_disk_is_a_clean_error_and_loses_nothing(small_disk, tokenizer):
+    """The token cache, a checkpoint save and the run after it, on a filesystem that fills up:
+    clean errors naming the path, no half-written file, and the earlier checkpoint resumes."""
+    from sftmix_ds.common import OutOfSpace
+    from sftmix_ds.data import load_examples
+
+    disk, resize = small_disk
+    data = os.path.join(ROOT, "sftmix_ds", "builtin_data", "arith_train.jsonl")
+    resize("64k")  # the 128 tokenized examples need more
+    with pytest.raises(OutOfSpace, match=f"{disk}/cache/.*no space left on its filesystem"):
+        load_examples([data], tokenizer, fmt="auto", max_length=256, overlong="truncate", system_prompt=None,
+                      cache_dir=str(disk / "cache"))
+    assert [f for f in os.listdir(disk / "cache") if not f.endswith(".lock")] == []  # no half-written cache
+
+    resize("60m")  # one tiny checkpoint (37 MB) fits, a second does not
+    run = disk / "run"
+    args = ["model=tiny", "method=ntp", "train.max_steps=6", "train.save_every=2", "train.eval_every=0",
+            f"data.cache_dir={disk / 'cache'}", f"output_dir={run}"]
+    proc = train_cli(args, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "saving checkpoint" in proc.stderr and "no space left on its filesystem" in proc.stderr
+    assert [f for f in os.listdir(run / "checkpoints") if f.startswith("step_")] == ["step_2"]  # step_4 removed
+    resize("200m")
+    proc = train_cli(args)
+    assert f"resumed from {run}/checkpoints/step_2 at step 2" in proc.stderr
+    assert (run / "model" / "model.safetensors").exists()

@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..common import UserError, file_digest, write_json_atomic
+from ..common import UserError, file_digest, out_of_space, write_json_atomic
 from ..faults import maybe_die, maybe_disk_full
 
 log = logging.getLogger(__name__)
@@ -86,8 +86,8 @@ class Checkpointer:
             self.strategy.engine.save_checkpoint(ckpt_root, tag=tag, client_state=client_state)
             maybe_disk_full(self.comm.rank, step)
             torch.save(_rng_state(), os.path.join(folder, f"rng_rank{self.comm.rank}.pt"))
-        except OSError as e:  # disk full, quota, lost mount: every rank must learn of it, or the rest hang
-            error = e
+        except (OSError, RuntimeError) as e:  # disk full (torch.save: RuntimeError), quota, lost mount: every
+            error = out_of_space(folder, e) or e  # rank must learn of it, or the rest hang
         maybe_die("in_save", self.comm.rank, step)
         if self.comm.any_rank(error is not None):
             if self.comm.rank == 0:

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from ..common import torch_dtype
+from ..common import UserError, out_of_space, torch_dtype
 from ..models import attention_implementation, decoder_blocks
 from .collectives import Collectives
 
@@ -166,43 +166,59 @@ class DeepSpeedStrategy:
         (sftmix_ds.adapters) is exported merged to out_dir (None: not at all), and
         its adapter folder to adapter_dir when given.
         """
-        from huggingface_hub import save_torch_state_dict
-
         from ..adapters import is_peft, merged_state, save_adapter
 
         if self.cfg.zero_stage == 3:
             state = self.engine._zero3_consolidated_16bit_state_dict()  # collective
         else:
             state = self.engine.module.state_dict() if self.comm.rank == 0 else None
+        error = None
         if self.comm.rank == 0:
-            export_dtype = torch_dtype(dtype)
-            # clone: ZeRO-1/2 parameters are views into one flat buffer, which safetensors refuses
-            state = {k[len(prefix):]: v.detach().to("cpu").clone() for k, v in state.items() if k.startswith(prefix)}
-            if is_peft(model):
-                if adapter_dir:
-                    save_adapter(model, state, adapter_dir, export_dtype)
-                state, model = merged_state(model, state), model.get_base_model()
-            state = {k: v.to(export_dtype) for k, v in state.items()}
-        if self.comm.rank == 0 and out_dir is not None:
-            if getattr(model.config, "tie_word_embeddings", False):
-                state.pop("lm_head.weight", None)
-            empty = [k for k, v in state.items() if v.numel() == 0]
-            if empty:
-                raise RuntimeError(f"export: parameters with no elements (ZeRO-3 partitions leaked): {empty[:5]}")
-            tmp = f"{out_dir}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-            save_torch_state_dict(state, tmp, max_shard_size="5GB")
-            config = model.config.__class__.from_dict(model.config.to_dict())
-            config.dtype = export_dtype
-            config.use_cache = True
-            config.save_pretrained(tmp)
-            if model.generation_config is not None:
-                model.generation_config.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            shutil.rmtree(out_dir, ignore_errors=True)
-            os.replace(tmp, out_dir)
-        self.comm.barrier()
+            try:
+                export_dtype = torch_dtype(dtype)
+                # clone: ZeRO-1/2 parameters are views into one flat buffer, which safetensors refuses
+                state = {k[len(prefix):]: v.detach().to("cpu").clone() for k, v in state.items()
+                         if k.startswith(prefix)}
+                if is_peft(model):
+                    if adapter_dir:
+                        save_adapter(model, state, adapter_dir, export_dtype)
+                    state, model = merged_state(model, state), model.get_base_model()
+                if out_dir is not None:
+                    _write_export(out_dir, {k: v.to(export_dtype) for k, v in state.items()}, model, tokenizer,
+                                  export_dtype)
+            except (OSError, RuntimeError) as e:
+                for folder in (out_dir, adapter_dir):
+                    if folder:
+                        shutil.rmtree(f"{folder}.tmp", ignore_errors=True)
+                error = out_of_space(out_dir or adapter_dir, e) or e
+        if self.comm.any_rank(error is not None):  # every rank stops, none waits on the others
+            if error is not None:
+                raise error
+            raise UserError(f"export to {out_dir} failed on rank 0 (its log says why)")
+
+
+def _write_export(out_dir: str, state: dict, model, tokenizer, export_dtype) -> None:
+    """out_dir written whole from the gathered state (rank 0), or left as it was."""
+    from huggingface_hub import save_torch_state_dict
+
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    empty = [k for k, v in state.items() if v.numel() == 0]
+    if empty:
+        raise RuntimeError(f"export: parameters with no elements (ZeRO-3 partitions leaked): {empty[:5]}")
+    tmp = f"{out_dir}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_torch_state_dict(state, tmp, max_shard_size="5GB")
+    config = model.config.__class__.from_dict(model.config.to_dict())
+    config.dtype = export_dtype
+    config.use_cache = True
+    config.save_pretrained(tmp)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
 
 
 def _drop_zero3_globals() -> None:
