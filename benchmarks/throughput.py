@@ -132,7 +132,7 @@ def trl_worker(spec: dict) -> None:
     from sftmix_ds.config import CONF_DIR, register_configs, resolve_precision
     from sftmix_ds.data import Batches, load_split
     from sftmix_ds.engine import dist_env
-    from sftmix_ds.models import load_tokenizer, prepare_model
+    from sftmix_ds.models import attention_implementation, load_tokenizer, prepare_model
 
     dist_env()  # a one-process group for DeepSpeed under the HF Trainer
     register_configs()
@@ -188,7 +188,8 @@ def trl_worker(spec: dict) -> None:
 
     timer = StepTimes()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if bf16 else torch.float32,
-                                                 attn_implementation=cfg.model.attn_implementation)
+                                                 attn_implementation=attention_implementation(
+                                                     path, cfg.model.attn_implementation))
     trainer = InOrder(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[timer])
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
