@@ -104,3 +104,13 @@ def test_python_tests_judge_on_humaneval():
     wrong = f"```python\ndef {problems[0]['entry_point']}(*args):\n    return None\n```"
     assert not python_tests(problems[0], wrong)
     assert not python_tests(problems[0], "```python\nwhile True: pass\n```", timeout_s=2)
+
+
+def test_humaneval_33_whose_tests_call_the_function_by_name():
+    """HumanEval/33's check compares candidate(x) with sort_third(x): the name is the candidate (as in
+    the official harness, where the program defines it), not the prompt's empty stub."""
+    [problem] = [p for p in humaneval(164) if p["id"] == "HumanEval/33"]
+    assert "sort_third([1, 2, 3])" in problem["test"]
+    assert python_tests(problem, problem["completion"])
+    wrong = problem["completion"].replace("l[::3] = sorted(l[::3])", "l[::3] = sorted(l[::3], reverse=True)")
+    assert wrong != problem["completion"] and not python_tests(problem, wrong)

@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -89,6 +90,19 @@ HOSTILE = {
         "s.settimeout(2)\n"
         "s.connect(('127.0.0.1', PORT))\n"
         "s.sendall(b'{\"id\": \"x\", \"source\": \"own\"}\\n')\n"),
+    "connects to a unix socket outside /tmp": WRONG + (
+        "import _socket\n"
+        "s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)\n"
+        "s.connect('SOCKPATH')\n"
+        "s.sendall(b'{\"id\": \"x\", \"source\": \"own\"}\\n')\n"),
+    "copies the canonical solution from the checkout": (
+        "import json\n"
+        "for line in open('GOLDPATH'):\n"
+        "    record = json.loads(line)\n"
+        "    if record['entry_point'] == 'has_close_elements':\n"
+        "        fence = chr(96) * 3  # no literal fence: the candidate itself arrives fenced\n"
+        "        exec(record['completion'].split(fence + 'python', 1)[1].split(fence)[0])\n"
+        "        break\n"),
     "writes to inherited descriptors": WRONG + (
         "import os\n"
         "for fd in range(3, 256):\n"
@@ -126,24 +140,45 @@ def leftovers() -> list:
 
 
 @pytest.mark.parametrize("name", list(HOSTILE))
-def test_hostile_candidate_is_judged_wrong_and_leaves_nothing(name, problem, tmp_path):
+def test_hostile_candidate_is_judged_wrong_and_leaves_nothing(name, problem, tmp_path, monkeypatch):
+    from sftmix_ds.inference import sandbox
+
     needs_sandbox()
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(1)
     listener.setblocking(False)
+    # A filesystem socket anyone may connect to (as a system bus's is), outside the sandbox's /tmp.
+    sockets = tempfile.mkdtemp(dir="/run" if os.access("/run", os.W_OK) else ROOT, prefix=MARK)
+    os.chmod(sockets, 0o755)
+    unix = socket.socket(socket.AF_UNIX)
+    unix.bind(os.path.join(sockets, "bus"))
+    os.chmod(os.path.join(sockets, "bus"), 0o777)
+    unix.listen(1)
+    unix.setblocking(False)
+    # The project's data in a checkout anyone may read (the suite's own may sit in a 0700 folder).
+    gold = os.path.join(sockets, "builtin_data")
+    shutil.copytree(os.path.join(ROOT, "sftmix_ds", "builtin_data"), gold, ignore=shutil.ignore_patterns("*_tokenizer"))
+    for folder, _, files in os.walk(sockets):
+        os.chmod(folder, 0o755)
+    os.chmod(os.path.join(gold, "humaneval.jsonl"), 0o644)
+    monkeypatch.setattr(sandbox, "HIDDEN", (gold,))
     targets = tmp_path / "targets.jsonl"
     targets.write_text("")
     held = os.open(targets, os.O_WRONLY | os.O_APPEND)  # as an open targets file would be
     os.set_inheritable(held, True)
     try:
-        code = HOSTILE[name].replace("PORT", str(listener.getsockname()[1]))
+        code = HOSTILE[name].replace("PORT", str(listener.getsockname()[1])).replace(
+            "SOCKPATH", os.path.join(sockets, "bus")).replace("GOLDPATH", os.path.join(gold, "humaneval.jsonl"))
         assert not python_tests(problem, f"```python\n{code}```", timeout_s=5)
-        with pytest.raises(BlockingIOError):
-            listener.accept()
+        for server in (listener, unix):
+            with pytest.raises(BlockingIOError):
+                server.accept()
     finally:
         os.close(held)
         listener.close()
+        unix.close()
+        shutil.rmtree(sockets)
     assert targets.read_text() == ""
     assert leftovers() == []
     assert python_tests(problem, problem["completion"])  # the next checks are judged normally
@@ -172,9 +207,9 @@ NOBODY_TABLE = """
 import json, sys, types
 job = json.loads(sys.stdin.read())
 # The package's modules sandbox.py needs, from the job's sources: nobody may not read the checkout.
-for name, source in job["sources"].items():
+for name, (path, source) in job["sources"].items():
     module = sys.modules[name] = types.ModuleType(name)
-    module.__path__, module.__package__ = [], name.rpartition(".")[0]
+    module.__path__, module.__package__, module.__file__ = [], name.rpartition(".")[0], path
     exec(compile(source, name, "exec"), module.__dict__)
 sandbox = sys.modules["sftmix_ds.inference.sandbox"]
 if sandbox.isolation()[0] is None:
@@ -194,14 +229,15 @@ def test_hostile_candidates_as_an_unprivileged_user(problem):
     python = "/usr/bin/python3"  # nobody cannot always reach this venv's interpreter; sandbox.py needs the stdlib only
     if not os.access(python, os.X_OK):
         pytest.skip(f"{python} is missing: no interpreter an unprivileged user can run")
-    cases = {n: c.replace("PORT", "9") for n, c in HOSTILE.items()}
+    cases = {n: c.replace("PORT", "9").replace("SOCKPATH", "/run/nonexistent").replace(
+        "GOLDPATH", os.path.join(ROOT, "sftmix_ds", "builtin_data", "humaneval.jsonl")) for n, c in HOSTILE.items()}
     cases["the gold solution"] = problem["completion"].split("```python\n", 1)[1].rsplit("```", 1)[0]
     sources = {"sftmix_ds": "", "sftmix_ds.common": "common.py", "sftmix_ds.inference": "",
                "sftmix_ds.inference.sandbox": "inference/sandbox.py"}
     for name, path in sources.items():
-        if path:
-            with open(os.path.join(ROOT, "sftmix_ds", path)) as f:
-                sources[name] = f.read()
+        path = os.path.join(ROOT, "sftmix_ds", path or "__init__.py")
+        with open(path) as f:
+            sources[name] = (path, f.read() if name in ("sftmix_ds.common", "sftmix_ds.inference.sandbox") else "")
     job = {"test": problem["test"], "entry_point": problem["entry_point"], "stub": problem["stub"], "cases": cases,
            "sources": sources}
     proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-I", "-c",
@@ -280,3 +316,46 @@ def test_no_sandbox_refuses_code_unless_allowed(problem, monkeypatch):
     assert python_tests(problem, problem["completion"], allow_unsandboxed=True)
     assert not python_tests(problem, HOSTILE["os._exit(0) at module level"], allow_unsandboxed=True)
     assert not python_tests(problem, HOSTILE["__eq__ always true"], allow_unsandboxed=True)
+
+
+def test_checks_share_no_keyring(problem):
+    """Check A stores a key in its user and session keyrings; check B, later, finds neither."""
+    import platform
+
+    from sftmix_ds.inference.sandbox import run_python
+
+    needs_sandbox()
+    if platform.machine() != "x86_64":
+        pytest.skip("the syscall numbers below are x86_64's")
+    keys = "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+    add = keys + "print([libc.syscall(248, b'user', b'sftmix-hostile', b'secret', 6, ring) for ring in (-4, -3)])\n"
+    find = keys + "print([libc.syscall(250, 10, ring, b'user', b'sftmix-hostile', 0) for ring in (-4, -3)])\n"
+    assert run_python(add).passed
+    found = run_python(find)
+    assert found.passed and found.output.strip() == "[-1, -1]", found.output
+
+
+def test_a_fork_storm_does_not_starve_a_check_running_beside_it(problem):
+    """One candidate holds every process its limit allows; a gold answer judged meanwhile still
+    passes (each check runs as its own user id, so the process limits are separate)."""
+    import threading
+
+    from sftmix_ds.inference.sandbox import run_python
+
+    needs_sandbox()
+    storm = ("import os, time\n"
+             "while True:\n"
+             "    try:\n"
+             "        if os.fork() == 0:\n            time.sleep(8)\n            os._exit(0)\n"
+             "    except OSError:\n        break\n"
+             "print('full', flush=True)\n"
+             "time.sleep(8)\n")
+    storming = threading.Thread(target=run_python, args=(storm,), kwargs={"timeout_s": 10})
+    storming.start()
+    try:
+        import time
+
+        time.sleep(2)  # the storm has taken its processes
+        assert python_tests(problem, problem["completion"])
+    finally:
+        storming.join()

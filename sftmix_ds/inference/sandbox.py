@@ -4,8 +4,10 @@ Isolation (`isolation()`, probed once): every check runs under `unshare` in new
 PID, mount, network and IPC namespaces, plus a user namespace when we are not
 root. Inside, a trusted setup step remounts every filesystem read-only, mounts
 fresh size-capped tmpfs over /tmp, /var/tmp and /dev/shm (the only writable
-places; the check's working directory is in /tmp), drops to `nobody` when run
-as root, and drops every capability; then the check runs with time, memory,
+places; the check's working directory is in /tmp), hides the project's own data,
+starts a new session keyring, installs a seccomp filter against unix sockets
+and io_uring, drops to a fresh user id of no account (its own process limit and
+keyrings) when run as root, and drops every capability; then the check runs with time, memory,
 process-count and file-size limits, an empty environment and Python's isolated
 mode. When the check's first process ends, the kernel kills every process left
 in its PID namespace (daemons included), and its tmpfs files are gone with the
@@ -48,9 +50,10 @@ from typing import Optional
 from ..common import UserError
 
 log = logging.getLogger(__name__)
-NOBODY = 65534
 OUTPUT_CAP = 1 << 20  # bytes of a check's output kept; the rest is read and dropped
 TMPFS_MB = 32  # each of /tmp, /var/tmp, /dev/shm inside the sandbox
+# Hidden inside the sandbox: the project's own data, gold answers and canonical solutions included.
+HIDDEN = (os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "builtin_data"),)
 
 # Runs first inside the candidate's interpreter: sockets off (the network namespace is the real wall).
 PRELUDE = """\
@@ -64,7 +67,7 @@ del _s
 
 # Trusted: runs in the new namespaces before any untrusted code, then execs argv[2:].
 SETUP = r"""
-import ctypes, os, sys
+import ctypes, os, struct, sys
 libc = ctypes.CDLL(None, use_errno=True)
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND = 1, 2, 4, 8, 32, 4096
 KEEP = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "noatime": 1024, "nodiratime": 2048,
@@ -88,10 +91,37 @@ for point, options in points:
 for point in ("/tmp", "/var/tmp", "/dev/shm"):
     if os.path.isdir(point):
         mount(b"tmpfs", point, b"tmpfs", MS_NOSUID | MS_NODEV, f"size={sys.argv[1]}m,mode=1777".encode())
+for hidden in filter(None, os.environ.pop("SANDBOX_HIDE", "").split(os.pathsep)):
+    if os.path.isdir(hidden):  # gold answers shipped with the project: an empty, unreadable folder instead
+        mount(b"tmpfs", hidden, b"tmpfs", MS_NOSUID | MS_NODEV | MS_RDONLY, b"size=4k,mode=0")
 os.makedirs("/tmp/work", mode=0o777)
 os.chmod("/tmp/work", 0o777)
 os.chdir("/tmp/work")
-drop = ["--reuid=65534", "--regid=65534", "--clear-groups"] if os.environ.pop("SANDBOX_DROP_TO_NOBODY", "") else []
+machine = os.uname().machine
+# A new, empty session keyring (keyctl JOIN_SESSION_KEYRING); a container that filters keyctl away
+# already keeps candidates from every keyring.
+keyctl = {"x86_64": 250, "aarch64": 219}.get(machine)
+if keyctl:
+    libc.syscall(ctypes.c_long(keyctl), ctypes.c_int(1), ctypes.c_void_p(None))
+# seccomp: no unix sockets (a filesystem socket outside /tmp, such as a system bus, is reachable
+# through a read-only mount and across network namespaces), no io_uring (it makes sockets without
+# socket()), and no other syscall ABI (x32, int 0x80) to go around the filter.
+abi = {"x86_64": (0xC000003E, 41, 53), "aarch64": (0xC00000B7, 198, 199)}.get(machine)
+if abi is None:
+    raise OSError(f"the sandbox's seccomp filter knows no syscalls of {machine}")
+arch, socket_nr, socketpair_nr = abi
+LD, JEQ, JGE, RET, DENY, ALLOW = 0x20, 0x15, 0x35, 0x06, 0x00050001, 0x7FFF0000  # DENY: errno EPERM
+program = [(LD, 0, 0, 4), (JEQ, 1, 0, arch), (RET, 0, 0, DENY), (LD, 0, 0, 0), (JGE, 5, 0, 0x40000000),
+           (JEQ, 4, 0, 425), (JEQ, 1, 0, socket_nr), (JEQ, 0, 3, socketpair_nr), (LD, 0, 0, 16),
+           (JEQ, 0, 1, 1), (RET, 0, 0, DENY), (RET, 0, 0, ALLOW)]
+code = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *op) for op in program))
+class Program(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+fprog = Program(len(program), ctypes.cast(code, ctypes.c_void_p))
+if libc.prctl(38, 1, 0, 0, 0) != 0 or libc.prctl(22, 2, ctypes.byref(fprog), 0, 0) != 0:  # NO_NEW_PRIVS, SECCOMP
+    raise OSError(ctypes.get_errno(), f"seccomp: {os.strerror(ctypes.get_errno())}")
+uid = os.environ.pop("SANDBOX_UID", "")
+drop = [f"--reuid={uid}", f"--regid={uid}", "--clear-groups"] if uid else []
 os.execvp("setpriv", ["setpriv", *drop, "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs",
                       "--securebits=+noroot,+noroot_locked", "--",
                       *sys.argv[2:]])
@@ -185,6 +215,7 @@ try:
         raise CandidateFailed("the candidate's code did not load")
     namespace = {"__name__": "__tests__"}
     exec(job["helpers"], namespace)  # what the prompt defines besides the function (HumanEval: poly, ...)
+    namespace[job["entry_point"]] = candidate  # tests may call it by name (HumanEval/33 does)
     exec(job["test"], namespace)
     namespace["check"](candidate)
 except BaseException as e:
@@ -218,8 +249,8 @@ def isolation() -> tuple:
     if os.geteuid() != 0:
         prefix += ["--user", "--map-root-user"]
     prefix += ["--", sys.executable, "-I", "-B", "-c", SETUP, str(TMPFS_MB)]
-    env = {"PATH": "/usr/bin:/bin", **({"SANDBOX_DROP_TO_NOBODY": "1"} if os.geteuid() == 0 else {})}
-    # nobody may not reach this venv's interpreter (say, under /root); the system's Python then serves.
+    env = {"PATH": "/usr/bin:/bin", **({"SANDBOX_UID": str(sandbox_uid())} if os.geteuid() == 0 else {})}
+    # an unprivileged user may not reach this venv's interpreter (say, under /root); the system's Python then serves.
     why = []
     for python in dict.fromkeys([sys.executable, "/usr/bin/python3"]):
         # What run_tests needs: write in /tmp/work, and start this interpreter again from inside.
@@ -231,6 +262,13 @@ def isolation() -> tuple:
             return prefix, python, None
         why.append(f"{python}: {(probe.stderr.strip().splitlines() or [f'exit status {probe.returncode}'])[-1]}")
     return None, None, f"namespaces are not available here, or no interpreter runs in them ({'; '.join(why)})"
+
+
+def sandbox_uid() -> int:
+    """A user id of no account, fresh for each check: its process limit (RLIMIT_NPROC counts a user's
+    processes) and its kernel keyring are its own, so one candidate's fork storm or stored key
+    never reaches another check running at the same time."""
+    return 1 << 20 | secrets.randbelow(1 << 30)
 
 
 def _limits(timeout_s: float, memory_mb: int, max_procs: int):
@@ -270,8 +308,9 @@ def _run(script: str, script_args: tuple, stdin: bytes, timeout_s: float, memory
         cmd = [sys.executable, *argv]
     else:
         cmd = prefix + [python, *argv]
+        env["SANDBOX_HIDE"] = os.pathsep.join(HIDDEN)
         if os.geteuid() == 0:
-            env["SANDBOX_DROP_TO_NOBODY"] = "1"
+            env["SANDBOX_UID"] = str(sandbox_uid())
     try:
         proc = subprocess.Popen(cmd, cwd=workdir or "/", env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, pass_fds=(start_w, *pass_fds),
@@ -286,7 +325,7 @@ def _run(script: str, script_args: tuple, stdin: bytes, timeout_s: float, memory
         output, timed_out = _read_capped(proc.stdout, time.monotonic() + timeout_s)
         _kill_group(proc)
         if not _read_now(start_r):
-            who = "nobody" if env.get("SANDBOX_DROP_TO_NOBODY") else "this user"
+            who = f"uid {env['SANDBOX_UID']}" if env.get("SANDBOX_UID") else "this user"
             raise SandboxUnavailable(f"the sandbox did not start {cmd[len(prefix or [])]} as {who} "
                                      f"({'timed out' if timed_out else f'exit status {proc.returncode}'}): "
                                      f"{output.strip()[-1000:] or 'no output'}")
