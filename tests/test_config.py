@@ -139,6 +139,8 @@ def test_each_method_module_registers_its_own_schema():
     (["method=s3ft", "method.top_p=0"], r"method\.top_p=0\.0: must be in \(0, 1\]"),
     (["method=s3ft", "method.temperature=0"], r"method\.temperature=0"),
     (["method=sftmix", "method.alpha=0"], r"method\.alpha=0"),
+    (["method=sftmix", "method.checkpoints=100000", "method.confidence_source=online", "train.epochs=2"],
+     r"method\.checkpoints=100000: at most 64\. Each scoring point costs a pass over the training set"),
     (["method=sftmix", "method.mu=-0.1"], r"method\.mu=-0\.1"),
     (["+deepspeed.extra.zero_optimization.stage=0"],
      r"deepspeed\.extra\.zero_optimization\.stage: set by deepspeed\.zero_stage"),

@@ -140,7 +140,7 @@ def test_one_rank_then_two_and_another_zero_stage_is_refused(elastic_clean, tmp_
     _same_run_within_fp32(elastic_clean["ntp"], run)
 
 
-def test_a_conversion_cut_short_is_never_used_and_is_redone(elastic_clean, tmp_path):
+def test_a_conversion_cut_short_or_damaged_is_never_used_and_is_redone(elastic_clean, tmp_path):
     run = str(tmp_path / "run")
     args = ELASTIC + ["method=ntp", "deepspeed=zero3", f"output_dir={run}"]
     train_cli(args + ["train.stop_after_steps=2"], nproc=2)
@@ -148,7 +148,17 @@ def test_a_conversion_cut_short_is_never_used_and_is_redone(elastic_clean, tmp_p
     step_2 = os.path.join(run, "checkpoints", "step_2")
     assert proc.returncode != 0 and not os.path.exists(os.path.join(step_2, "universal"))
     assert os.path.isdir(os.path.join(step_2, "universal.tmp"))
-    train_cli(args)
+    proc = train_cli(args, check=False, env={"SFTMIX_FAULT": "after_step:0:3"})  # converted, killed before step_4
+    assert proc.returncode != 0 and os.path.isfile(os.path.join(step_2, "universal", "converted.json"))
+    with open(os.path.join(step_2, "universal", "converted.json")) as f:
+        shard = max(json.load(f)["files"], key=lambda name: "exp_avg" in name)  # an optimizer state
+    with open(os.path.join(step_2, "universal", shard), "r+b") as f:  # bit rot in the kept conversion
+        f.seek(os.path.getsize(f.name) // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    proc = train_cli(args)
+    assert f"universal conversion {step_2}/universal is damaged ({shard} does not match its checksum" in proc.stderr
     _same_run_within_fp32(elastic_clean["ntp"], run)
 
 

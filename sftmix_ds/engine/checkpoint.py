@@ -181,10 +181,20 @@ class Checkpointer:
     def _universal(self, folder: str) -> str:
         """The tag (subfolder) of `folder`'s universal conversion, made by rank 0 the first time
         (into a temporary folder renamed when done, so a conversion cut short is never used)
-        and reused after. Collective."""
+        and reused after while its files match the manifest in its converted.json; one that does
+        not (bit rot, a truncated shard) is made again. Collective."""
         out = os.path.join(folder, UNIVERSAL)
+        done = os.path.join(out, UNIVERSAL_DONE)
+        if self.comm.any_rank(self.comm.rank == 0 and os.path.isfile(done)):
+            with open(done) as f:
+                problem = self._verify(out, json.load(f))
+            if problem is not None:
+                log.warning("resume: the universal conversion %s is damaged (%s); converting again", out, problem)
+                if self.comm.rank == 0:
+                    os.remove(done)
+            self.comm.barrier()
         error = None
-        if self.comm.rank == 0 and not os.path.isfile(os.path.join(out, UNIVERSAL_DONE)):
+        if self.comm.rank == 0 and not os.path.isfile(done):
             tmp = f"{out}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             log.info("resume: converting %s to a universal checkpoint (once; kept in %s)", folder, out)
@@ -192,9 +202,12 @@ class Checkpointer:
             try:
                 _ds_to_universal(folder, tmp)
                 maybe_die("in_convert", self.comm.rank, read_complete(folder)["step"])
-                size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(tmp) for f in fs)
-                write_json_atomic(os.path.join(tmp, UNIVERSAL_DONE),
-                                  {"seconds": round(time.perf_counter() - started, 1), "bytes": size})
+                files = {os.path.relpath(os.path.join(d, f), tmp): [os.path.getsize(os.path.join(d, f)),
+                                                                     file_digest(os.path.join(d, f))]
+                         for d, _, fs in os.walk(tmp) for f in fs}
+                size = sum(size for size, _ in files.values())
+                write_json_atomic(os.path.join(tmp, UNIVERSAL_DONE), {
+                    "seconds": round(time.perf_counter() - started, 1), "bytes": size, "files": files})
                 shutil.rmtree(out, ignore_errors=True)
                 os.replace(tmp, out)
                 log.info("resume: universal checkpoint %s: %.1f s, %.1f MB", out, time.perf_counter() - started,

@@ -27,6 +27,7 @@ from .base import MethodConfig, RunOptions
 from .ntp import NTP, lengths_if_grouped, response_rows
 
 log = logging.getLogger(__name__)
+MAX_SCORING_POINTS = 64  # method.checkpoints: each is a pass over the data and N kept perplexities
 
 
 @dataclass
@@ -71,6 +72,11 @@ class SFTMix(NTP):
     def check_config(cfg) -> None:
         m, t = cfg.method, cfg.train
         positive("method.checkpoints", m.checkpoints)
+        if m.checkpoints > MAX_SCORING_POINTS:
+            raise ConfigError(f"method.checkpoints={m.checkpoints}: at most {MAX_SCORING_POINTS}. Each scoring point "
+                              "costs a pass over the training set, keeps one perplexity per training example (in "
+                              "memory and, with the online source, in every checkpoint) and, with the reference "
+                              "source, one exported model on disk; the paper scores at a handful (default 4)")
         positive("method.score_batch_size", m.score_batch_size)
         positive("method.alpha", m.alpha)
         positive("method.mu", m.mu, zero_ok=True)
