@@ -182,6 +182,10 @@ class Recipe:
         if cfg.peft.kind == "lora":
             self.model = apply_lora(self.model, cfg.peft)
             log.info("%s", adapter_summary(self.model))
+        if self.universal and any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in self.model.modules()):
+            log.warning("resume on another rank count with dropout (e.g. peft.dropout): each rank's random stream "
+                        "cannot carry over to a new rank count, so the dropout masks from here on differ from an "
+                        "uninterrupted run's and so, slightly, do the losses and weights (equal with dropout 0)")
         self.engine = self.strategy.prepare(LossModule(self.model, self.method.loss_terms, self.strategy),
                                             self.total_steps)
         check_head(self.engine, sample_ids(self.train_set, self.comm.device), cfg.model.name)
