@@ -66,6 +66,9 @@ class DataConfig:
     # What to do with an example longer than max_length: truncate | drop.
     overlong: str = "truncate"
     cache_dir: str = "${oc.env:SFTMIX_CACHE,${oc.env:HOME,/tmp}/.cache/sftmix_ds}/tokenized"
+    # Processes tokenizing a dataset of 2,000+ conversations (one builds it per node, under a lock):
+    # 0 = the node's cores (at most 32: each worker holds its own tokenizer). Any count gives the same examples.
+    num_proc: int = 0
     # S3FT: how a generated answer is checked (numeric | exact | python_tests | llm | a dotted
     # path to judge(record, candidate) -> bool), and the record field holding the gold answer
     # (the gold response when the field is absent).
@@ -363,6 +366,7 @@ def validate(cfg) -> None:
     if not d.train_files:
         raise ConfigError("data.train_files: at least one file is needed")
     positive("data.max_length", d.max_length)
+    positive("data.num_proc", d.num_proc, zero_ok=True)
     for name, files in d.eval_sets.items():
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or not files:
             raise ConfigError(f"data.eval_sets.{name}: a set needs a name of letters, digits, '_', '.' or '-' and "

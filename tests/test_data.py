@@ -472,3 +472,35 @@ def test_a_line_without_end_is_refused_without_reading_it_whole(tmp_path, monkey
     path.write_text(json.dumps({"prompt": "x", "completion": "y"}) + "\n" + "a" * (3 << 20))
     with pytest.raises(DataError, match="d.jsonl:2: a line longer than 1 MiB"):
         load_conversations([str(path)])
+
+
+def test_parallel_tokenization_gives_the_same_examples_and_names_bad_lines(tmp_path, tokenizer, monkeypatch):
+    import sftmix_ds.data.tokenize as tokenize
+
+    monkeypatch.setattr(tokenize, "PARALLEL_MIN", 1)  # workers even for a small set
+    records = [{"messages": [{"role": "user", "content": f"What is {i} + {i}?"},
+                             {"role": "assistant", "content": f"{2 * i}" + " and more" * (i % 7)}]}
+               for i in range(300)]
+    path = write_jsonl(tmp_path / "d.jsonl", records)
+    convs = load_conversations([path])
+    one = tokenize.tokenize_conversations(convs, tokenizer, 24, "drop", num_proc=1)
+    three = tokenize.tokenize_conversations(convs, tokenizer, 24, "drop", num_proc=3)
+    assert one == three and one[1]["dropped_overlong"] > 0  # ids, labels, order and counts
+    records[250]["messages"][1]["content"] = "REJECT"
+    convs = load_conversations([write_jsonl(tmp_path / "e.jsonl", records)])
+    with pytest.raises(DataError, match="e.jsonl:251: the chat template rejects this conversation"):
+        tokenize.tokenize_conversations(convs, tokenizer_rejecting("REJECT"), 64, "drop", num_proc=2)
+
+
+def tokenizer_rejecting(marker):
+    """SmolLM2's tokenizer with a template that raises on a message containing `marker`."""
+    import transformers
+
+    from sftmix_ds.models import SMOLLM2_TOKENIZER
+
+    tok = transformers.AutoTokenizer.from_pretrained(SMOLLM2_TOKENIZER)
+    tok.chat_template = ("{%- for m in messages %}{%- if '" + marker + "' in m.content %}"
+                         "{{- raise_exception('bad message') }}{%- endif %}"
+                         "{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endfor %}"
+                         "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+    return tok

@@ -12,6 +12,7 @@ from typing import List, Optional, Tuple
 
 import torch
 from filelock import FileLock
+from tqdm import tqdm
 
 from ..common import IGNORE, atomic_file, file_digest
 from ..faults import maybe_delay_build
@@ -209,11 +210,50 @@ def longest_token_chars(tokenizer) -> int:
     return _longest_token_chars(tuple(tokenizer.get_vocab()))
 
 
-def tokenize_conversations(conversations: List[Conversation], tokenizer, max_length: int,
-                           overlong: str) -> Tuple[List[Example], dict]:
+PARALLEL_MIN = 2000  # conversations; fewer are tokenized in this process (starting workers costs seconds)
+
+
+def tokenize_conversations(conversations: List[Conversation], tokenizer, max_length: int, overlong: str,
+                           num_proc: int = 1, progress: bool = False) -> Tuple[List[Example], dict]:
+    """Examples (in the conversations' order) and counts of what was truncated or dropped; with
+    num_proc > 1 over worker processes, each tokenizing contiguous chunks, with the same result."""
+    bar = tqdm(total=len(conversations), desc="tokenize", unit="conv", disable=not progress, dynamic_ncols=True)
+    with bar:
+        if num_proc <= 1 or len(conversations) < PARALLEL_MIN:
+            return _tokenize_chunk(conversations, tokenizer, max_length, overlong, bar.update)
+        import multiprocessing
+
+        size = max(64, -(-len(conversations) // (num_proc * 8)))  # several chunks a worker: an even finish
+        chunks = [conversations[s:s + size] for s in range(0, len(conversations), size)]
+        examples, stats = [], {}
+        # spawn, not fork: this process may already hold threads (torch, the tokenizer's own pool)
+        spawn = multiprocessing.get_context("spawn")
+        with spawn.Pool(min(num_proc, len(chunks)), _init_worker, (tokenizer, max_length, overlong)) as pool:
+            for chunk, (part, counts) in zip(chunks, pool.imap(_worker_chunk, chunks)):
+                examples += part
+                stats = {k: stats.get(k, 0) + v for k, v in counts.items()}
+                bar.update(len(chunk))
+        return examples, stats
+
+
+_WORKER: dict = {}
+
+
+def _init_worker(tokenizer, max_length: int, overlong: str) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
+    _WORKER.update(tokenizer=tokenizer, max_length=max_length, overlong=overlong)
+
+
+def _worker_chunk(conversations: List[Conversation]) -> Tuple[List[Example], dict]:
+    return _tokenize_chunk(conversations, _WORKER["tokenizer"], _WORKER["max_length"], _WORKER["overlong"])
+
+
+def _tokenize_chunk(conversations: List[Conversation], tokenizer, max_length: int, overlong: str,
+                    advance=lambda n: None) -> Tuple[List[Example], dict]:
     examples, stats = [], {"truncated": 0, "dropped_overlong": 0, "dropped_no_response": 0}
     budget = max_length * longest_token_chars(tokenizer) + 1024
     for conv in conversations:
+        advance(1)
         # A field longer than max_length tokens can take is cut before tokenizing (a 20 MB line would
         # cost gigabytes); no token spans more than longest_token_chars characters, so the cut text
         # still yields more than max_length tokens and truncation or dropping decides as before.
@@ -234,7 +274,7 @@ def tokenize_conversations(conversations: List[Conversation], tokenizer, max_len
 
 
 def load_examples(paths: List[str], tokenizer, *, fmt: str, max_length: int, overlong: str,
-                  system_prompt: Optional[str], cache_dir: str) -> List[Example]:
+                  system_prompt: Optional[str], cache_dir: str, num_proc: int = 1) -> List[Example]:
     """Read, template and tokenize `paths`, reusing a cached result when nothing changed.
 
     Safe to call from every rank at once before the process group starts: one
@@ -252,7 +292,8 @@ def load_examples(paths: List[str], tokenizer, *, fmt: str, max_length: int, ove
             conversations = load_conversations(paths, fmt, system_prompt)
             log.info("tokenizing %d conversations into %s (once; other processes wait for it)", len(conversations),
                      path)
-            examples, stats = tokenize_conversations(conversations, tokenizer, max_length, overlong)
+            examples, stats = tokenize_conversations(conversations, tokenizer, max_length, overlong, num_proc,
+                                                     progress=True)
             if not examples:
                 raise DataError(f"{', '.join(paths)}: no example left after tokenization ({stats})")
             if _fingerprint(paths, tokenizer, **settings) != key:  # the cache must hold what its key names
@@ -271,4 +312,4 @@ def load_split(data_cfg, tokenizer, files, held_out: bool = False) -> List[Examp
     fmt = data_cfg.eval_format if held_out else data_cfg.format
     return load_examples(list(files), tokenizer, fmt=fmt, max_length=data_cfg.max_length,
                          overlong=data_cfg.overlong, system_prompt=data_cfg.system_prompt,
-                         cache_dir=data_cfg.cache_dir)
+                         cache_dir=data_cfg.cache_dir, num_proc=data_cfg.num_proc or min(32, os.cpu_count() or 1))
