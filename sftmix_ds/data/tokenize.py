@@ -125,6 +125,8 @@ def encode(tokenizer, messages: List[dict], where: str) -> Tuple[List[int], List
     marking assistant turns with {% generation %} decides them in one render (transformers'
     assistant mask); any other by rendering prefixes (assistant_spans)."""
     template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):  # several named templates: apply_chat_template uses "default"
+        template = template.get("default")
     if not template:
         raise DataError(f"{where}: the tokenizer has no chat template; set model.chat_template")
     if GENERATION_BLOCK.search(template):
