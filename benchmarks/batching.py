@@ -54,13 +54,14 @@ def padding_share(method: str, layout: str, confidence: str, micro_batch: int, s
     from sftmix_ds.methods.base import RunOptions
     from sftmix_ds.methods.ntp import NTP
     from sftmix_ds.methods.sftmix import SFTMix
+    from sftmix_ds.config import DataConfig
     from sftmix_ds.models import load_tokenizer, prepare_model
 
     model_path = prepare_model(OmegaConf.create({"name": "smollm2_135m", "source": "smollm2"}),
                                os.path.join(os.path.expanduser("~"), ".cache", "sftmix_ds", "models"))
     tokenizer, pad_id = load_tokenizer(model_path)
-    data = OmegaConf.create({"format": "auto", "max_length": max_length, "overlong": "truncate",
-                             "system_prompt": None, "cache_dir": os.path.join(tempfile.gettempdir(), "sftmix-bench")})
+    data = OmegaConf.merge(OmegaConf.structured(DataConfig), {
+        "max_length": max_length, "cache_dir": os.path.join(tempfile.gettempdir(), "sftmix-bench")})
     examples = load_split(data, tokenizer, [TRAIN_FILE])
     train_cfg = OmegaConf.create({"micro_batch_size": micro_batch, "grad_accum": 1, "seed": 42,
                                   "group_by_length": layout == "grouped"})

@@ -67,7 +67,8 @@ class DataConfig:
     overlong: str = "truncate"
     cache_dir: str = "${oc.env:SFTMIX_CACHE,${oc.env:HOME,/tmp}/.cache/sftmix_ds}/tokenized"
     # Processes tokenizing a dataset of 2,000+ conversations (one builds it per node, under a lock):
-    # 0 = the node's cores (at most 32: each worker holds its own tokenizer). Any count gives the same examples.
+    # 0 = the node's cores (at most 32: each worker holds its own tokenizer). Any count gives the same
+    # examples.
     num_proc: int = 0
     # S3FT: how a generated answer is checked (numeric | exact | python_tests | llm | a dotted
     # path to judge(record, candidate) -> bool), and the record field holding the gold answer

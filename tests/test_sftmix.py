@@ -208,8 +208,10 @@ def test_length_grouping_cuts_padding_for_sftmix_as_for_ntp(tokenizer):
     from sftmix_ds.data import Batches, load_split
     from omegaconf import OmegaConf
 
-    data = OmegaConf.create({"format": "auto", "max_length": 1024, "overlong": "truncate", "system_prompt": None,
-                             "cache_dir": os.path.join(os.path.expanduser("~"), ".cache", "sftmix_ds", "tokenized")})
+    from sftmix_ds.config import DataConfig
+
+    data = OmegaConf.merge(OmegaConf.structured(DataConfig), {
+        "max_length": 1024, "cache_dir": os.path.join(os.path.expanduser("~"), ".cache", "sftmix_ds", "tokenized")})
     examples = load_split(data, tokenizer, [os.path.join(ROOT, "sftmix_ds", "builtin_data", "arith_train.jsonl")])
     lengths = [len(e.input_ids) for e in examples]
     half = len(examples) // 2

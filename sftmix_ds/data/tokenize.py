@@ -314,4 +314,9 @@ def load_split(data_cfg, tokenizer, files, held_out: bool = False) -> List[Examp
     fmt = data_cfg.eval_format if held_out else data_cfg.format
     return load_examples(list(files), tokenizer, fmt=fmt, max_length=data_cfg.max_length,
                          overlong=data_cfg.overlong, system_prompt=data_cfg.system_prompt,
-                         cache_dir=data_cfg.cache_dir, num_proc=data_cfg.num_proc or min(32, os.cpu_count() or 1))
+                         cache_dir=data_cfg.cache_dir, num_proc=data_cfg.num_proc or default_num_proc())
+
+
+def default_num_proc() -> int:
+    """data.num_proc=0: the node's cores, at most 32 (each worker holds its own tokenizer)."""
+    return min(32, os.cpu_count() or 1)
