@@ -212,13 +212,17 @@ class TrainConfig:
 BUILTIN_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "builtin_data")
 
 
+def _folder_safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_.")
+
+
 def path_tag(path: str) -> str:
     """A folder-name-safe tag for a path: its last two components and a digest of the absolute path
     (two exports both called `model` get different tags)."""
     full = os.path.abspath(str(path))
     name = "_".join(full.rstrip(os.sep).split(os.sep)[-2:])
     digest = hashlib.sha1(full.encode()).hexdigest()[:6]
-    return f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name).strip('_.')}-{digest}"
+    return f"{_folder_safe(name)}-{digest}"
 
 
 def model_tag(name: str, source: str, path: Optional[str]) -> str:
@@ -235,7 +239,7 @@ def data_tag(name: str, train_files) -> str:
         return name
     stem = os.path.splitext(os.path.basename(files[0].rstrip(os.sep)))[0]
     digest = hashlib.sha1("\n".join(files).encode()).hexdigest()[:6]
-    return f"{name}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', stem)}-{digest}"
+    return f"{name}-{_folder_safe(stem)}-{digest}"
 
 
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
