@@ -7,8 +7,9 @@ fresh size-capped tmpfs over /tmp, /var/tmp and /dev/shm (the only writable
 places; the check's working directory is in /tmp), hides the project's own data,
 starts a new session keyring, installs a seccomp filter against unix sockets
 and io_uring, drops to a fresh user id of no account (its own process limit and
-keyrings) when run as root, and drops every capability; then the check runs with time, memory,
-process-count and file-size limits, an empty environment and Python's isolated
+keyrings) when run as root, and drops every capability; then the check runs with time, memory
+(per process, and for all its processes together in a memory cgroup of its own where root can
+make one), process-count and file-size limits, an empty environment and Python's isolated
 mode. When the check's first process ends, the kernel kills every process left
 in its PID namespace (daemons included), and its tmpfs files are gone with the
 mount namespace. Output is read with a hard cap, so a flood of prints costs the
@@ -271,8 +272,62 @@ def sandbox_uid() -> int:
     return 1 << 20 | secrets.randbelow(1 << 30)
 
 
-def _limits(timeout_s: float, memory_mb: int, max_procs: int):
+def memory_cgroup(memory_mb: int) -> Optional[str]:
+    """A fresh memory cgroup capping one check's processes together at memory_mb (RLIMIT_AS caps
+    each process alone, so forked children could each take that much), where this process can make
+    one: root, with cgroup v1's memory controller or a cgroup v2 one writable; None elsewhere."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = [line.split(":", 2) for line in f.read().splitlines() if line.count(":") >= 2]
+    except OSError:
+        return None
+    v1 = [path for _, controllers, path in lines if "memory" in controllers.split(",")]
+    v2 = [path for hierarchy, controllers, path in lines if hierarchy == "0" and not controllers]
+    if v1:
+        base, limits = os.path.join("/sys/fs/cgroup/memory", v1[0].lstrip("/")), ("memory.limit_in_bytes",
+                                                                                  "memory.memsw.limit_in_bytes")
+    elif v2:
+        base, limits = os.path.join("/sys/fs/cgroup", v2[0].lstrip("/")), ("memory.max", "memory.swap.max")
+    else:
+        return None
+    folder = os.path.join(base, f"sftmix-check-{secrets.token_hex(6)}")
+    try:
+        os.mkdir(folder)
+        with open(os.path.join(folder, limits[0]), "w") as f:
+            f.write(str(memory_mb << 20))
+    except OSError:
+        _remove_cgroup(folder)
+        return None
+    try:  # swap counted too where the kernel accounts it (v1: memory + swap; v2: swap alone)
+        with open(os.path.join(folder, limits[1]), "w") as f:
+            f.write(str(memory_mb << 20) if limits[1].startswith("memory.memsw") else "0")
+    except OSError:
+        pass
+    return folder
+
+
+def _remove_cgroup(folder: Optional[str]) -> None:
+    """rmdir a check's cgroup once its processes are gone (their exit is asynchronous: retry briefly)."""
+    for _ in range(50) if folder else ():
+        try:
+            os.rmdir(folder)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.02)
+
+
+def _limits(timeout_s: float, memory_mb: int, max_procs: int, cgroup: Optional[str] = None):
     def apply():
+        if cgroup:
+            try:
+                with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
+                    f.write(str(os.getpid()))  # every process of the check is born in it
+            except OSError:
+                pass
         os.setsid()  # its own process group, so a timeout kills every child too
         resource.setrlimit(resource.RLIMIT_CPU, (int(timeout_s) + 1, int(timeout_s) + 1))
         resource.setrlimit(resource.RLIMIT_AS, (memory_mb << 20, memory_mb << 20))
@@ -290,7 +345,7 @@ def _run(script: str, script_args: tuple, stdin: bytes, timeout_s: float, memory
     SandboxUnavailable when the script never started."""
     prefix, python, why_not = isolation()
     env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp/work"}
-    workdir = None
+    workdir = cgroup = None
     start_r, start_w = os.pipe()
     argv = ["-I", "-B", "-c", script, str(start_w), *map(str, script_args)]
     if prefix is None:
@@ -308,13 +363,14 @@ def _run(script: str, script_args: tuple, stdin: bytes, timeout_s: float, memory
         cmd = [sys.executable, *argv]
     else:
         cmd = prefix + [python, *argv]
+        cgroup = memory_cgroup(memory_mb)
         env["SANDBOX_HIDE"] = os.pathsep.join(HIDDEN)
         if os.geteuid() == 0:
             env["SANDBOX_UID"] = str(sandbox_uid())
     try:
         proc = subprocess.Popen(cmd, cwd=workdir or "/", env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, pass_fds=(start_w, *pass_fds),
-                                preexec_fn=_limits(timeout_s, memory_mb, max_procs))
+                                preexec_fn=_limits(timeout_s, memory_mb, max_procs, cgroup))
         os.close(start_w)
         start_w = None
         try:
@@ -336,6 +392,7 @@ def _run(script: str, script_args: tuple, stdin: bytes, timeout_s: float, memory
                 os.close(fd)
         if workdir:
             shutil.rmtree(workdir, ignore_errors=True)
+        _remove_cgroup(cgroup)
 
 
 def _read_now(fd: int) -> bytes:
