@@ -35,6 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "benchmarks", "study_data")
 sys.path.insert(0, ROOT)
 from sftmix_ds.common import atomic_file, write_json_atomic  # noqa: E402
+from sftmix_ds.config import path_tag  # noqa: E402
 
 # Arm -> the method overrides. {split} is the reference run's confidence file, {targets} S3FT's.
 # Every arm packs its micro-batches (the same loss terms as padded ones, without the padding's compute).
@@ -289,7 +290,7 @@ class Study:
             out = os.path.join(self.args.out, "base")
             self.launch("eval.py", [f"model={self.args.model}", f"train.precision={self.args.precision}",
                                     f"output_dir={out}", *self.eval_overrides()], "base")
-            return {"accuracy": accuracy_record(os.path.join(out, "eval", "eval.json"))}
+            return {"accuracy": accuracy_record(os.path.join(out, "eval", "base", "eval.json"))}  # launch/eval.py
         return self.step("base", run)
 
     def arm(self, arm: str, seed: int, lr: float) -> dict:
@@ -307,6 +308,7 @@ class Study:
                 self.launch("eval.py", [f"model={self.args.model}", f"train.precision={self.args.precision}",
                                         f"eval.model_path={out}/model", f"output_dir={out}", *self.eval_overrides()],
                             f"{arm}-seed{seed}-eval")
+                evaluation = os.path.join(out, "eval", path_tag(f"{out}/model"), "eval.json")  # launch/eval.py's
             rows = metrics(out)
             return {"arm": arm, "seed": seed, "lr": lr, "accuracy": accuracy_record(evaluation),
                     "curves": curves(rows), "train_loss": epoch_train_loss(rows)}
