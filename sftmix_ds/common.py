@@ -15,6 +15,10 @@ class UserError(Exception):
     points print the message as one `error:` line and exit with status 2, no traceback."""
 
 
+class ConfigError(UserError, ValueError):
+    """A config value is wrong; the message names the key."""
+
+
 def evenly_spaced(total_steps: int, count: int) -> list:
     """`count` evenly spaced steps of 1..total_steps, the last one at the end (export and scoring points)."""
     return sorted({round(total_steps * c / count) for c in range(1, count + 1)}) if count else []

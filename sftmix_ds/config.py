@@ -21,11 +21,7 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
-from .common import UserError
-
-
-class ConfigError(UserError, ValueError):
-    """A config value is wrong; the message names the key."""
+from .common import ConfigError, UserError  # noqa: F401 (ConfigError: re-exported)
 
 
 @dataclass

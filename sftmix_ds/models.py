@@ -15,7 +15,7 @@ from typing import Optional
 
 from filelock import FileLock
 
-from .config import ConfigError
+from .common import ConfigError
 from .faults import maybe_delay_build
 
 log = logging.getLogger(__name__)
