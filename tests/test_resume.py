@@ -71,13 +71,24 @@ def test_speed_switches_and_where_things_go_may_change_the_math_may_not():
 
 
 def test_a_checkpoints_identity_is_computed_as_before():
-    """The identity recorded in existing checkpoints: the examples' digest then the method state, and
-    every setting but the resumable ones, computed here independently of the module."""
+    """The identity recorded in checkpoints: the examples' digest (the one a token store records) then
+    the method state, and every setting but the resumable ones, computed here independently."""
     import hashlib
 
-    h = hashlib.sha256()
+    import struct
+
+    examples = hashlib.sha256()  # per example: id, tokens and the runs of trained labels, lengths first
     for e in EXAMPLES:
-        h.update(json.dumps([e.id, e.input_ids, e.labels]).encode())
+        runs, start = [], None
+        for i, label in enumerate(e.labels + [-100]):
+            if label != -100 and start is None:
+                start = i
+            elif label == -100 and start is not None:
+                runs += [start, i]
+                start = None
+        examples.update(struct.pack("<qqq", len(e.id), len(e.input_ids), len(runs) // 2) + e.id.encode())
+        examples.update(b"".join(struct.pack("<q", v) for v in e.input_ids + runs))
+    h = hashlib.sha256(examples.hexdigest().encode())
     h.update(json.dumps({}, sort_keys=True).encode())
     assert identity() == {"data": h.hexdigest()[:16],
                           "settings": {"train.lr": 1e-4, "model.name": "tiny", "global_batch": 8}}

@@ -21,7 +21,7 @@ from typing import Optional
 from omegaconf import OmegaConf, open_dict
 
 from ..config import ConfigError, load_model_config, resolve_precision
-from ..data import load_split
+from ..data import example_ids, load_split
 from ..engine import Collectives, after_rank0_wrote, dist_env
 from ..faults import maybe_delay
 from ..models import load_tokenizer, prepare_model
@@ -145,7 +145,7 @@ def random_confidence_file(cfg) -> str:
     """method.confidence_source=random: a seeded half/half split of the training ids (the ablation:
     Mixup across a split that carries no confidence), in the same files as stage 1's."""
     tokenizer, _ = load_tokenizer(prepare_model(cfg.model, cfg.model_cache_dir), cfg.model.chat_template)
-    ids = [e.id for e in load_split(cfg.data, tokenizer, cfg.data.train_files)]
+    ids = example_ids(load_split(cfg.data, tokenizer, cfg.data.train_files))
     fp = hashlib.sha256(json.dumps([cfg.train.seed, sorted(ids)]).encode()).hexdigest()[:16]
     stage_dir = os.path.join(stage_root(cfg.method.stage_dir, cfg.output_dir), f"random-{fp}")
     return publish_split(random_split_records(ids, cfg.train.seed), stage_dir, fp,

@@ -1,4 +1,4 @@
-"""Chat template -> token ids + labels (-100 on every non-assistant token), cached."""
+"""Chat template -> token ids + labels (-100 on every non-assistant token), cached in a token store."""
 from __future__ import annotations
 
 import functools
@@ -7,16 +7,16 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass
-from typing import List, Optional, Tuple
+import shutil
+from typing import Iterator, List, Optional, Tuple
 
-import torch
 from filelock import FileLock
 from tqdm import tqdm
 
-from ..common import IGNORE, atomic_file, file_digest
+from ..common import IGNORE, file_digest
 from ..faults import maybe_delay_build
 from .formats import Conversation, DataError, load_conversations
+from .store import Chunk, Example, StoreWriter, TokenStore, open_store, pack_chunk, unpack_chunk
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 2  # bump when the encoding below changes
@@ -143,17 +143,6 @@ def encode(tokenizer, messages: List[dict], where: str) -> Tuple[List[int], List
     return ids, labels
 
 
-@dataclass
-class Example:
-    id: str
-    input_ids: List[int]
-    labels: List[int]
-
-    @property
-    def n_response(self) -> int:
-        return sum(label != IGNORE for label in self.labels)
-
-
 def _file_digests(path: str) -> List[tuple]:
     """(file, content digest) of a data path's files (a folder: every file in it, sorted)."""
     try:
@@ -217,25 +206,39 @@ PARALLEL_MIN = 2000  # conversations; fewer are tokenized in this process (start
 
 def tokenize_conversations(conversations: List[Conversation], tokenizer, max_length: int, overlong: str,
                            num_proc: int = 1, progress: bool = False) -> Tuple[List[Example], dict]:
-    """Examples (in the conversations' order) and counts of what was truncated or dropped; with
-    num_proc > 1 over worker processes, each tokenizing contiguous chunks, with the same result."""
+    """Examples (in the conversations' order) and counts of what was truncated or dropped."""
+    examples, stats = [], {}
+    for chunk, counts in encoded_chunks(conversations, tokenizer, max_length, overlong, num_proc, progress):
+        examples += unpack_chunk(chunk)
+        stats = _add_counts(stats, counts)
+    return examples, stats
+
+
+def _add_counts(a: dict, b: dict) -> dict:
+    return {k: a.get(k, 0) + v for k, v in b.items()}
+
+
+def encoded_chunks(conversations: List[Conversation], tokenizer, max_length: int, overlong: str,
+                   num_proc: int = 1, progress: bool = False) -> Iterator[Tuple[Chunk, dict]]:
+    """(packed examples, counts) of consecutive chunks of the conversations, in order; with num_proc > 1
+    from worker processes, with the same result."""
+    size = max(64, -(-len(conversations) // (max(num_proc, 1) * 8)))  # several chunks a worker: an even finish
+    chunks = [conversations[s:s + size] for s in range(0, len(conversations), size)]
     bar = tqdm(total=len(conversations), desc="tokenize", unit="conv", disable=not progress, dynamic_ncols=True)
     with bar:
         if num_proc <= 1 or len(conversations) < PARALLEL_MIN:
-            return _tokenize_chunk(conversations, tokenizer, max_length, overlong, bar.update)
+            for chunk in chunks:
+                yield _tokenize_chunk(chunk, tokenizer, max_length, overlong)
+                bar.update(len(chunk))
+            return
         import multiprocessing
 
-        size = max(64, -(-len(conversations) // (num_proc * 8)))  # several chunks a worker: an even finish
-        chunks = [conversations[s:s + size] for s in range(0, len(conversations), size)]
-        examples, stats = [], {}
         # spawn, not fork: this process may already hold threads (torch, the tokenizer's own pool)
         spawn = multiprocessing.get_context("spawn")
         with spawn.Pool(min(num_proc, len(chunks)), _init_worker, (tokenizer, max_length, overlong)) as pool:
-            for chunk, (part, counts) in zip(chunks, pool.imap(_worker_chunk, chunks)):
-                examples += part
-                stats = {k: stats.get(k, 0) + v for k, v in counts.items()}
+            for chunk, result in zip(chunks, pool.imap(_worker_chunk, chunks)):
+                yield result
                 bar.update(len(chunk))
-        return examples, stats
 
 
 _WORKER: dict = {}
@@ -246,16 +249,15 @@ def _init_worker(tokenizer, max_length: int, overlong: str) -> None:
     _WORKER.update(tokenizer=tokenizer, max_length=max_length, overlong=overlong)
 
 
-def _worker_chunk(conversations: List[Conversation]) -> Tuple[List[Example], dict]:
+def _worker_chunk(conversations: List[Conversation]) -> Tuple[Chunk, dict]:
     return _tokenize_chunk(conversations, _WORKER["tokenizer"], _WORKER["max_length"], _WORKER["overlong"])
 
 
-def _tokenize_chunk(conversations: List[Conversation], tokenizer, max_length: int, overlong: str,
-                    advance=lambda n: None) -> Tuple[List[Example], dict]:
+def _tokenize_chunk(conversations: List[Conversation], tokenizer, max_length: int,
+                    overlong: str) -> Tuple[Chunk, dict]:
     examples, stats = [], {"truncated": 0, "dropped_overlong": 0, "dropped_no_response": 0}
     budget = max_length * longest_token_chars(tokenizer) + 1024
     for conv in conversations:
-        advance(1)
         # A field longer than max_length tokens can take is cut before tokenizing (a 20 MB line would
         # cost gigabytes); no token spans more than longest_token_chars characters, so the cut text
         # still yields more than max_length tokens and truncation or dropping decides as before.
@@ -271,44 +273,53 @@ def _tokenize_chunk(conversations: List[Conversation], tokenizer, max_length: in
         if all(label == IGNORE for label in labels[1:]):
             stats["dropped_no_response"] += 1
             continue
-        examples.append(Example(conv.id, ids, labels))
-    return examples, stats
+        examples.append((conv.id, ids, labels))
+    return pack_chunk(examples), stats
 
 
 def load_examples(paths: List[str], tokenizer, *, fmt: str, max_length: int, overlong: str,
-                  system_prompt: Optional[str], cache_dir: str, num_proc: int = 1) -> List[Example]:
-    """Read, template and tokenize `paths`, reusing a cached result when nothing changed.
+                  system_prompt: Optional[str], cache_dir: str, num_proc: int = 1) -> TokenStore:
+    """Read, template and tokenize `paths` into a token store (store.py), reusing the store already
+    built from the same files, tokenizer and settings.
 
-    Safe to call from every rank at once before the process group starts: one
-    process builds the cache under a file lock, the others then read it.
+    Safe to call from every rank at once before the process group starts: one process builds the
+    store under a file lock, the others then map it.
     """
     settings = dict(fmt=fmt, max_length=max_length, overlong=overlong, system_prompt=system_prompt)
     key = _fingerprint(paths, tokenizer, **settings)
     os.makedirs(cache_dir, exist_ok=True)
-    path = os.path.join(cache_dir, f"{key}.pt")
-    with FileLock(path + ".lock"):
-        if os.path.exists(path):
-            cached = torch.load(path)
-            examples, stats = [Example(*e) for e in cached["examples"]], cached["stats"]
-        else:
-            conversations = load_conversations(paths, fmt, system_prompt)
-            log.info("tokenizing %d conversations into %s (once; other processes wait for it)", len(conversations),
-                     path)
-            examples, stats = tokenize_conversations(conversations, tokenizer, max_length, overlong, num_proc,
-                                                     progress=True)
-            if not examples:
-                raise DataError(f"{', '.join(paths)}: no example left after tokenization ({stats})")
-            if _fingerprint(paths, tokenizer, **settings) != key:  # the cache must hold what its key names
-                raise DataError(f"{', '.join(paths)}: changed while being read; nothing was cached. Run again once "
-                                "the files are complete")
-            maybe_delay_build()
-            with atomic_file(path, "wb") as f:
-                torch.save({"examples": [(e.id, e.input_ids, e.labels) for e in examples], "stats": stats}, f)
-    log.info("%s: %d examples (max_length=%d; %s)", ", ".join(paths), len(examples), max_length,
-             ", ".join(f"{k} {v}" for k, v in stats.items()))
-    return examples
+    folder = os.path.join(cache_dir, key)
+    with FileLock(folder + ".lock"):
+        store = open_store(folder)
+        if store is None:
+            if os.path.exists(folder):
+                log.warning("%s: an incomplete token store (a file shorter than recorded); building it again", folder)
+                shutil.rmtree(folder)
+            store = _build_store(folder, paths, tokenizer, settings, key, num_proc)
+    log.info("%s: %d examples (max_length=%d; %s)", ", ".join(paths), len(store), max_length,
+             ", ".join(f"{k} {v}" for k, v in store.stats.items()))
+    return store
 
 
+def _build_store(folder: str, paths: List[str], tokenizer, settings: dict, key: str, num_proc: int) -> TokenStore:
+    conversations = load_conversations(paths, settings["fmt"], settings["system_prompt"])
+    log.info("tokenizing %d conversations into %s (once; other processes wait for it)", len(conversations), folder)
+    writer, stats = StoreWriter(folder, len(tokenizer)), {}
+    try:
+        for chunk, counts in encoded_chunks(conversations, tokenizer, settings["max_length"], settings["overlong"],
+                                            num_proc, progress=True):
+            writer.add(chunk)
+            stats = _add_counts(stats, counts)
+        if not writer.sizes["tokens"]:
+            raise DataError(f"{', '.join(paths)}: no example left after tokenization ({stats})")
+        if _fingerprint(paths, tokenizer, **settings) != key:  # the store must hold what its key names
+            raise DataError(f"{', '.join(paths)}: changed while being read; nothing was cached. Run again once "
+                            "the files are complete")
+        maybe_delay_build()
+    except BaseException:
+        writer.discard()
+        raise
+    return writer.publish(stats)
 def load_split(data_cfg, tokenizer, files, held_out: bool = False) -> List[Example]:
     """load_examples with the settings of a DataConfig (held-out files in data.eval_format)."""
     fmt = data_cfg.eval_format if held_out else data_cfg.format

@@ -14,7 +14,7 @@ from typing import Dict, List, Sequence
 import torch
 
 from ..common import IGNORE, to_device
-from ..data import Example, collate
+from ..data import Example, collate, example_ids, example_lengths
 from ..losses import Head, auto_chunk_rows, head_logits
 
 
@@ -42,7 +42,8 @@ def example_nll(hidden: torch.Tensor, head: Head, batch: dict, chunk_size: int =
 def scoring_plan(examples: Sequence[Example], batch_size: int, world_size: int, rank: int) -> List[List[int]]:
     """This rank's batches of example indices, longest first; every rank gets the same
     number of batches (short ranks get empty ones) so ZeRO-3's collectives line up."""
-    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i].input_ids), examples[i].id))
+    lengths, ids = example_lengths(examples), example_ids(examples)
+    order = sorted(range(len(examples)), key=lambda i: (-lengths[i], ids[i]))
     batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
     mine = batches[rank::world_size]
     return mine + [[] for _ in range(math.ceil(len(batches) / world_size) - len(mine))]

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from ..common import IGNORE
-from ..data import Batches, collate
+from ..data import Batches, collate, example_lengths
 from ..data.batching import pack, response_tokens
 from ..losses import Head, fused_sftmix_loss
 from .base import Method, MethodConfig
@@ -26,7 +26,7 @@ def response_rows(hidden: torch.Tensor, labels: torch.Tensor):
 
 
 def lengths_if_grouped(train_set, train_cfg):
-    return [len(e.input_ids) for e in train_set] if train_cfg.group_by_length else None
+    return example_lengths(train_set) if train_cfg.group_by_length else None
 
 
 class NTP(Method):

@@ -21,6 +21,7 @@ import torch
 from ..common import evenly_spaced
 from ..config import ConfigError, model_config_path, one_of, positive
 from ..confidence import CONFIDENT, OnlineSplit, read_confidence_file, run_confidence_stage, stage_root
+from ..data import example_ids
 from ..data.batching import PairBatches, Phases, aligned_pairs, collate, pack
 from ..losses import Head, fused_sftmix_loss
 from .base import MethodConfig, RunOptions
@@ -109,7 +110,7 @@ class SFTMix(NTP):
         if self.online:
             return train_set
         path = run_confidence_stage(cfg)
-        records = read_confidence_file(path, expected_ids=[e.id for e in train_set])
+        records = read_confidence_file(path, expected_ids=example_ids(train_set))
         self.split = {r["id"]: r["split"] for r in records}
         return train_set
 
@@ -137,12 +138,13 @@ class SFTMix(NTP):
         if 0 < train_cfg.max_steps < score_steps[-1]:
             raise ConfigError(f"train.max_steps={train_cfg.max_steps} ends before the online split is made at step "
                               f"{score_steps[-1]} (the end of method.warmup_epochs={c.warmup_epochs})")
-        self.online.plan([e.id for e in train_set], score_steps)
+        self.online.plan(example_ids(train_set), score_steps)
         return phases
 
     def _pair_batches(self, train_set, train_cfg, world_size: int, rank: int) -> PairBatches:
-        confident = [i for i, e in enumerate(train_set) if self._split[e.id] == CONFIDENT]
-        unconfident = [i for i, e in enumerate(train_set) if self._split[e.id] != CONFIDENT]
+        ids = example_ids(train_set)
+        confident = [i for i, name in enumerate(ids) if self._split[name] == CONFIDENT]
+        unconfident = [i for i, name in enumerate(ids) if self._split[name] != CONFIDENT]
         batches = PairBatches(confident, unconfident, train_cfg.micro_batch_size, train_cfg.grad_accum, world_size,
                               rank, train_cfg.seed, lengths=lengths_if_grouped(train_set, train_cfg))
         if batches.leftovers:

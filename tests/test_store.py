@@ -1,0 +1,105 @@
+"""The token store: the same examples as tokenizing in memory, built once, mapped read-only."""
+import json
+import multiprocessing
+import os
+
+import numpy as np
+import pytest
+
+from sftmix_ds.data import TokenStore, examples_digest, load_conversations, load_examples
+from sftmix_ds.data.store import StoreWriter, open_store, pack_chunk
+from sftmix_ds.data.tokenize import tokenize_conversations
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUILTIN = os.path.join(ROOT, "sftmix_ds", "builtin_data")
+SETTINGS = dict(fmt="auto", max_length=96, overlong="truncate", system_prompt=None)
+
+
+def in_memory(paths, tokenizer, max_length=96, overlong="truncate"):
+    """The examples a naive loader makes: every conversation tokenized into Python lists, in order."""
+    return tokenize_conversations(load_conversations(paths), tokenizer, max_length, overlong)[0]
+
+
+HOSTILE = [
+    {"messages": [{"role": "user", "content": "ünïcödé ✓ 𝔘 \u200b"}, {"role": "assistant", "content": "é" * 300}]},
+    {"prompt": "?", "completion": "only an answer"},
+    {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "a"},
+                  {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"},
+                  {"role": "assistant", "content": "d " * 200}]},  # truncated inside its second answer
+    {"id": "x" * 5000, "prompt": "a long id", "completion": "ok"},
+    {"prompt": "no answer left after the cut " * 40, "completion": "late"},  # dropped: no response
+]
+
+
+@pytest.mark.parametrize("files", [["arith_train.jsonl"], ["gsm_train.jsonl", "capitals.jsonl"],
+                                   ["study:train.jsonl", "study:general.jsonl"], ["hostile"]])
+def test_the_store_gives_the_examples_of_in_memory_tokenization(tmp_path, tokenizer, files):
+    paths = []
+    for name in files:
+        if name == "hostile":
+            path = tmp_path / "hostile.jsonl"
+            path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in HOSTILE), encoding="utf-8")
+            paths.append(str(path))
+        elif name.startswith("study:"):
+            paths.append(os.path.join(ROOT, "benchmarks", "study_data", name[6:]))
+        else:
+            paths.append(os.path.join(BUILTIN, name))
+    expected = in_memory(paths, tokenizer)
+    store = load_examples(paths, tokenizer, cache_dir=str(tmp_path / "cache"), **SETTINGS)
+    assert isinstance(store, TokenStore) and len(store) == len(expected) > 0
+    assert list(store) == expected  # ids, token ids, labels and order
+    assert store.ids == [e.id for e in expected] and store.lengths.tolist() == [len(e.input_ids) for e in expected]
+    assert store[-1] == expected[-1] and store[1:3] == expected[1:3]
+    assert store.digest == examples_digest(expected)
+    again = load_examples(paths, tokenizer, cache_dir=str(tmp_path / "cache"), **SETTINGS)  # a warm start
+    assert again.folder == store.folder and list(again) == expected
+    if name == "hostile":  # the long answers and the long prompt are cut at 96 tokens; the prompt loses its answer
+        assert store.stats == {"truncated": 3, "dropped_overlong": 0, "dropped_no_response": 1} and len(store) == 4
+
+
+def test_tokens_are_two_bytes_for_a_small_vocabulary_and_the_arrays_are_mapped_read_only(tmp_path, tokenizer):
+    store = load_examples([os.path.join(BUILTIN, "arith_train.jsonl")], tokenizer, cache_dir=str(tmp_path), **SETTINGS)
+    tokens = store.arrays["tokens"]
+    assert isinstance(tokens, np.memmap) and tokens.dtype == np.uint16 and not tokens.flags.writeable
+    assert os.path.getsize(os.path.join(store.folder, "tokens.bin")) == 2 * int(store.lengths.sum())
+    wide = StoreWriter(str(tmp_path / "wide"), vocab_size=128_256)  # Llama-3's vocabulary needs int32
+    wide.add(pack_chunk([("a", [128_000, 5, 6], [-100, 5, 6])]))
+    store = wide.publish({})
+    assert store.arrays["tokens"].dtype == np.int32 and store[0].input_ids == [128_000, 5, 6]
+
+
+def test_a_damaged_store_is_built_again(tmp_path, tokenizer):
+    path = [os.path.join(BUILTIN, "arith_eval.jsonl")]
+    first = load_examples(path, tokenizer, cache_dir=str(tmp_path), **SETTINGS)
+    expected, folder = list(first), first.folder
+    with open(os.path.join(folder, "tokens.bin"), "r+b") as f:
+        f.truncate(10)
+    assert open_store(folder) is None
+    again = load_examples(path, tokenizer, cache_dir=str(tmp_path), **SETTINGS)
+    assert list(again) == expected
+
+
+def _build(folder, chunk, ready, go):
+    writer = StoreWriter(folder, vocab_size=100)
+    writer.add(chunk)
+    ready.wait()
+    go.wait()
+    print(writer.publish({"builder": os.getpid()}).meta["stats"]["builder"])
+
+
+def test_two_builders_publishing_one_store_leave_one(tmp_path):
+    """Builders on two nodes of a shared filesystem, where the lock may not hold: both write, both
+    publish at once; one store is left, whole, and no temporary folder."""
+    folder = str(tmp_path / "store")
+    chunk = pack_chunk([(f"e{i}", list(range(i, i + 7)), [-100] * 3 + list(range(i + 3, i + 7))) for i in range(50)])
+    ctx = multiprocessing.get_context("fork")
+    ready, go = ctx.Barrier(2), ctx.Barrier(2)
+    procs = [ctx.Process(target=_build, args=(folder, chunk, ready, go)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    assert os.listdir(tmp_path) == ["store"]
+    store = open_store(folder)
+    assert store is not None and len(store) == 50 and store[7].input_ids == list(range(7, 14))
