@@ -22,6 +22,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from .common import ConfigError, UserError  # noqa: F401 (ConfigError: re-exported)
+from .data.formats import FORMATS, is_hub
 
 
 @dataclass
@@ -53,8 +54,10 @@ class DataConfig:
     # More held-out sets by name (+data.eval_sets.NAME=[a.jsonl]): each one's mean response-token
     # loss is logged as eval_loss/NAME whenever eval_loss is.
     eval_sets: Dict[str, List[str]] = field(default_factory=dict)
-    # auto: detect per record; alpaca | chat | prompt_completion force one.
+    # auto: detect per record; alpaca | chat | sharegpt | prompt_completion force one.
     format: str = "auto"
+    # A dataset's own column names for the format's fields, e.g. {prompt: question, completion: answer}.
+    columns: Dict[str, str] = field(default_factory=dict)
     # The same for the held-out files (eval_files, eval_sets), which need not share the training format.
     eval_format: str = "auto"
     system_prompt: Optional[str] = None
@@ -230,10 +233,10 @@ def model_tag(name: str, source: str, path: Optional[str]) -> str:
 def data_tag(name: str, train_files) -> str:
     """data.name for the embedded sets; with a user's files (data=jsonl is always `custom`), the
     first file's name and a digest of them all."""
-    files = [os.path.abspath(str(f)) for f in train_files]
+    files = [str(f) if is_hub(f) else os.path.abspath(str(f)) for f in train_files]
     if all(f.startswith(BUILTIN_DATA + os.sep) for f in files):
         return name
-    stem = os.path.splitext(os.path.basename(files[0].rstrip(os.sep)))[0]
+    stem = os.path.splitext(os.path.basename(files[0].split("?")[0].rstrip(os.sep)))[0]
     digest = hashlib.sha1("\n".join(files).encode()).hexdigest()[:6]
     return f"{name}-{_folder_safe(stem)}-{digest}"
 
@@ -361,8 +364,8 @@ def validate(cfg) -> None:
         refuse_router_loss(m.path)
     if m.source == "random" and not m.tokenizer:
         raise ConfigError("model.tokenizer: required when model.source=random")
-    one_of("data.format", d.format, ("auto", "alpaca", "chat", "prompt_completion"))
-    one_of("data.eval_format", d.eval_format, ("auto", "alpaca", "chat", "prompt_completion"))
+    one_of("data.format", d.format, FORMATS)
+    one_of("data.eval_format", d.eval_format, FORMATS)
     one_of("data.overlong", d.overlong, ("truncate", "drop"))
     if not d.train_files:
         raise ConfigError("data.train_files: at least one file is needed")

@@ -103,3 +103,96 @@ def test_two_builders_publishing_one_store_leave_one(tmp_path):
     assert os.listdir(tmp_path) == ["store"]
     store = open_store(folder)
     assert store is not None and len(store) == 50 and store[7].input_ids == list(range(7, 14))
+
+
+def prefill_datasets_cache(cache: str, repo: str, split: str, records: list, tmp) -> None:
+    """The datasets cache that `datasets.load_dataset(repo, split=split)` leaves behind online (an Arrow
+    file per split and dataset_info.json in ORG___NAME/default/0.0.0/REVISION), built offline by
+    datasets' own JSON builder."""
+    import shutil
+
+    from datasets.packaged_modules.json.json import Json
+
+    source = os.path.join(tmp, f"{split}.jsonl")
+    with open(source, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    builder = Json(cache_dir=os.path.join(tmp, "build"), data_files={split: source}, dataset_name=repo.split("/")[1],
+                   hash="0123abcd")
+    builder.download_and_prepare()
+    final = os.path.join(cache, repo.replace("/", "___"), "default", "0.0.0", "0123abcd")
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    shutil.move(builder.cache_dir, final)
+
+
+HUB_LOAD = """
+import json, sys
+from sftmix_ds.data import DataError, load_examples
+from sftmix_ds.models import load_tokenizer, SMOLLM2_TOKENIZER
+tokenizer, _ = load_tokenizer(SMOLLM2_TOKENIZER)
+try:
+    store = load_examples([sys.argv[1]], tokenizer, fmt="auto", max_length=96, overlong="truncate",
+                          system_prompt=None, cache_dir=sys.argv[2], columns={"prompt": "question"})
+    print(json.dumps([[e.id, e.input_ids, e.labels] for e in store]))
+except DataError as e:
+    print("DataError:", e)
+"""
+
+
+def test_a_dataset_by_name_loads_offline_from_the_datasets_cache_and_a_missing_one_says_what_to_do(tmp_path,
+                                                                                                    tokenizer):
+    """A fresh process with HF_HUB_OFFLINE=1 and a datasets cache filled beforehand loads
+    hf:acme/arith by name, through the code a run takes; columns renames the dataset's fields."""
+    import subprocess
+    import sys
+
+    records = [{"question": f"{i} + {i}?", "completion": str(2 * i)} for i in range(20)]
+    cache = str(tmp_path / "hf_datasets")
+    prefill_datasets_cache(cache, "acme/arith", "validation", records, tmp_path)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": cache, "HF_HOME": str(tmp_path / "hf")}
+    run = lambda spec: subprocess.run([sys.executable, "-c", HUB_LOAD, spec, str(tmp_path / "tok")], cwd=ROOT,
+                                      env=env, capture_output=True, text=True, timeout=300).stdout
+    loaded = json.loads(run("hf:acme/arith?split=validation"))
+    local = tmp_path / "arith.jsonl"
+    local.write_text("".join(json.dumps({"prompt": r["question"], "completion": r["completion"]}) + "\n"
+                             for r in records))
+    expected = in_memory([str(local)], tokenizer)
+    assert [[e.input_ids, e.labels] for e in expected] == [x[1:] for x in loaded] and len(loaded) == 20
+    missing = run("hf:acme/missing")
+    assert missing.startswith("DataError: hf:acme/missing: cannot load dataset 'acme/missing'")
+    assert "offline (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE)" in missing and cache in missing
+    assert run("hf:acme/arith?split=test").startswith("DataError: hf:acme/arith?split=test: cannot load")
+    assert "'splits=test' is not an option" in run("hf:acme/arith?splits=test")
+
+
+def test_sharegpt_and_text_parts_give_the_labels_of_the_same_chat(tmp_path, tokenizer):
+    """ShareGPT turns and OpenAI text parts are the chat they spell: same ids, labels on the
+    assistant's content and end-of-turn only; images, tools and unknown senders are refused by line."""
+    chat = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi\nthere"},
+                         {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "2+2?"},
+                         {"role": "assistant", "content": "4"}]}
+    sharegpt = {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi\nthere"},
+                                  {"from": "gpt", "value": "Hello"}, {"from": "human", "value": "2+2?"},
+                                  {"from": "gpt", "value": "4"}]}
+    parts = {"messages": [{**m, "content": [{"type": "text", "text": t} for t in m["content"].split("\n")]}
+                          for m in chat["messages"]]}
+    files = []
+    for name, record in (("chat", chat), ("sharegpt", sharegpt), ("parts", parts)):
+        files.append(tmp_path / f"{name}.jsonl")
+        files[-1].write_text(json.dumps(record) + "\n")
+    [expected], [from_sharegpt], [from_parts] = (in_memory([str(f)], tokenizer) for f in files)
+    assert from_sharegpt.input_ids == expected.input_ids and from_sharegpt.labels == expected.labels
+    assert from_parts.input_ids == expected.input_ids and from_parts.labels == expected.labels
+    trained = tokenizer.decode([t for t, label in zip(expected.input_ids, expected.labels) if label != -100])
+    assert trained == "Hello<|im_end|>4<|im_end|>"
+    from sftmix_ds.data import DataError
+
+    bad = {"image": ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]},
+                                   {"role": "assistant", "content": "a cat"}]}, "content\\[0\\]: part of type 'image_url'"),
+           "tool": ({"conversations": [{"from": "human", "value": "x"}, {"from": "function_call", "value": "{}"}]},
+                    "conversations\\[1\\]: unknown 'from' 'function_call': tool calls"),
+           "who": ({"conversations": [{"from": "narrator", "value": "x"}]}, "unknown 'from' 'narrator'")}
+    for name, (record, message) in bad.items():
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text(json.dumps({"prompt": "x", "completion": "y"}) + "\n" + json.dumps(record) + "\n")
+        with pytest.raises(DataError, match=f"{name}.jsonl:2: .*{message}"):
+            load_conversations([str(path)])

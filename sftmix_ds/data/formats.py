@@ -1,10 +1,15 @@
-"""Read instruction data from local files and turn each record into chat messages.
+"""Read instruction data and turn each record into chat messages.
 
-Files: .jsonl, .json (a list of records), .parquet, or a folder written by
-`datasets.Dataset.save_to_disk`. Record formats:
+Sources: .jsonl, .json (a list of records), .parquet, a folder written by
+`datasets.Dataset.save_to_disk`, or a dataset by name, `hf:ORG/NAME?split=S&name=SUBSET&revision=R`
+(every option optional; split defaults to train), through `datasets.load_dataset` and its cache.
+Record formats:
 - alpaca: {"instruction", "input"?, "output", "history"?: [[instruction, response], ...]}
-- chat: {"messages": [{"role": system|user|assistant, "content": str, "reasoning_content"?: str}, ...]}
+- chat: {"messages": [{"role": system|user|assistant, "content": str or [{"type": "text", "text": str}, ...],
+  "reasoning_content"?: str}, ...]} (text parts are joined with newlines)
+- sharegpt: {"conversations": [{"from": system|human|gpt, "value": str}, ...]}
 - prompt_completion: {"prompt", "completion"}
+`columns` renames a dataset's columns to these fields first ({"prompt": "question"}).
 Any of them may carry a top-level "system" (the conversation's system turn). A field that would
 change the conversation but cannot be represented (tool definitions, tool calls, other message
 keys) is refused, never dropped. Every problem is reported as a DataError naming the file, the line or record,
@@ -12,6 +17,7 @@ and what is wrong.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -21,6 +27,10 @@ from typing import Iterator, List, Tuple
 from ..common import UserError
 
 ROLES = ("system", "user", "assistant")
+FORMATS = ("auto", "alpaca", "chat", "sharegpt", "prompt_completion")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+HUB_PREFIX = "hf:"
+HUB_OPTIONS = ("split", "name", "revision")
 MESSAGE_KEYS = ("role", "content", "reasoning_content")  # reasoning_content: read by reasoning models' templates
 MAX_LINE_BYTES = 256 << 20  # a record longer than this is refused, not read whole
 UNSUPPORTED_FIELDS = {"tools": "tool definitions", "functions": "function definitions"}
@@ -38,8 +48,51 @@ class Conversation:
     record: dict  # the raw record, for stages that need its other fields
 
 
+def is_hub(path: str) -> bool:
+    return str(path).startswith(HUB_PREFIX)
+
+
+def parse_hub(spec: str) -> Tuple[str, dict]:
+    """`hf:ORG/NAME?split=S&name=SUBSET&revision=R` -> (ORG/NAME, {option: value})."""
+    name, _, query = spec[len(HUB_PREFIX):].partition("?")
+    options = {}
+    for part in filter(None, query.split("&")):
+        key, eq, value = part.partition("=")
+        if key not in HUB_OPTIONS or not eq or not value:
+            raise DataError(f"{spec}: {part!r} is not an option of a dataset by name (expected "
+                            f"{', '.join(k + '=...' for k in HUB_OPTIONS)}, joined by &)")
+        options[key] = value
+    if not name or name.count("/") > 1:
+        raise DataError(f"{spec}: expected hf:NAME or hf:ORG/NAME, then optionally ?split=...&name=...&revision=...")
+    return name, options
+
+
+@functools.lru_cache(maxsize=16)
+def load_hub_dataset(spec: str):
+    """The split a hub spec names, through datasets.load_dataset (its cache, HF_HUB_OFFLINE and
+    HF_DATASETS_OFFLINE apply), loaded once per process."""
+    import datasets
+
+    name, options = parse_hub(spec)
+    split = options.get("split", "train")
+    try:
+        return datasets.load_dataset(name, options.get("name"), split=split, revision=options.get("revision"))
+    except Exception as e:  # datasets raises many types: network, missing split, bad config name
+        if datasets.config.HF_HUB_OFFLINE:
+            hint = (f"this machine is offline (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE) and the datasets cache "
+                    f"({datasets.config.HF_DATASETS_CACHE}) does not hold it: run datasets.load_dataset("
+                    f"{name!r}, {options.get('name')!r}, split={split!r}) once where there is network with the same "
+                    "HF_DATASETS_CACHE (a shared folder), or give the dataset's files as paths")
+        else:
+            hint = "check the name, the subset (name=), the split (split=) and the network"
+        raise DataError(f"{spec}: cannot load dataset {name!r} ({type(e).__name__}: {e}); {hint}") from None
+
+
 def read_records(path: str) -> Iterator[Tuple[str, dict]]:
-    """Yield (location, record) pairs from one data file or folder."""
+    """Yield (location, record) pairs from one data file, folder or dataset by name."""
+    if is_hub(path):
+        yield from _dataset_records(load_hub_dataset(path), path)
+        return
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file or folder")
     if os.path.isdir(path):
@@ -108,13 +161,19 @@ def _read_saved_dataset(path: str):
         raise DataError(f"{path}: not a datasets.save_to_disk folder ({e})") from None
     if isinstance(ds, datasets.DatasetDict):
         raise DataError(f"{path}: holds a DatasetDict with splits {list(ds)}; point at one split's folder")
+    yield from _dataset_records(ds, path)
+
+
+def _dataset_records(ds, label: str):
     for i, record in enumerate(ds):
-        yield f"{path}[record {i}]", record
+        yield f"{label}[record {i}]", record
 
 
 def detect_format(record: dict) -> str:
     if "messages" in record:
         return "chat"
+    if "conversations" in record:
+        return "sharegpt"
     if "instruction" in record:
         return "alpaca"
     if "prompt" in record:
@@ -138,6 +197,17 @@ def _text(record: dict, key: str, where: str, required_nonempty: bool = True) ->
     return value
 
 
+def renamed(record, columns: dict):
+    """The record with each column named in `columns` ({field: column}) renamed to its field (a
+    dataset's own column names to a format's); columns the record lacks are left to the format's checks."""
+    if not columns or not isinstance(record, dict):
+        return record
+    present = {field: column for field, column in columns.items() if column in record}
+    out = {k: v for k, v in record.items() if k not in present.values()}
+    out.update({field: record[column] for field, column in present.items()})
+    return out
+
+
 def to_messages(record: dict, fmt: str, where: str, system_prompt: str | None = None) -> List[dict]:
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
@@ -145,8 +215,9 @@ def to_messages(record: dict, fmt: str, where: str, system_prompt: str | None = 
         try:
             fmt = detect_format(record)
         except KeyError:
-            raise DataError(f"{where}: unknown record format: expected 'messages' (chat), 'instruction' (alpaca) "
-                            f"or 'prompt' (prompt_completion); found keys {sorted(record)}") from None
+            raise DataError(f"{where}: unknown record format: expected 'messages' (chat), 'conversations' "
+                            "(sharegpt), 'instruction' (alpaca) or 'prompt' (prompt_completion); found keys "
+                            f"{sorted(record)}") from None
     for key, what in UNSUPPORTED_FIELDS.items():
         if record.get(key):
             raise DataError(f"{where}: field {key!r} ({what}) is not supported: the conversation would be trained "
@@ -163,6 +234,8 @@ def to_messages(record: dict, fmt: str, where: str, system_prompt: str | None = 
     elif fmt == "prompt_completion":
         messages = [{"role": "user", "content": _text(record, "prompt", where)},
                     {"role": "assistant", "content": _text(record, "completion", where)}]
+    elif fmt == "sharegpt":
+        messages = _chat_messages({"messages": _sharegpt_messages(record, where)}, where)
     else:
         messages = _chat_messages(record, where)
     if record.get("system") is not None:
@@ -192,6 +265,41 @@ def _alpaca_history(record: dict, where: str) -> List[dict]:
     return turns
 
 
+def _sharegpt_messages(record: dict, where: str) -> List[dict]:
+    """ShareGPT's {"from", "value"} turns as chat messages (a turn's other keys go on to be refused)."""
+    turns = record.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: field 'conversations' must be a non-empty list")
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise DataError(f"{where}: conversations[{i}]: expected an object with 'from' and 'value'")
+        source = turn.get("from")
+        if source not in SHAREGPT_ROLES:
+            what = ("tool calls and their results are not supported (the chat format's tool messages are "
+                    "not either)" if source in ("function_call", "observation", "tool")
+                    else f"expected one of {', '.join(SHAREGPT_ROLES)}")
+            raise DataError(f"{where}: conversations[{i}]: unknown 'from' {source!r}: {what}")
+        rest = {k: v for k, v in turn.items() if k not in ("from", "value")}
+        messages.append({**rest, "role": SHAREGPT_ROLES[source], "content": turn.get("value")})
+    return messages
+
+
+def _content(m: dict, at: str, required_nonempty: bool) -> str:
+    """A message's content: a string, or a list of {"type": "text", "text": ...} parts joined by newlines."""
+    content = m.get("content")
+    if isinstance(content, list):
+        texts = []
+        for k, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text":
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise DataError(f"{at}: content[{k}]: part of type {kind!r} is not supported (only "
+                                "{'type': 'text', 'text': ...}: this is a text-only trainer)")
+            texts.append(_text(part, "text", f"{at}: content[{k}]", required_nonempty=False))
+        m = {"content": "\n".join(texts)}
+    return _text(m, "content", at, required_nonempty=required_nonempty)
+
+
 def _chat_messages(record: dict, where: str) -> List[dict]:
     messages = record.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -208,7 +316,7 @@ def _chat_messages(record: dict, where: str) -> List[dict]:
         if unknown:
             raise DataError(f"{at}: field {unknown[0]!r} is not supported (only {', '.join(MESSAGE_KEYS)}): the "
                             "message would be trained without it; remove it or the record")
-        content = _text(m, "content", at, required_nonempty=(role == "assistant"))
+        content = _content(m, at, required_nonempty=(role == "assistant"))
         message = {"role": role, "content": content}
         if m.get("reasoning_content") is not None:
             message["reasoning_content"] = _text(m, "reasoning_content", at, required_nonempty=False)
@@ -236,7 +344,8 @@ def content_id(messages: List[dict]) -> str:
     return hashlib.sha1(blob).hexdigest()[:16]
 
 
-def load_conversations(paths: List[str], fmt: str = "auto", system_prompt: str | None = None) -> List[Conversation]:
+def load_conversations(paths: List[str], fmt: str = "auto", system_prompt: str | None = None,
+                       columns: dict | None = None) -> List[Conversation]:
     """All records of all files as conversations with stable, unique ids.
 
     An `id` field in the data is used as is (duplicates are an error); otherwise
@@ -246,6 +355,7 @@ def load_conversations(paths: List[str], fmt: str = "auto", system_prompt: str |
     for path in paths:
         n_before = len(conversations)
         for where, record in read_records(path):
+            record = renamed(record, columns)
             messages = to_messages(record, fmt, where, system_prompt)
             if isinstance(record, dict) and record.get("id") is not None:
                 ex_id = str(record["id"])

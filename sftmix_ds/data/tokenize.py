@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from ..common import IGNORE, file_digest
 from ..faults import maybe_delay_build
-from .formats import Conversation, DataError, load_conversations
+from .formats import Conversation, DataError, is_hub, load_conversations, load_hub_dataset
 from .store import Chunk, Example, StoreWriter, TokenStore, open_store, pack_chunk, unpack_chunk
 
 log = logging.getLogger(__name__)
@@ -144,7 +144,10 @@ def encode(tokenizer, messages: List[dict], where: str) -> Tuple[List[int], List
 
 
 def _file_digests(path: str) -> List[tuple]:
-    """(file, content digest) of a data path's files (a folder: every file in it, sorted)."""
+    """(file, content digest) of a data path's files (a folder: every file in it, sorted); for a
+    dataset by name, the fingerprint `datasets` gives the split it loaded."""
+    if is_hub(path):
+        return [(path, load_hub_dataset(path)._fingerprint)]
     try:
         files = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs) if os.path.isdir(path) else [path]
         return [(f, file_digest(f)) for f in files]
@@ -278,7 +281,8 @@ def _tokenize_chunk(conversations: List[Conversation], tokenizer, max_length: in
 
 
 def load_examples(paths: List[str], tokenizer, *, fmt: str, max_length: int, overlong: str,
-                  system_prompt: Optional[str], cache_dir: str, num_proc: int = 1) -> TokenStore:
+                  system_prompt: Optional[str], cache_dir: str, num_proc: int = 1,
+                  columns: Optional[dict] = None) -> TokenStore:
     """Read, template and tokenize `paths` into a token store (store.py), reusing the store already
     built from the same files, tokenizer and settings.
 
@@ -286,6 +290,8 @@ def load_examples(paths: List[str], tokenizer, *, fmt: str, max_length: int, ove
     store under a file lock, the others then map it.
     """
     settings = dict(fmt=fmt, max_length=max_length, overlong=overlong, system_prompt=system_prompt)
+    if columns:  # absent from older fingerprints
+        settings["columns"] = columns
     key = _fingerprint(paths, tokenizer, **settings)
     os.makedirs(cache_dir, exist_ok=True)
     folder = os.path.join(cache_dir, key)
@@ -302,7 +308,7 @@ def load_examples(paths: List[str], tokenizer, *, fmt: str, max_length: int, ove
 
 
 def _build_store(folder: str, paths: List[str], tokenizer, settings: dict, key: str, num_proc: int) -> TokenStore:
-    conversations = load_conversations(paths, settings["fmt"], settings["system_prompt"])
+    conversations = load_conversations(paths, settings["fmt"], settings["system_prompt"], settings.get("columns"))
     log.info("tokenizing %d conversations into %s (once; other processes wait for it)", len(conversations), folder)
     writer, stats = StoreWriter(folder, len(tokenizer)), {}
     try:
@@ -320,12 +326,19 @@ def _build_store(folder: str, paths: List[str], tokenizer, settings: dict, key: 
         writer.discard()
         raise
     return writer.publish(stats)
-def load_split(data_cfg, tokenizer, files, held_out: bool = False) -> List[Example]:
+def load_split(data_cfg, tokenizer, files, held_out: bool = False) -> TokenStore:
     """load_examples with the settings of a DataConfig (held-out files in data.eval_format)."""
     fmt = data_cfg.eval_format if held_out else data_cfg.format
     return load_examples(list(files), tokenizer, fmt=fmt, max_length=data_cfg.max_length,
                          overlong=data_cfg.overlong, system_prompt=data_cfg.system_prompt,
-                         cache_dir=data_cfg.cache_dir, num_proc=data_cfg.num_proc or default_num_proc())
+                         columns=dict(data_cfg.columns), cache_dir=data_cfg.cache_dir,
+                         num_proc=data_cfg.num_proc or default_num_proc())
+
+
+def train_conversations(data_cfg) -> List[Conversation]:
+    """The training files' conversations, read with the DataConfig's settings."""
+    return load_conversations(list(data_cfg.train_files), data_cfg.format, data_cfg.system_prompt,
+                              dict(data_cfg.columns))
 
 
 def default_num_proc() -> int:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from ..config import ConfigError, in_range, positive
-from ..data import load_conversations, load_split
+from ..data import load_split, train_conversations
 from ..inference import JUDGE_PROMPT, check_judge_name
 from ..s3ft import build_targets, check_targets_match
 from .base import MethodConfig
@@ -65,10 +65,11 @@ class S3FT(NTP):
 
     def before_training(self, cfg, train_set, tokenizer):
         if cfg.method.targets_file:
-            conversations = load_conversations(list(cfg.data.train_files), cfg.data.format, cfg.data.system_prompt)
+            conversations = train_conversations(cfg.data)
             check_targets_match(cfg.method.targets_file, conversations)
         path = cfg.method.targets_file or build_targets(cfg)
         data = cfg.data.copy()
         data.format = "chat"
         data.system_prompt = None  # the targets keep the messages the build used
+        data.columns = {}
         return load_split(data, tokenizer, [path])

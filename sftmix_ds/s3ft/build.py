@@ -17,7 +17,7 @@ import re
 from collections import Counter
 from typing import List
 
-from ..data import DataError, load_conversations, require_final_answer
+from ..data import DataError, require_final_answer, train_conversations
 from ..engine import Collectives, dist_env
 from ..models import prepare_model
 from ..tracking import log_stage_summary
@@ -69,7 +69,7 @@ def build_targets(cfg) -> str:
     m, d = cfg.method, cfg.data
     rank, _, world = dist_env()
     path = targets_path(cfg)
-    conversations = load_conversations(list(d.train_files), d.format, d.system_prompt)
+    conversations = train_conversations(d)
     require_final_answer(conversations, "S3FT (its target replaces the last assistant turn)")
     done = read_done(path)
     pending = [c for c in conversations if c.id not in done]
