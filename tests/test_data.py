@@ -413,8 +413,8 @@ def test_held_out_files_have_their_own_format(tmp_path, tokenizer):
 
 
 def test_fields_that_change_the_conversation_are_converted_or_refused(tmp_path):
-    """A top-level system and alpaca history become turns; tool definitions, tool calls and other
-    message keys are refused naming FILE:LINE and the field, never dropped."""
+    """A top-level system and alpaca history become turns; the older `functions`, malformed tools and
+    tool calls, and other message keys are refused naming FILE:LINE and the field, never dropped."""
     path = write_jsonl(tmp_path / "d.jsonl", [
         {"system": "Be terse.", "instruction": "And 3+3?", "output": "6", "history": [["2+2?", "4"]]},
         {"system": "Be terse.", "prompt": "1+1?", "completion": "2"},
@@ -426,11 +426,16 @@ def test_fields_that_change_the_conversation_are_converted_or_refused(tmp_path):
                                  {"role": "assistant", "content": "6"}]
     assert convs[1].messages[0] == {"role": "system", "content": "Be terse."}
     assert convs[2].messages[1] == {"role": "assistant", "content": "a", "reasoning_content": "think"}
-    bad = {"tools": ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
-                      "tools": [{"name": "f"}]}, r"field 'tools' \(tool definitions\) is not supported"),
+    bad = {"functions": ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                          "functions": [{"name": "f"}]}, r"field 'functions' \(function definitions"),
+           "tools": ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                      "tools": {"name": "f"}}, r"field 'tools' must be a list of tool definitions"),
            "tool_calls": ({"messages": [{"role": "user", "content": "q"},
                                         {"role": "assistant", "content": "", "tool_calls": [{"name": "f"}]}]},
-                          r"messages\[1\]: field 'tool_calls' is not supported"),
+                          r"messages\[1\]: tool_calls\[0\]: expected"),
+           "weight": ({"messages": [{"role": "user", "content": "q"},
+                                    {"role": "assistant", "content": "a", "weight": 0}]},
+                      r"messages\[1\]: field 'weight' is not supported"),
            "two systems": ({"system": "s", "messages": [{"role": "system", "content": "t"},
                                                         {"role": "user", "content": "q"},
                                                         {"role": "assistant", "content": "a"}]},

@@ -166,7 +166,8 @@ def test_a_dataset_by_name_loads_offline_from_the_datasets_cache_and_a_missing_o
 
 def test_sharegpt_and_text_parts_give_the_labels_of_the_same_chat(tmp_path, tokenizer):
     """ShareGPT turns and OpenAI text parts are the chat they spell: same ids, labels on the
-    assistant's content and end-of-turn only; images, tools and unknown senders are refused by line."""
+    assistant's content and end-of-turn only; images, calls that are not JSON and unknown senders
+    are refused by line."""
     chat = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi\nthere"},
                          {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "2+2?"},
                          {"role": "assistant", "content": "4"}]}
@@ -186,10 +187,11 @@ def test_sharegpt_and_text_parts_give_the_labels_of_the_same_chat(tmp_path, toke
     assert trained == "Hello<|im_end|>4<|im_end|>"
     from sftmix_ds.data import DataError
 
-    bad = {"image": ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]},
-                                   {"role": "assistant", "content": "a cat"}]}, "content\\[0\\]: part of type 'image_url'"),
-           "tool": ({"conversations": [{"from": "human", "value": "x"}, {"from": "function_call", "value": "{}"}]},
-                    "conversations\\[1\\]: unknown 'from' 'function_call': tool calls"),
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]},
+             {"role": "assistant", "content": "a"}]
+    bad = {"image": ({"messages": image}, "content\\[0\\]: part of type 'image_url'"),
+           "call": ({"conversations": [{"from": "human", "value": "x"}, {"from": "function_call", "value": "add(1)"}]},
+                    "conversations\\[1\\]: field 'value' is not valid JSON"),
            "who": ({"conversations": [{"from": "narrator", "value": "x"}]}, "unknown 'from' 'narrator'")}
     for name, (record, message) in bad.items():
         path = tmp_path / f"{name}.jsonl"

@@ -2,6 +2,8 @@
 documented format (special tokens, turn layout, system and reasoning handling) on SmolLM2's
 vocabulary plus the family's special tokens; the supervised tokens must decode to exactly each
 assistant turn's answer and its end-of-turn marker, or the conversation is refused by name."""
+import json
+
 import pytest
 import transformers
 
@@ -225,3 +227,46 @@ def test_the_generator_stops_at_end_of_turn_when_the_config_names_only_eos(tmp_p
     tokenizer.save_pretrained(tmp_path)
     generator = Generator(str(tmp_path), "cpu", None, max_new_tokens=2)
     assert generator.kwargs["eos_token_id"] == [eos, end]
+
+
+ADD_TOOL = {"type": "function", "function": {"name": "add", "description": "Add two integers", "parameters": {
+    "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}}}
+TOOL_CHAT = [{"role": "user", "content": "1+2?"},
+             {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "add",
+                                                                                    "arguments": {"a": 1, "b": 2}}}]},
+             {"role": "tool", "content": "3"}, {"role": "assistant", "content": "It is 3."}]
+TOOL_SHAREGPT = {"tools": json.dumps([ADD_TOOL]), "conversations": [
+    {"from": "human", "value": "1+2?"},
+    {"from": "function_call", "value": '{"name": "add", "arguments": {"a": 1, "b": 2}}'},
+    {"from": "observation", "value": "3"}, {"from": "gpt", "value": "It is 3."}]}
+
+
+def test_tool_calls_are_trained_and_tool_results_are_not_in_both_record_formats(tmp_path, tokenizer):
+    """With the shipped Qwen3 template (tools rendered as Qwen3 does): the trained tokens are exactly
+    the call block and the answer, each with <|im_end|>; ShareGPT's function_call/observation and a
+    tools column in JSON give the same ids and labels; a template without tools refuses by line."""
+    from sftmix_ds.data import load_conversations, require_final_answer
+
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"tools": [ADD_TOOL], "messages": TOOL_CHAT}) + "\n")
+    sharegpt = tmp_path / "sharegpt.jsonl"
+    sharegpt.write_text(json.dumps(TOOL_SHAREGPT) + "\n")
+    qwen3, _ = load_tokenizer(SMOLLM2_TOKENIZER, chat_template="qwen3")
+    (conv,), (same,) = load_conversations([str(chat)]), load_conversations([str(sharegpt)])
+    ids, labels = encode(qwen3, conv.messages, conv.where, conv.tools)
+    assert encode(qwen3, same.messages, same.where, same.tools) == (ids, labels)
+    trained = qwen3.decode([t for t, label in zip(ids, labels) if label != IGNORE])
+    assert trained == ('<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call><|im_end|>'
+                       "<think>\n\n</think>\n\nIt is 3.<|im_end|>")
+    assert '"description": "Add two integers"' in qwen3.decode(ids) and "<tool_response>\n3\n" in qwen3.decode(ids)
+    with pytest.raises(DataError, match="chat.jsonl:1: a conversation with tools, which the chat template does not"):
+        encode(tokenizer, conv.messages, conv.where, conv.tools)
+    with pytest.raises(DataError, match="chat.jsonl:1: a conversation with tools; S3FT answers plain prompts"):
+        require_final_answer([conv], "S3FT")
+    bad = {"calls": ({"role": "assistant", "tool_calls": [{"function": {"name": "add"}}]}, "tool_calls\\[0\\]"),
+           "misplaced": ({"role": "user", "content": "x", "tool_call_id": "1"}, "'tool_call_id' belongs on a tool")}
+    for name, (message, match) in bad.items():
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text(json.dumps({"messages": [TOOL_CHAT[0], message, *TOOL_CHAT[2:]]}) + "\n")
+        with pytest.raises(DataError, match=f"{name}.jsonl:1: messages\\[1\\]: .*{match}"):
+            load_conversations([str(path)])

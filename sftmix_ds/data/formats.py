@@ -22,18 +22,20 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from typing import Iterator, List, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 from ..common import UserError
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 FORMATS = ("auto", "alpaca", "chat", "sharegpt", "prompt_completion")
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "function_call": "assistant", "observation": "tool", "tool": "tool"}
 HUB_PREFIX = "hf:"
 HUB_OPTIONS = ("split", "name", "revision")
-MESSAGE_KEYS = ("role", "content", "reasoning_content")  # reasoning_content: read by reasoning models' templates
+# reasoning_content: read by reasoning models' templates; tool_calls (assistant), tool_call_id and name (tool)
+MESSAGE_KEYS = ("role", "content", "reasoning_content", "tool_calls", "tool_call_id", "name")
 MAX_LINE_BYTES = 256 << 20  # a record longer than this is refused, not read whole
-UNSUPPORTED_FIELDS = {"tools": "tool definitions", "functions": "function definitions"}
+UNSUPPORTED_FIELDS = {"functions": "function definitions (the older form of 'tools')"}
 
 
 class DataError(UserError, ValueError):
@@ -46,6 +48,7 @@ class Conversation:
     messages: List[dict]
     where: str  # "file:line" or "file[record N]", for error messages
     record: dict  # the raw record, for stages that need its other fields
+    tools: Optional[list] = None  # tool definitions the chat template renders (the record's "tools")
 
 
 def is_hub(path: str) -> bool:
@@ -276,13 +279,55 @@ def _sharegpt_messages(record: dict, where: str) -> List[dict]:
             raise DataError(f"{where}: conversations[{i}]: expected an object with 'from' and 'value'")
         source = turn.get("from")
         if source not in SHAREGPT_ROLES:
-            what = ("tool calls and their results are not supported (the chat format's tool messages are "
-                    "not either)" if source in ("function_call", "observation", "tool")
-                    else f"expected one of {', '.join(SHAREGPT_ROLES)}")
-            raise DataError(f"{where}: conversations[{i}]: unknown 'from' {source!r}: {what}")
+            raise DataError(f"{where}: conversations[{i}]: unknown 'from' {source!r} (expected one of "
+                            f"{', '.join(SHAREGPT_ROLES)})")
         rest = {k: v for k, v in turn.items() if k not in ("from", "value")}
-        messages.append({**rest, "role": SHAREGPT_ROLES[source], "content": turn.get("value")})
+        if source == "function_call":  # the value is the call (or a list of calls) as JSON
+            calls = _json_field(turn, "value", f"{where}: conversations[{i}]")
+            rest["tool_calls"] = calls if isinstance(calls, list) else [calls]
+            messages.append({**rest, "role": "assistant", "content": ""})
+        else:
+            messages.append({**rest, "role": SHAREGPT_ROLES[source], "content": turn.get("value")})
     return messages
+
+
+def _json_field(record: dict, key: str, where: str):
+    """A field that may hold JSON text (ShareGPT's calls, a tools column) as the value it spells."""
+    value = record.get(key)
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: field {key!r} is not valid JSON ({e.msg} at column {e.colno})") from None
+    return value
+
+
+def _tools(record: dict, where: str) -> Optional[list]:
+    tools = _json_field(record, "tools", where)
+    if tools in (None, []):
+        return None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise DataError(f"{where}: field 'tools' must be a list of tool definitions (objects)")
+    return tools
+
+
+def _tool_calls(m: dict, at: str) -> list:
+    """An assistant message's tool calls, as {"type": "function", "function": {"name", "arguments"}}."""
+    calls = m["tool_calls"]
+    if not isinstance(calls, list) or not calls:
+        raise DataError(f"{at}: field 'tool_calls' must be a non-empty list")
+    out = []
+    for k, call in enumerate(calls):
+        function = call.get("function", call) if isinstance(call, dict) else None
+        if not (isinstance(function, dict) and isinstance(function.get("name"), str)
+                and isinstance(function.get("arguments"), (dict, str))):
+            raise DataError(f"{at}: tool_calls[{k}]: expected {{'function': {{'name': str, 'arguments': object or "
+                            "JSON text}}}")
+        entry = {"type": "function", "function": {"name": function["name"], "arguments": function["arguments"]}}
+        if isinstance(call.get("id"), str):
+            entry["id"] = call["id"]
+        out.append(entry)
+    return out
 
 
 def _content(m: dict, at: str, required_nonempty: bool) -> str:
@@ -316,10 +361,23 @@ def _chat_messages(record: dict, where: str) -> List[dict]:
         if unknown:
             raise DataError(f"{at}: field {unknown[0]!r} is not supported (only {', '.join(MESSAGE_KEYS)}): the "
                             "message would be trained without it; remove it or the record")
-        content = _content(m, at, required_nonempty=(role == "assistant"))
+        misplaced = [k for k in ("tool_call_id", "name") if m.get(k) is not None and role != "tool"]
+        if misplaced:
+            raise DataError(f"{at}: field {misplaced[0]!r} belongs on a tool message, not a {role} one")
+        if m.get("tool_calls") is not None and role != "assistant":
+            raise DataError(f"{at}: field 'tool_calls' belongs on an assistant message, not a {role} one")
+        calls = _tool_calls(m, at) if m.get("tool_calls") is not None else None
+        if calls and m.get("content") is None:
+            m = {**m, "content": ""}
+        content = _content(m, at, required_nonempty=(role == "assistant" and not calls))
         message = {"role": role, "content": content}
         if m.get("reasoning_content") is not None:
             message["reasoning_content"] = _text(m, "reasoning_content", at, required_nonempty=False)
+        if calls:
+            message["tool_calls"] = calls
+        for key in ("tool_call_id", "name"):
+            if role == "tool" and m.get(key) is not None:
+                message[key] = _text(m, key, at)
         out.append(message)
     if not any(m["role"] == "assistant" for m in out):
         raise DataError(f"{where}: conversation has no assistant turn to train on")
@@ -334,6 +392,8 @@ def require_final_answer(conversations: List[Conversation], why: str) -> None:
     """Stages that answer a conversation's last prompt (S3FT targets, evaluation) need it to end
     with the assistant's turn, the gold answer; a trailing user or system turn is refused."""
     for c in conversations:
+        if c.tools or any(m["role"] == "tool" or m.get("tool_calls") for m in c.messages):
+            raise DataError(f"{c.where}: a conversation with tools; {why} answers plain prompts only")
         if c.messages[-1]["role"] != "assistant" or len(c.messages) < 2:
             raise DataError(f"{c.where}: the conversation ends with a {c.messages[-1]['role']} turn; {why} needs "
                             "it to end with the assistant's answer to the last user turn (drop the trailing turns)")
@@ -368,7 +428,7 @@ def load_conversations(paths: List[str], fmt: str = "auto", system_prompt: str |
                     k += 1
                     ex_id = f"{base}-{k}"
             seen[ex_id] = where
-            conversations.append(Conversation(ex_id, messages, where, record))
+            conversations.append(Conversation(ex_id, messages, where, record, _tools(record, where)))
         if len(conversations) == n_before:
             raise DataError(f"{path}: no records")
     return conversations

@@ -74,7 +74,8 @@ def _split_end_marker(turn: str, special: Tuple[str, ...]) -> Tuple[str, str]:
     return answer, rest
 
 
-def assistant_spans(tokenizer, messages: List[dict], where: str) -> Tuple[str, List[Tuple[int, int]]]:
+def assistant_spans(tokenizer, messages: List[dict], where: str,
+                    tools: Optional[list] = None) -> Tuple[str, List[Tuple[int, int]]]:
     """The rendered conversation and the character spans of its assistant turns, for a template
     without {% generation %} markers.
 
@@ -83,7 +84,7 @@ def assistant_spans(tokenizer, messages: List[dict], where: str) -> Tuple[str, L
     ends come from rendering prefixes of the conversation, checked against the whole rendering, so
     a template that renders a prefix differently is refused rather than guessed at.
     """
-    render = lambda msgs, gen: _render(tokenizer, msgs, where, tokenize=False, add_generation_prompt=gen)
+    render = lambda msgs, gen: _render(tokenizer, msgs, where, tokenize=False, add_generation_prompt=gen, tools=tools)
     text = render(messages, False)
     special = _special_tokens(tokenizer)
     spans = []
@@ -120,20 +121,26 @@ def end_of_turn_token(tokenizer) -> Optional[str]:
     return marker or None
 
 
-def encode(tokenizer, messages: List[dict], where: str) -> Tuple[List[int], List[int]]:
-    """Token ids and labels; labels are the ids on assistant tokens and -100 elsewhere. A template
-    marking assistant turns with {% generation %} decides them in one render (transformers'
-    assistant mask); any other by rendering prefixes (assistant_spans)."""
+def encode(tokenizer, messages: List[dict], where: str, tools: Optional[list] = None) -> Tuple[List[int], List[int]]:
+    """Token ids and labels; labels are the ids on assistant tokens (tool calls included) and -100
+    elsewhere (tool results included). A template marking assistant turns with {% generation %}
+    decides them in one render (transformers' assistant mask); any other by rendering prefixes
+    (assistant_spans). `tools`: the tool definitions the template renders."""
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, dict):  # several named templates: apply_chat_template uses "default"
         template = template.get("default")
     if not template:
         raise DataError(f"{where}: the tokenizer has no chat template; set model.chat_template")
+    uses_tools = tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
+    if uses_tools and not ("tool_calls" in template and "tools" in template):
+        raise DataError(f"{where}: a conversation with tools, which the chat template does not render (it never "
+                        "reads tools and tool_calls); use a template that does, e.g. model.chat_template=qwen3")
     if GENERATION_BLOCK.search(template):
-        out = _render(tokenizer, messages, where, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        out = _render(tokenizer, messages, where, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
+                      tools=tools)
         ids = list(out["input_ids"])
         return ids, [t if m else IGNORE for t, m in zip(ids, out["assistant_masks"])]
-    text, spans = assistant_spans(tokenizer, messages, where)
+    text, spans = assistant_spans(tokenizer, messages, where, tools)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, labels, k = enc["input_ids"], [], 0
     for tok, (start, _) in zip(ids, enc["offset_mapping"]):
@@ -265,7 +272,7 @@ def _tokenize_chunk(conversations: List[Conversation], tokenizer, max_length: in
         # cost gigabytes); no token spans more than longest_token_chars characters, so the cut text
         # still yields more than max_length tokens and truncation or dropping decides as before.
         messages = [{**m, "content": m["content"][:budget]} for m in conv.messages]
-        ids, labels = encode(tokenizer, messages, conv.where)
+        ids, labels = encode(tokenizer, messages, conv.where, conv.tools)
         if len(ids) > max_length:
             if overlong == "drop":
                 stats["dropped_overlong"] += 1
