@@ -56,6 +56,9 @@ class DataConfig:
     eval_sets: Dict[str, List[str]] = field(default_factory=dict)
     # auto: detect per record; alpaca | chat | sharegpt | prompt_completion force one.
     format: str = "auto"
+    # Epochs of each training file (in order) in one epoch of the mixture: 1 = every example once,
+    # 0.25 = a seeded quarter, 2.5 = twice and half again. Empty: every file once (no mixture).
+    weights: List[float] = field(default_factory=list)
     # A dataset's own column names for the format's fields, e.g. {prompt: question, completion: answer}.
     columns: Dict[str, str] = field(default_factory=dict)
     # The same for the held-out files (eval_files, eval_sets), which need not share the training format.
@@ -370,6 +373,11 @@ def validate(cfg) -> None:
     if not d.train_files:
         raise ConfigError("data.train_files: at least one file is needed")
     positive("data.max_length", d.max_length)
+    if d.weights and len(d.weights) != len(d.train_files):
+        raise ConfigError(f"data.weights: {len(d.weights)} weights for {len(d.train_files)} data.train_files; give "
+                          "one per file, in order")
+    for w in d.weights:
+        positive("data.weights", w)
     positive("data.num_proc", d.num_proc, zero_ok=True)
     for name, files in d.eval_sets.items():
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or not files:

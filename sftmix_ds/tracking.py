@@ -38,6 +38,15 @@ class MetricsLog:
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
+    def log_mixture(self, counts: list) -> None:
+        """A mixed training set's examples per source: mixture.json beside metrics.jsonl, and the
+        wandb run's summary (data/<source>/taken, .../examples)."""
+        if not self.enabled:
+            return
+        write_json_atomic(os.path.join(os.path.dirname(self.path), "mixture.json"), counts, indent=1)
+        if self.wandb is not None:
+            self.wandb.summary.update({f"data/{c['source']}/{k}": c[k] for c in counts for k in ("taken", "examples")})
+
     def log_summary(self, values: dict) -> None:
         """Final figures: eval_summary.json beside metrics.jsonl, and the wandb run's summary."""
         if not self.enabled:

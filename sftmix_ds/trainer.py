@@ -23,7 +23,7 @@ from tqdm import tqdm
 from .adapters import adapter_summary, apply_lora, check_lora_targets
 from .common import UserError, atomic_file, evenly_spaced, to_device, write_json_atomic
 from .config import ConfigError, validate
-from .data import load_split
+from .data import load_split, train_split
 from .engine import (PREFIX, Checkpointer, Collectives, DeepSpeedStrategy, LossModule, check_head,
                      complete_checkpoints, dist_env, read_complete, sample_ids)
 from .eval import eval_sets, evaluate_model
@@ -147,7 +147,7 @@ class Recipe:
         if cfg.peft.kind == "lora":
             check_lora_targets(self.model_path, cfg.peft)
         self.tokenizer, self.pad_id = load_tokenizer(self.model_path, cfg.model.chat_template)
-        train_set = load_split(cfg.data, self.tokenizer, cfg.data.train_files)
+        train_set = train_split(cfg.data, self.tokenizer, cfg.train.seed)
         named = {"eval_loss": cfg.data.eval_files, **{f"eval_loss/{n}": f for n, f in cfg.data.eval_sets.items()}}
         self.eval_sets = {key: load_split(cfg.data, self.tokenizer, files, held_out=True)
                           for key, files in named.items() if files}
@@ -206,6 +206,8 @@ class Recipe:
             self.method.load_state(client_state.get("method", {}))
             log.info("resumed from %s at step %d", resumed, self.step)
         self.metrics = MetricsLog(cfg, enabled=self.rank == 0, fresh=resumed is None)
+        if hasattr(self.train_set, "counts"):
+            self.metrics.log_mixture(self.train_set.counts)
         self.samples_path = os.path.join(cfg.output_dir, "samples.jsonl")  # the example ids of every step
         if self.rank == 0:
             for path in (self.metrics.path, self.samples_path):  # steps after the checkpoint run again

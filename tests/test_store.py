@@ -198,3 +198,56 @@ def test_sharegpt_and_text_parts_give_the_labels_of_the_same_chat(tmp_path, toke
         path.write_text(json.dumps({"prompt": "x", "completion": "y"}) + "\n" + json.dumps(record) + "\n")
         with pytest.raises(DataError, match=f"{name}.jsonl:2: .*{message}"):
             load_conversations([str(path)])
+
+
+def test_a_mixture_takes_each_source_for_its_epochs_seeded(tmp_path, tokenizer):
+    from sftmix_ds.data.mixture import Mixture
+
+    a, b = (load_examples([os.path.join(BUILTIN, f)], tokenizer, cache_dir=str(tmp_path), **SETTINGS)
+            for f in ("arith_eval.jsonl", "capitals.jsonl"))
+    mix = Mixture([a, b], ["a", "b"], [2, 0.25], seed=3)
+    assert [c["taken"] for c in mix.counts] == [2 * len(a), round(0.25 * len(b))]
+    assert len(mix) == len(mix.ids) == len(set(mix.ids)) == 2 * len(a) + round(0.25 * len(b))
+    assert mix.ids[:len(a)] == a.ids and mix.ids[len(a):2 * len(a)] == [f"{i}#2" for i in a.ids]
+    drawn = mix.ids[2 * len(a):]
+    assert set(drawn) < set(b.ids)
+    for k in (0, len(a) + 5, len(mix) - 1):  # an entry is its source's example under the mixture's id
+        source = (a if k < 2 * len(a) else b)
+        original = source[source.ids.index(mix.ids[k].split("#")[0])]
+        assert (mix[k].input_ids, mix[k].labels) == (original.input_ids, original.labels)
+        assert mix.lengths[k] == len(original.input_ids)
+    same, other = Mixture([a, b], ["a", "b"], [2, 0.25], seed=3), Mixture([a, b], ["a", "b"], [2, 0.25], seed=4)
+    assert same.ids == mix.ids and same.digest == mix.digest
+    assert other.ids[2 * len(a):] != drawn and other.digest != mix.digest
+    assert Mixture([a, b], ["a", "b"], [1, 1], seed=3).ids == a.ids + b.ids
+
+
+@pytest.mark.e2e
+def test_a_mixed_run_logs_its_counts_and_resumes_bitwise(tmp_path):
+    """One process, two sources (a quarter of one, one and a half of the other): the counts land in
+    mixture.json, repeated examples train under their own ids, and stop + resume equals the
+    uninterrupted run bitwise; other weights are another run's data."""
+    import torch
+    from safetensors.torch import load_file
+
+    from sftmix_ds.tracking import MEASURED
+
+    from .helpers import read_metrics, train_cli
+
+    files = ",".join(os.path.join(BUILTIN, f) for f in ("arith_eval.jsonl", "capitals.jsonl"))
+    args = ["model=tiny", "method=ntp", "data=jsonl", f"data.train_files=[{files}]", "data.weights=[0.25,1.5]",
+            "train.max_steps=4", "train.micro_batch_size=4", "train.lr=1e-3", "train.export_dtype=fp32"]
+    whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
+    train_cli(args + [f"output_dir={whole}"])
+    with open(os.path.join(whole, "mixture.json")) as f:
+        assert [(c["examples"], c["taken"]) for c in json.load(f)] == [(32, 8), (32, 48)]
+    with open(os.path.join(whole, "samples.jsonl")) as f:
+        assert any("#2" in i for line in f for i in json.loads(line)["ids"])
+    train_cli(args + ["train.stop_after_steps=2", f"output_dir={parts}"])
+    assert "resumed from" in train_cli(args + [f"output_dir={parts}"]).stderr
+    strip = lambda records: [{k: v for k, v in r.items() if k not in MEASURED} for r in records]
+    assert strip(read_metrics(parts)) == strip(read_metrics(whole))
+    w, ref = (load_file(os.path.join(d, "model", "model.safetensors")) for d in (parts, whole))
+    assert all(torch.equal(w[k], ref[k]) for k in ref)
+    proc = train_cli(args[:4] + ["data.weights=[0.5,1.5]"] + args[5:] + [f"output_dir={whole}"], check=False)
+    assert proc.returncode == 2 and "data.weights: [0.25, 1.5] -> [0.5, 1.5]" in proc.stderr

@@ -21,7 +21,7 @@ from typing import Optional
 from omegaconf import OmegaConf, open_dict
 
 from ..config import ConfigError, load_model_config, resolve_precision
-from ..data import example_ids, load_split
+from ..data import example_ids, train_split
 from ..engine import Collectives, after_rank0_wrote, dist_env
 from ..faults import maybe_delay
 from ..models import load_tokenizer, prepare_model
@@ -94,7 +94,7 @@ def run_confidence_stage(cfg) -> str:
     ref_model_cfg = reference_model_config(cfg)
     ref_path = prepare_model(ref_model_cfg, cfg.model_cache_dir)
     tokenizer, pad_id = load_tokenizer(ref_path, ref_model_cfg.chat_template)
-    examples = load_split(cfg.data, tokenizer, cfg.data.train_files)
+    examples = train_split(cfg.data, tokenizer, cfg.train.seed)
     fp = fingerprint(cfg, ref_model_cfg, examples, world_size)
     stage_dir = os.path.join(stage_root(cfg.method.stage_dir, cfg.output_dir), fp)
     out_path = os.path.join(stage_dir, CONFIDENCE_FILE)
@@ -145,7 +145,7 @@ def random_confidence_file(cfg) -> str:
     """method.confidence_source=random: a seeded half/half split of the training ids (the ablation:
     Mixup across a split that carries no confidence), in the same files as stage 1's."""
     tokenizer, _ = load_tokenizer(prepare_model(cfg.model, cfg.model_cache_dir), cfg.model.chat_template)
-    ids = example_ids(load_split(cfg.data, tokenizer, cfg.data.train_files))
+    ids = example_ids(train_split(cfg.data, tokenizer, cfg.train.seed))
     fp = hashlib.sha256(json.dumps([cfg.train.seed, sorted(ids)]).encode()).hexdigest()[:16]
     stage_dir = os.path.join(stage_root(cfg.method.stage_dir, cfg.output_dir), f"random-{fp}")
     return publish_split(random_split_records(ids, cfg.train.seed), stage_dir, fp,

@@ -69,9 +69,9 @@ def _feed(h, example_id: str, ids: np.ndarray, spans: np.ndarray) -> None:
 
 
 def examples_digest(examples) -> str:
-    """sha256 of the examples' ids, token ids and labels, in order: a store's recorded digest, or
-    computed the same way for a list of Examples."""
-    if isinstance(examples, TokenStore):
+    """sha256 of the examples' ids, token ids and labels, in order: a store's recorded digest (a
+    mixture's: its sources' and its draw), or computed the same way for a list of Examples."""
+    if hasattr(examples, "digest"):
         return examples.digest
     h = hashlib.sha256()
     for e in examples:
@@ -80,13 +80,13 @@ def examples_digest(examples) -> str:
 
 
 def example_ids(examples) -> List[str]:
-    """Every example's id, without reading any store's tokens."""
-    return examples.ids if isinstance(examples, TokenStore) else [e.id for e in examples]
+    """Every example's id, without reading a store's tokens."""
+    return examples.ids if hasattr(examples, "ids") else [e.id for e in examples]
 
 
 def example_lengths(examples) -> List[int]:
-    """Every example's token count, without reading any store's tokens."""
-    return examples.lengths.tolist() if isinstance(examples, TokenStore) else [len(e.input_ids) for e in examples]
+    """Every example's token count, without reading a store's tokens."""
+    return examples.lengths.tolist() if hasattr(examples, "lengths") else [len(e.input_ids) for e in examples]
 
 
 def token_dtype(vocab_size: int) -> str:

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from ..common import IGNORE, file_digest
 from ..faults import maybe_delay_build
 from .formats import Conversation, DataError, is_hub, load_conversations, load_hub_dataset
+from .mixture import Mixture
 from .store import Chunk, Example, StoreWriter, TokenStore, open_store, pack_chunk, unpack_chunk
 
 log = logging.getLogger(__name__)
@@ -340,6 +341,18 @@ def load_split(data_cfg, tokenizer, files, held_out: bool = False) -> TokenStore
                          overlong=data_cfg.overlong, system_prompt=data_cfg.system_prompt,
                          columns=dict(data_cfg.columns), cache_dir=data_cfg.cache_dir,
                          num_proc=data_cfg.num_proc or default_num_proc())
+
+
+def train_split(data_cfg, tokenizer, seed: int):
+    """The training examples: the training files' store, or with data.weights their mixture
+    (mixture.py), each source in its own store."""
+    if not data_cfg.weights:
+        return load_split(data_cfg, tokenizer, data_cfg.train_files)
+    files = list(data_cfg.train_files)
+    mixture = Mixture([load_split(data_cfg, tokenizer, [f]) for f in files], files, list(data_cfg.weights), seed)
+    log.info("mixture of %d examples: %s", len(mixture), "; ".join(
+        f"{c['source']}: {c['taken']} of {c['examples']} (weight {c['weight']:g})" for c in mixture.counts))
+    return mixture
 
 
 def train_conversations(data_cfg) -> List[Conversation]:

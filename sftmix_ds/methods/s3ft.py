@@ -50,6 +50,9 @@ class S3FT(NTP):
     @staticmethod
     def check_config(cfg) -> None:
         m = cfg.method
+        if cfg.data.weights:
+            raise ConfigError("data.weights: method=s3ft builds its targets from every training example once; "
+                              "a mixture is not supported with it")
         for key in ("max_new_tokens", "generate_batch_size", "write_every", "temperature"):
             positive(f"method.{key}", m[key])
         in_range("method.top_p", m.top_p, 0, 1, low_open=True)
