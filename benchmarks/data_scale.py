@@ -14,6 +14,7 @@ import argparse
 import glob
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -22,7 +23,6 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 # Each rank records its peak resident memory at exit, in a file named by its rank.
 PEAK_HOOK = """
@@ -34,12 +34,18 @@ atexit.register(_peak)
 """
 
 
-def write_jsonl(path: str, n: int) -> None:
-    from tokenization import conversations
-
+def write_jsonl(path: str, n: int, seed: int = 0) -> None:
+    """n conversations of 3 user/assistant exchanges (60 and 220 words each, drawn from the README's)."""
+    rng = random.Random(seed)
+    with open(os.path.join(ROOT, "README.md")) as f:
+        words = [w for w in f.read().split() if w.isalpha()]
+    text = lambda k: " ".join(rng.choice(words) for _ in range(k))
     with open(path, "w") as f:
-        for c in conversations(n):
-            f.write(json.dumps({"id": c.id, "messages": c.messages}) + "\n")
+        for i in range(n):
+            messages = []
+            for _ in range(3):
+                messages += [{"role": "user", "content": text(60)}, {"role": "assistant", "content": text(220)}]
+            f.write(json.dumps({"id": f"c{i}", "messages": messages}) + "\n")
 
 
 def prep(path: str, cache: str, num_proc: int):

@@ -1,4 +1,5 @@
 """The token store: the same examples as tokenizing in memory, built once, mapped read-only."""
+import glob
 import json
 import multiprocessing
 import os
@@ -226,7 +227,7 @@ def test_a_mixture_takes_each_source_for_its_epochs_seeded(tmp_path, tokenizer):
 def test_a_mixed_run_logs_its_counts_and_resumes_bitwise(tmp_path):
     """One process, two sources (a quarter of one, one and a half of the other): the counts land in
     mixture.json, repeated examples train under their own ids, and stop + resume equals the
-    uninterrupted run bitwise; other weights are another run's data."""
+    uninterrupted run bitwise; other weights are another run's data; SFTMix splits the mixture."""
     import torch
     from safetensors.torch import load_file
 
@@ -251,3 +252,11 @@ def test_a_mixed_run_logs_its_counts_and_resumes_bitwise(tmp_path):
     assert all(torch.equal(w[k], ref[k]) for k in ref)
     proc = train_cli(args[:4] + ["data.weights=[0.5,1.5]"] + args[5:] + [f"output_dir={whole}"], check=False)
     assert proc.returncode == 2 and "data.weights: [0.25, 1.5] -> [0.5, 1.5]" in proc.stderr
+    # SFTMix splits the mixture as trained: every drawn example, repeats under their own ids, once.
+    mixed = str(tmp_path / "sftmix")
+    train_cli(["model=tiny", "method=sftmix", "method.confidence_source=random", *args[2:5], "train.max_steps=1",
+               "train.export_final=false", f"output_dir={mixed}"])
+    (split,) = glob.glob(os.path.join(mixed, "confidence", "random-*", "confidence.jsonl"))
+    with open(split) as f:
+        ids = [json.loads(line)["id"] for line in list(f)[1:]]  # after the header line
+    assert len(ids) == len(set(ids)) == 56 and sum(i.endswith("#2") for i in ids) == 16

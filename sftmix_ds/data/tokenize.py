@@ -233,7 +233,8 @@ def encoded_chunks(conversations: List[Conversation], tokenizer, max_length: int
                    num_proc: int = 1, progress: bool = False) -> Iterator[Tuple[Chunk, dict]]:
     """(packed examples, counts) of consecutive chunks of the conversations, in order; with num_proc > 1
     from worker processes, with the same result."""
-    size = max(64, -(-len(conversations) // (max(num_proc, 1) * 8)))  # several chunks a worker: an even finish
+    # Several chunks a worker (an even finish), at most 1,000 conversations each (a steady progress bar).
+    size = max(64, min(1000, -(-len(conversations) // (max(num_proc, 1) * 8))))
     chunks = [conversations[s:s + size] for s in range(0, len(conversations), size)]
     bar = tqdm(total=len(conversations), desc="tokenize", unit="conv", disable=not progress, dynamic_ncols=True)
     with bar:
