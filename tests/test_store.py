@@ -3,6 +3,7 @@ import glob
 import json
 import multiprocessing
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -172,9 +173,9 @@ def test_sharegpt_and_text_parts_give_the_labels_of_the_same_chat(tmp_path, toke
     chat = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi\nthere"},
                          {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "2+2?"},
                          {"role": "assistant", "content": "4"}]}
-    sharegpt = {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi\nthere"},
-                                  {"from": "gpt", "value": "Hello"}, {"from": "human", "value": "2+2?"},
-                                  {"from": "gpt", "value": "4"}]}
+    sharegpt = {"tools": "", "conversations": [  # an empty tools column (LLaMA-Factory's) is no tools
+        {"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi\nthere"},
+        {"from": "gpt", "value": "Hello"}, {"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]}
     parts = {"messages": [{**m, "content": [{"type": "text", "text": t} for t in m["content"].split("\n")]}
                           for m in chat["messages"]]}
     files = []
@@ -260,3 +261,19 @@ def test_a_mixed_run_logs_its_counts_and_resumes_bitwise(tmp_path):
     with open(split) as f:
         ids = [json.loads(line)["id"] for line in list(f)[1:]]  # after the header line
     assert len(ids) == len(set(ids)) == 56 and sum(i.endswith("#2") for i in ids) == 16
+
+
+def test_a_killed_builders_leftovers_are_removed_by_the_next_build(tmp_path, tokenizer):
+    import subprocess
+
+    path = [os.path.join(BUILTIN, "arith_eval.jsonl")]
+    store = load_examples(path, tokenizer, cache_dir=str(tmp_path), **SETTINGS)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    leftover = f"{store.folder}.tmp-{os.uname().nodename}-{dead.pid}"
+    os.makedirs(leftover)
+    live = f"{store.folder}.tmp-{os.uname().nodename}-{os.getppid()}"  # a builder still running
+    os.makedirs(live)
+    shutil.rmtree(store.folder)
+    load_examples(path, tokenizer, cache_dir=str(tmp_path), **SETTINGS)
+    assert not os.path.exists(leftover) and os.path.exists(live)

@@ -303,9 +303,9 @@ def _json_field(record: dict, key: str, where: str):
 
 
 def _tools(record: dict, where: str) -> Optional[list]:
-    tools = _json_field(record, "tools", where)
-    if tools in (None, []):
+    if not isinstance(record, dict) or not str(record.get("tools") or "").strip():  # absent, None, [] or ""
         return None
+    tools = _json_field(record, "tools", where)
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
         raise DataError(f"{where}: field 'tools' must be a list of tool definitions (objects)")
     return tools

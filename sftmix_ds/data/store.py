@@ -16,6 +16,7 @@ two builders racing on a shared filesystem (where file locks may not hold) leave
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -184,14 +185,28 @@ def unpack_chunk(chunk: Chunk) -> List[Example]:
     return out
 
 
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 class StoreWriter:
     """Appends chunks to a temporary folder beside `folder`; publish() renames it into place."""
 
     def __init__(self, folder: str, vocab_size: int):
         self.folder, self.token_dtype = folder, token_dtype(vocab_size)
         self.limit = np.iinfo(self.token_dtype).max
-        self.tmp = f"{folder}.tmp-{os.uname().nodename}-{os.getpid()}"
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        host = os.uname().nodename
+        prefix = f"{folder}.tmp-{host}-"
+        for stale in glob.glob(glob.escape(prefix) + "*"):  # left by a killed builder on this host
+            if not _alive(stale[len(prefix):]):
+                shutil.rmtree(stale, ignore_errors=True)
+        self.tmp = f"{prefix}{os.getpid()}"
         os.makedirs(self.tmp)
         self.files = {name: open(os.path.join(self.tmp, f"{name}.bin"), "wb") for name in FILES}
         self.sizes = dict.fromkeys(FILES, 0)
