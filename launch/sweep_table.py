@@ -1,6 +1,7 @@
 """A sweep's final metrics as one markdown table: `python launch/sweep_table.py multirun/DATE_TIME`.
 
-Reads each point's overrides.yaml and the last record of its metrics.jsonl. Points compare on
+Reads each point's overrides.yaml, the last record of its metrics.jsonl and, after an evaluation, its
+eval_summary.json (judged accuracies, lm-eval scores, perplexity) as more columns. Points compare on
 eval_loss, first: `loss` is each point's training objective, which for sftmix adds mu * loss/mix, so it
 would rank points by mu.
 """
@@ -26,14 +27,19 @@ def main(sweep_dir: str) -> None:
                 overrides = yaml.safe_load(f) or []
         evals = [json.loads(line) for line in open(point) if "eval_loss" in line]
         last.setdefault("eval_loss", evals[-1]["eval_loss"] if evals else None)
+        summary = os.path.join(folder, "eval_summary.json")
+        if os.path.exists(summary):
+            with open(summary) as f:
+                last.update(json.load(f))
         rows.append((os.path.basename(folder), " ".join(overrides), last))
     if not rows:
         sys.exit(f"{sweep_dir}: no */metrics.jsonl found")
+    columns = list(METRICS) + sorted({k for _, _, last in rows for k in last if k.startswith("eval/")})
     print("Compare points on eval_loss: `loss` is the training objective (sftmix: loss/ntp + mu * loss/mix).\n")
-    print("| point | overrides | step | " + " | ".join(METRICS) + " |")
-    print("|---|---|---|" + "---|" * len(METRICS))
+    print("| point | overrides | step | " + " | ".join(columns) + " |")
+    print("|---|---|---|" + "---|" * len(columns))
     for name, overrides, last in rows:
-        cells = [f"{last[m]:.4f}" if isinstance(last.get(m), float) else "" for m in METRICS]
+        cells = [f"{last[m]:.4f}" if isinstance(last.get(m), float) else "" for m in columns]
         print(f"| {name} | {overrides} | {last['step']} | " + " | ".join(cells) + " |")
 
 

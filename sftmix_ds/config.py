@@ -166,6 +166,17 @@ class EvalTask:
 
 
 @dataclass
+class HarnessConfig:
+    # lm-evaluation-harness tasks or groups by name: the shipped sftmix_* held-out sets
+    # (sftmix_ds/eval/lm_eval_tasks), lm-eval's own (gsm8k, mmlu, ...: need their data), or any in
+    # include_path. Empty: lm-eval does not run.
+    tasks: List[str] = field(default_factory=list)
+    include_path: List[str] = field(default_factory=list)  # folders of lm-eval task YAMLs
+    batch_size: int = 16
+    limit: int = 0  # the first N documents of each task; 0: all
+
+
+@dataclass
 class EvalConfig:
     # The model to evaluate: a transformers folder; null: the run's export (at the end of
     # training) or the configured base model (launch/eval.py).
@@ -177,6 +188,7 @@ class EvalConfig:
     batch_size: int = 16
     # python_tests on a machine that cannot sandbox code (no root, no user namespaces): run it anyway.
     allow_unsandboxed_code: bool = False
+    harness: HarnessConfig = field(default_factory=HarnessConfig)
 
 
 @dataclass

@@ -2,16 +2,18 @@
 and held-out response perplexity; results as eval.json and eval.md in the output folder."""
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 from typing import Optional
 
 from ..common import atomic_file, write_json_atomic
-from ..data import load_conversations, load_split, require_final_answer
-from ..engine import Collectives
+from ..data import end_of_turn_token, load_conversations, load_split, require_final_answer
+from ..engine import Collectives, after_rank0_wrote
 from ..inference import Generator, across_ranks, resolve_judge, score_model
 from ..models import load_tokenizer
+from .harness import check_tasks, run_harness
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +30,8 @@ def accuracy(conversations, generate, judge, on_ranks, answer_field: str = "answ
 
 def eval_sets(eval_cfg) -> list:
     """(group, task, conversations) of every judged evaluation set, checked: each conversation
-    ends with its gold answer. Cheap, so training runs it first to fail before, not after."""
+    ends with its gold answer; and lm-eval's tasks, known and with their data. Cheap, so training
+    runs it first to fail before, not after."""
     out = []
     for group in ("tasks", "general"):
         for task in eval_cfg[group]:
@@ -36,6 +39,7 @@ def eval_sets(eval_cfg) -> list:
             convs = convs[:task.limit] if task.limit else convs
             require_final_answer(convs, f"evaluation set {task.name!r} (its last turn is the gold answer)")
             out.append((group, task, convs))
+    check_tasks(eval_cfg.harness)
     return out
 
 
@@ -48,14 +52,17 @@ def evaluate_model(cfg, model_path: str, out_dir: str, comm: Optional[Collective
     comm = comm or Collectives(cfg.deepspeed, cfg.train.precision)
     on_ranks = lambda items, fn: across_ranks(items, fn, comm.world_size, comm.rank, comm.all_gather_object)
     results = {"model": model_path, "tasks": {}, "general": {}}
+    sets = eval_sets(e)  # bad data or an lm-eval task without its data fails before a model loads
     generator = Generator(model_path, comm.device, comm.dtype, max_new_tokens=e.max_new_tokens,
                           batch_size=e.batch_size, chat_template=chat_template)
-    for group, task, convs in eval_sets(e):
+    for group, task, convs in sets:
         generate = lambda share, name=task.name: generator(share, desc=f"eval {name}")
         results[group][task.name] = accuracy(convs, generate, resolve_judge(task.judge, e.allow_unsandboxed_code),
                                              on_ranks, task.answer_field)
         log.info("eval %s: accuracy %.3f on %d", task.name, results[group][task.name]["accuracy"], len(convs))
     generator = None  # the generation model is released before scoring loads another copy
+    if e.harness.tasks:
+        results["harness"] = harness_on_rank0(e, model_path, chat_template, comm, out_dir)
     if e.perplexity_files:
         tokenizer, pad_id = load_tokenizer(model_path, chat_template)
         examples = load_split(cfg.data, tokenizer, e.perplexity_files, held_out=True)
@@ -73,12 +80,32 @@ def evaluate_model(cfg, model_path: str, out_dir: str, comm: Optional[Collective
     return results
 
 
+def harness_on_rank0(e, model_path: str, chat_template: Optional[str], comm: Collectives, out_dir: str) -> dict:
+    """lm-eval on rank 0, the other ranks waiting at a barrier (bounded by deepspeed.timeout_minutes),
+    then reading rank 0's results."""
+    path = os.path.join(out_dir, "harness.json")
+    if comm.rank == 0:
+        tokenizer, _ = load_tokenizer(model_path, chat_template)
+        results = run_harness(e.harness, model_path, tokenizer, comm.device, comm.dtype, e.max_new_tokens,
+                              end_of_turn_token(tokenizer))
+        os.makedirs(out_dir, exist_ok=True)
+        write_json_atomic(path, results, indent=1)
+    after_rank0_wrote(path)
+    if comm.rank != 0:
+        with open(path) as f:
+            results = json.load(f)
+    return results
+
+
 def markdown_table(results: dict) -> str:
     lines = [f"Model: `{results['model']}`", "", "| metric | value | n |", "|---|---|---|"]
     for group in ("tasks", "general"):
         for name, r in results[group].items():
             label = f"{name} accuracy" + (" (general)" if group == "general" else "")
             lines.append(f"| {label} | {r['accuracy']:.3f} | {r['n']} |")
+    for task, r in results.get("harness", {}).items():
+        stderr = f" ± {r['stderr']:.3f}" if r["stderr"] is not None else ""
+        lines.append(f"| lm-eval {task} {r['metric']} ({r['filter']}) | {r['value']:.3f}{stderr} | {r['n']} |")
     if "perplexity" in results:
         p = results["perplexity"]
         lines.append(f"| held-out perplexity | {p['perplexity']:.3f} | {p['n']} |")

@@ -1,0 +1,97 @@
+"""EleutherAI's lm-evaluation-harness on a model folder, in-process: the project's held-out sets
+shipped as lm-eval tasks (lm_eval_tasks/), any task folder the user names, and lm-eval's own tasks
+by name where their data can be had. One rank runs it (lm-eval's data parallelism needs its own
+launcher); the others wait for its results file."""
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+from typing import List, Optional
+
+from ..common import ConfigError, UserError
+from ..data import DataError
+
+log = logging.getLogger(__name__)
+SHIPPED_TASKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lm_eval_tasks")
+
+
+def task_manager(include_path: List[str]):
+    from lm_eval.tasks import TaskManager
+
+    for path in include_path:
+        if not os.path.isdir(path):
+            raise ConfigError(f"eval.harness.include_path: {path!r} is not a folder of lm-eval task YAMLs")
+    return TaskManager(include_path=[SHIPPED_TASKS, *include_path])
+
+
+def check_tasks(harness_cfg) -> None:
+    """Every task is known and its data can be loaded (offline: is in the datasets cache), before any
+    model is: an unknown name or missing data is an error naming the task and what to do."""
+    tasks, include_path = list(harness_cfg.tasks), list(harness_cfg.include_path)
+    if not tasks:
+        return
+    manager = task_manager(include_path)
+    for name in tasks:
+        if name not in manager.all_tasks:
+            close = difflib.get_close_matches(name, manager.all_tasks, n=3)
+            raise ConfigError(f"eval.harness.tasks: no lm-eval task or group {name!r}"
+                              + (f" (close: {', '.join(close)})" if close else "")
+                              + f"; the shipped ones are {', '.join(shipped_tasks())}; eval.harness.include_path "
+                              "adds a folder of task YAMLs")
+    from lm_eval.tasks import get_task_dict
+
+    for name in tasks:
+        try:
+            get_task_dict([name], manager)
+        except Exception as e:  # lm-eval and datasets raise many types: network, missing files, bad YAML
+            import datasets
+
+            offline = datasets.config.HF_HUB_OFFLINE
+            hint = (f"this machine is offline (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE): fill the datasets cache "
+                    f"({datasets.config.HF_DATASETS_CACHE}) by running this task once where there is network, "
+                    "with the same HF_DATASETS_CACHE" if offline else "check its data files and the network")
+            raise DataError(f"eval.harness.tasks: task {name!r} cannot load its data ({type(e).__name__}: "
+                            f"{str(e)[:300]}); {hint}") from None
+
+
+def shipped_tasks() -> List[str]:
+    return sorted(f[:-5] for f in os.listdir(SHIPPED_TASKS) if f.endswith(".yaml") and not f.startswith("_"))
+
+
+def run_harness(harness_cfg, model_path: str, tokenizer, device, dtype, max_new_tokens: int,
+                stop: Optional[str]) -> dict:
+    """{task: {metric, value, stderr, n, filter, samples: [{id, response, extracted, target, correct}]}},
+    greedy, each question rendered with the model's chat template as its one user turn."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    check_tasks(harness_cfg)
+    model = HFLM(pretrained=model_path, tokenizer=tokenizer, batch_size=harness_cfg.batch_size, device=str(device),
+                 dtype=str(dtype).replace("torch.", ""))
+    gen_kwargs = {"max_gen_toks": max_new_tokens, "do_sample": False, **({"until": [stop]} if stop else {})}
+    try:
+        out = lm_eval.simple_evaluate(model=model, tasks=list(harness_cfg.tasks),
+                                      task_manager=task_manager(list(harness_cfg.include_path)),
+                                      apply_chat_template=True, gen_kwargs=gen_kwargs,
+                                      limit=harness_cfg.limit or None, log_samples=True, random_seed=0,
+                                      numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
+    except Exception as e:
+        raise UserError(f"lm-eval failed on {model_path} ({type(e).__name__}: {e})") from e
+    results = {}
+    for task, values in out["results"].items():
+        metrics = [k for k in values if "," in k and not k.split(",")[0].endswith("_stderr")]
+        if not metrics:  # a group's row without its own aggregate
+            continue
+        key = metrics[0]
+        metric, filter_name = key.split(",", 1)
+        stderr = values.get(f"{metric}_stderr,{filter_name}")
+        samples = [{"id": s["doc"].get("id", s["doc_id"]), "response": s["resps"][0][0],
+                    "extracted": s["filtered_resps"][0], "target": s["target"], "correct": bool(s[metric])}
+                   for s in out.get("samples", {}).get(task, []) if s.get("filter") == filter_name]
+        results[task] = {"metric": metric, "filter": filter_name, "value": values[key],
+                         "stderr": stderr if isinstance(stderr, float) else None,
+                         "n": out.get("n-samples", {}).get(task, {}).get("effective", len(samples)),
+                         "samples": samples}
+        log.info("lm-eval %s: %s (%s) %.3f", task, metric, filter_name, values[key])
+    return results
