@@ -128,3 +128,26 @@ def test_adapter_only_export_and_a_finished_run(tmp_path):
     assert (out / "adapter" / "adapter_model.safetensors").exists() and not (out / "model").exists()
     proc = train_cli(args)  # resume=auto on a finished run does nothing
     assert "this run is finished" in proc.stderr
+
+
+def test_lm_eval_reads_the_merged_export_as_the_adapted_model(runs):
+    """lm-eval on a LoRA run's merged export (what eval.harness evaluates) answers as lm-eval's own
+    base + adapter loading does."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from omegaconf import OmegaConf
+
+    from sftmix_ds.eval.harness import run_harness, task_manager
+    from sftmix_ds.models import load_tokenizer
+
+    run_dir = runs["ntp", "one"]
+    harness = OmegaConf.create({"tasks": ["sftmix_arith"], "include_path": [], "batch_size": 4, "limit": 4})
+    tokenizer, _ = load_tokenizer(os.path.join(run_dir, "model"))
+    merged = run_harness(harness, os.path.join(run_dir, "model"), tokenizer, "cpu", torch.float32, 8, "<|im_end|>")
+    adapted = HFLM(pretrained=_base_path(), peft=os.path.join(run_dir, "adapter"), tokenizer=tokenizer, batch_size=4,
+                   device="cpu", dtype="float32")
+    out = lm_eval.simple_evaluate(model=adapted, tasks=["sftmix_arith"], task_manager=task_manager([]), limit=4,
+                                  apply_chat_template=True, log_samples=True,
+                                  gen_kwargs={"max_gen_toks": 8, "do_sample": False, "until": ["<|im_end|>"]})
+    responses = [s["resps"][0][0] for s in out["samples"]["sftmix_arith"]]
+    assert [s["response"] for s in merged["sftmix_arith"]["samples"]] == responses and len(responses) == 4

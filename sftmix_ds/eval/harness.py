@@ -39,11 +39,9 @@ def check_tasks(harness_cfg) -> None:
                               + (f" (close: {', '.join(close)})" if close else "")
                               + f"; the shipped ones are {', '.join(shipped_tasks())}; eval.harness.include_path "
                               "adds a folder of task YAMLs")
-    from lm_eval.tasks import get_task_dict
-
     for name in tasks:
         try:
-            get_task_dict([name], manager)
+            manager.load([name])  # builds each task, which loads its data
         except Exception as e:  # lm-eval and datasets raise many types: network, missing files, bad YAML
             import datasets
 
