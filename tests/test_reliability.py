@@ -363,7 +363,7 @@ def test_a_full_disk_is_a_clean_error_and_loses_nothing(small_disk, tokenizer):
 
     disk, resize = small_disk
     data = os.path.join(ROOT, "sftmix_ds", "builtin_data", "arith_train.jsonl")
-    resize("64k")  # the 128 tokenized examples need more
+    resize("24k")  # the store of the 128 tokenized examples needs more (its token ids alone: about 30 KB)
     with pytest.raises(OutOfSpace, match=f"{disk}/cache/.*no space left on its filesystem"):
         load_examples([data], tokenizer, fmt="auto", max_length=256, overlong="truncate", system_prompt=None,
                       cache_dir=str(disk / "cache"))

@@ -260,5 +260,8 @@ class StoreWriter:
 
     def discard(self) -> None:
         for f in self.files.values():
-            f.close()
+            try:
+                f.close()
+            except OSError:  # the buffered rest cannot be written either (a full disk): it is dropped
+                pass
         shutil.rmtree(self.tmp, ignore_errors=True)
