@@ -94,7 +94,7 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, default=20000)
     parser.add_argument("--small", type=int, default=64)
     parser.add_argument("--num-proc", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--repeat", type=int, default=2, help="warm-start runs of each set; the fastest counts")
+    parser.add_argument("--repeat", type=int, default=3, help="warm-start runs of each set; the least counts")
     parser.add_argument("--out", default="benchmarks/results/data_scale_cpu.md")
     a = parser.parse_args()
     work = tempfile.mkdtemp(prefix="data_scale_")

@@ -351,6 +351,8 @@ def train_split(data_cfg, tokenizer, seed: int):
         return load_split(data_cfg, tokenizer, data_cfg.train_files)
     files = list(data_cfg.train_files)
     mixture = Mixture([load_split(data_cfg, tokenizer, [f]) for f in files], files, list(data_cfg.weights), seed)
+    if not len(mixture):
+        raise DataError(f"data.weights={list(data_cfg.weights)}: the mixture takes no example; raise the weights")
     log.info("mixture of %d examples: %s", len(mixture), "; ".join(
         f"{c['source']}: {c['taken']} of {c['examples']} (weight {c['weight']:g})" for c in mixture.counts))
     return mixture

@@ -60,11 +60,11 @@ def shipped_tasks() -> List[str]:
 def run_harness(harness_cfg, model_path: str, tokenizer, device, dtype, max_new_tokens: int,
                 stop: Optional[str]) -> dict:
     """{task: {metric, value, stderr, n, filter, samples: [{id, response, extracted, target, correct}]}},
-    greedy, each question rendered with the model's chat template as its one user turn."""
+    greedy, each question rendered with the model's chat template as its one user turn (check_tasks
+    has vetted the tasks first)."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    check_tasks(harness_cfg)
     model = HFLM(pretrained=model_path, tokenizer=tokenizer, batch_size=harness_cfg.batch_size, device=str(device),
                  dtype=str(dtype).replace("torch.", ""))
     gen_kwargs = {"max_gen_toks": max_new_tokens, "do_sample": False, **({"until": [stop]} if stop else {})}
