@@ -147,7 +147,7 @@ def main() -> None:
                   if per_token > 0 else "no growth of a rank's memory was measurable here (below run-to-run noise)")
         lines += ["", f"Projection for UltraChat-200K (~280M tokens) on a 16-core node, if tokens/s grows with "
                   f"workers as measured here ({speedup:.2f}x at {rows[-1][0]}): about "
-                  f"{280e6 / (per_core * speedup * 16 / rows[-1][0]) / 60:.0f} minutes of prep, once; {growth}. "
+                  f"{280e6 / (per_core * speedup * 16 / rows[-1][0]) / 60:.1f} minutes of prep, once; {growth}. "
                   "The store's pages a rank reads count in its resident memory as shared, reclaimable page cache: "
                   "at most 2 bytes a token (SmolLM2's vocabulary fits 16 bits; 4 above 65,536) after a rank has "
                   "read every example."]
