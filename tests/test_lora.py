@@ -130,24 +130,34 @@ def test_adapter_only_export_and_a_finished_run(tmp_path):
     assert "this run is finished" in proc.stderr
 
 
-def test_lm_eval_reads_the_merged_export_as_the_adapted_model(runs):
-    """lm-eval on a LoRA run's merged export (what eval.harness evaluates) answers as lm-eval's own
-    base + adapter loading does."""
-    import lm_eval
+def test_lm_eval_reads_the_merged_export_as_the_adapted_model(runs, monkeypatch):
+    """lm-eval on a LoRA run's merged export (what eval.harness evaluates) scores text as it scores
+    the base model with the adapter (log-likelihoods: greedy answers of a near-random model can
+    flip on a near tie), and run_harness answers every document from it, in a process whose
+    environment holds a launcher's settings (as rank 0 of a training run's does): accelerate,
+    which lm-eval starts for a model given by path, would try to join a process group there."""
+    from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
     from omegaconf import OmegaConf
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
 
-    from sftmix_ds.eval.harness import run_harness, task_manager
+    from sftmix_ds.eval.harness import run_harness
     from sftmix_ds.models import load_tokenizer
 
+    for key, value in {"WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(key, value)
     run_dir = runs["ntp", "one"]
-    harness = OmegaConf.create({"tasks": ["sftmix_arith"], "include_path": [], "batch_size": 4, "limit": 4})
     tokenizer, _ = load_tokenizer(os.path.join(run_dir, "model"))
-    merged = run_harness(harness, os.path.join(run_dir, "model"), tokenizer, "cpu", torch.float32, 8, "<|im_end|>")
-    adapted = HFLM(pretrained=_base_path(), peft=os.path.join(run_dir, "adapter"), tokenizer=tokenizer, batch_size=4,
-                   device="cpu", dtype="float32")
-    out = lm_eval.simple_evaluate(model=adapted, tasks=["sftmix_arith"], task_manager=task_manager([]), limit=4,
-                                  apply_chat_template=True, log_samples=True,
-                                  gen_kwargs={"max_gen_toks": 8, "do_sample": False, "until": ["<|im_end|>"]})
-    responses = [s["resps"][0][0] for s in out["samples"]["sftmix_arith"]]
-    assert [s["response"] for s in merged["sftmix_arith"]["samples"]] == responses and len(responses) == 4
+    load = lambda path: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    merged = HFLM(pretrained=load(os.path.join(run_dir, "model")), tokenizer=tokenizer, batch_size=4)
+    adapted = HFLM(pretrained=PeftModel.from_pretrained(load(_base_path()), os.path.join(run_dir, "adapter")).eval(),
+                   tokenizer=tokenizer, batch_size=4)
+    requests = [Instance("loglikelihood", {}, (context, continuation), 0)
+                for context, continuation in (("Calculate 2 + 3.", " The answer is 5."), ("The capital of", " Paris"))]
+    want = [ll for ll, _ in adapted.loglikelihood(requests)]
+    got = [ll for ll, _ in merged.loglikelihood(requests)]
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-5)
+    harness = OmegaConf.create({"tasks": ["sftmix_arith"], "include_path": [], "batch_size": 4, "limit": 4})
+    results = run_harness(harness, os.path.join(run_dir, "model"), tokenizer, "cpu", torch.float32, 8, "<|im_end|>")
+    assert len(results["sftmix_arith"]["samples"]) == 4

@@ -64,9 +64,12 @@ def run_harness(harness_cfg, model_path: str, tokenizer, device, dtype, max_new_
     has vetted the tasks first)."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
+    from transformers import AutoModelForCausalLM
 
-    model = HFLM(pretrained=model_path, tokenizer=tokenizer, batch_size=harness_cfg.batch_size, device=str(device),
-                 dtype=str(dtype).replace("torch.", ""))
+    # A loaded model, not a path: from a path HFLM starts accelerate, which would join (or, from the
+    # launcher's environment, try to start) a process group the other ranks are not part of.
+    network = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
+    model = HFLM(pretrained=network, tokenizer=tokenizer, batch_size=harness_cfg.batch_size)
     gen_kwargs = {"max_gen_toks": max_new_tokens, "do_sample": False, **({"until": [stop]} if stop else {})}
     try:
         out = lm_eval.simple_evaluate(model=model, tasks=list(harness_cfg.tasks),
