@@ -174,15 +174,18 @@ def pack_chunk(examples: Iterable[Tuple[str, List[int], List[int]]]) -> Chunk:
             np.asarray(counts, np.int64))
 
 
-def unpack_chunk(chunk: Chunk) -> List[Example]:
+def chunk_examples(chunk: Chunk):
+    """(id, token ids, label runs) of each example of a packed chunk, in order."""
     names, tokens, lengths, spans, counts = chunk
     token_ends, span_ends = np.cumsum(lengths), np.cumsum(counts)
-    out = []
     for k, name in enumerate(names):
-        ids = tokens[token_ends[k] - lengths[k]:token_ends[k]]
-        out.append(Example(name, ids.tolist(),
-                           labels_from_spans(ids, spans[span_ends[k] - counts[k]:span_ends[k]]).tolist()))
-    return out
+        yield (name, tokens[token_ends[k] - lengths[k]:token_ends[k]],
+               spans[span_ends[k] - counts[k]:span_ends[k]])
+
+
+def unpack_chunk(chunk: Chunk) -> List[Example]:
+    return [Example(name, ids.tolist(), labels_from_spans(ids, spans).tolist())
+            for name, ids, spans in chunk_examples(chunk)]
 
 
 def _alive(pid: str) -> bool:
@@ -234,10 +237,8 @@ class StoreWriter:
         self._write("index", rows.reshape(-1))
         if len(rows):
             self.ends = rows[-1]
-        token_ends, span_ends = np.cumsum(lengths), np.cumsum(counts)
-        for k, name in enumerate(names):
-            _feed(self.digest, name, tokens[token_ends[k] - lengths[k]:token_ends[k]],
-                  spans[span_ends[k] - counts[k]:span_ends[k]])
+        for name, ids, runs in chunk_examples(chunk):
+            _feed(self.digest, name, ids, runs)
 
     def publish(self, stats: dict) -> TokenStore:
         """Closes the files, writes meta.json and renames the folder into place; when another builder
