@@ -33,6 +33,6 @@ lint: install
 bench: install
 	$(PY) benchmarks/throughput.py $(ARGS)
 
-# Debian's Slurm, for the tests that run a one-node cluster (needs root; .ci/run does this).
+# Debian's Slurm and iproute2, for the tests that run a two-node cluster (needs root; .ci/run does this).
 slurm:
-	command -v slurmctld >/dev/null || (apt-get update -qq && apt-get install -y -qq slurmctld slurmd slurm-client)
+	command -v slurmctld >/dev/null || (apt-get update -qq && apt-get install -y -qq slurmctld slurmd slurm-client iproute2)

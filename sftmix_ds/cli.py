@@ -95,6 +95,13 @@ def hydra_entry(fn, config_name: str) -> None:
             logging.getLogger("sftmix_ds").error("%s", message)
             print(f"error: {message}", file=sys.stderr)
             sys.exit(2)
+        except Exception:
+            # A collective that failed because a peer is gone says so, naming it (engine/peers.py).
+            from .engine.peers import current_watch
+
+            if current_watch() is not None:
+                current_watch().report_if_peer_lost()
+            raise
 
     main()
 

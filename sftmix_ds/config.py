@@ -86,6 +86,9 @@ class DeepSpeedConfig:
     offload_params: bool = False
     # Minutes a collective may wait before the job fails instead of hanging.
     timeout_minutes: int = 30
+    # Seconds without a heartbeat from a rank before the others call it lost and exit (engine/peers.py);
+    # 0 turns the watch off.
+    peer_timeout_s: float = 300.0
     # How long to wait on a torch-extensions build lock (DeepSpeed JIT-builds its ops under one;
     # a launch killed mid-build leaves it behind and every later launch would wait forever).
     build_lock_wait_minutes: float = 10.0
@@ -418,6 +421,7 @@ def validate(cfg) -> None:
     check_folder("data.cache_dir", d.cache_dir)
     check_folder("model_cache_dir", cfg.model_cache_dir)
     positive("deepspeed.timeout_minutes", ds.timeout_minutes)
+    positive("deepspeed.peer_timeout_s", ds.peer_timeout_s, zero_ok=True)
     positive("deepspeed.build_lock_wait_minutes", ds.build_lock_wait_minutes, zero_ok=True)
     check_deepspeed_extra(OmegaConf.to_container(ds.extra, resolve=True))
     if resolve_precision(t.precision) == "fp16" and not _cuda_available():

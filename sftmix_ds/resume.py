@@ -30,7 +30,8 @@ RESUMABLE_CHANGES = ("output_dir", "resume", "resume_force", "model_cache_dir", 
                      "data.train_files", "data.eval_files", "data.eval_sets", "method.stage_dir",
                      "method.confidence_source", "method.confidence_file", "method.targets_file",
                      "method.allow_unsandboxed_code",
-                     "deepspeed.timeout_minutes", "deepspeed.build_lock_wait_minutes", "train.log_every",
+                     "deepspeed.timeout_minutes", "deepspeed.peer_timeout_s", "deepspeed.build_lock_wait_minutes",
+                     "train.log_every",
                      "train.eval_", "train.save_every", "train.keep_checkpoints", "train.stop_after_steps",
                      "train.export_", "train.nonfinite", "train.max_nonfinite_steps", *SPEED_SWITCHES)
 

@@ -9,17 +9,12 @@ from safetensors.torch import load_file
 
 from sftmix_ds.tracking import MEASURED
 
-from .helpers import ROOT, train_cli
+from .helpers import ROOT, lines, same_run_within_fp32, train_cli
 
 pytestmark = pytest.mark.e2e  # every test here launches processes
 
 COMMON = ["model=tiny", "train.max_steps=6", "train.save_every=2", "train.lr=1e-3", "train.micro_batch_size=2",
           "train.grad_accum=2", "train.export_dtype=fp32", "train.eval_every=0", "deepspeed=zero3"]
-
-
-def lines(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
 
 
 def same_weights(a, b):
@@ -102,17 +97,6 @@ def _method(method, confidence_file):
     return [f"method={method}"] + ([f"method.confidence_file={confidence_file}"] if method == "sftmix" else [])
 
 
-def _same_run_within_fp32(a, b):
-    """Same examples at every step; losses and weights equal to fp32 reduction-order noise
-    (relative 1e-6 on the losses, 1e-5 on the weights). Measured: bitwise equal here."""
-    assert lines(os.path.join(a, "samples.jsonl")) == lines(os.path.join(b, "samples.jsonl"))
-    for r, g in zip(lines(os.path.join(a, "metrics.jsonl")), lines(os.path.join(b, "metrics.jsonl")), strict=True):
-        assert g["loss"] == pytest.approx(r["loss"], rel=1e-6) and g["lr"] == r["lr"], r["step"]
-    wa, wb = (load_file(os.path.join(d, "model", "model.safetensors")) for d in (a, b))
-    for k in wa:
-        torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-7, msg=k)
-
-
 @pytest.mark.parametrize("method", ["ntp", "sftmix"])
 def test_two_ranks_then_one_with_the_global_batch_kept(method, elastic_clean, confidence_file, tmp_path):
     """Stopped at step 3 on 2 ranks, resumed on 1: grad_accum 1 -> 2 is derived, the checkpoint is
@@ -123,7 +107,7 @@ def test_two_ranks_then_one_with_the_global_batch_kept(method, elastic_clean, co
     proc = train_cli(args)
     assert "keeping the global batch of 4: train.grad_accum 1 -> 2 on 1 ranks" in proc.stderr
     assert "universal checkpoint" in proc.stderr and "resumed from" in proc.stderr
-    _same_run_within_fp32(elastic_clean[method], run)
+    same_run_within_fp32(elastic_clean[method], run)
 
 
 def test_one_rank_then_two_and_another_zero_stage_is_refused(elastic_clean, tmp_path):
@@ -137,7 +121,7 @@ def test_one_rank_then_two_and_another_zero_stage_is_refused(elastic_clean, tmp_
     assert "was written under ZeRO-3 and deepspeed.zero_stage=2; DeepSpeed cannot load" in proc.stderr
     proc = train_cli(ELASTIC + ["method=ntp", "train.grad_accum=1", "deepspeed=zero3", f"output_dir={run}"], nproc=2)
     assert "written by 1 ranks under ZeRO-3; resuming on 2 ranks under ZeRO-3" in proc.stderr
-    _same_run_within_fp32(elastic_clean["ntp"], run)
+    same_run_within_fp32(elastic_clean["ntp"], run)
 
 
 def test_a_conversion_cut_short_or_damaged_is_never_used_and_is_redone(elastic_clean, tmp_path):
@@ -159,7 +143,7 @@ def test_a_conversion_cut_short_or_damaged_is_never_used_and_is_redone(elastic_c
         f.write(bytes([byte[0] ^ 0xFF]))
     proc = train_cli(args)
     assert f"universal conversion {step_2}/universal is damaged ({shard} does not match its checksum" in proc.stderr
-    _same_run_within_fp32(elastic_clean["ntp"], run)
+    same_run_within_fp32(elastic_clean["ntp"], run)
 
 
 def test_a_global_batch_that_cannot_be_kept_is_refused_naming_the_settings(elastic_clean, tmp_path):

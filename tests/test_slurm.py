@@ -1,157 +1,160 @@
-"""Against a real one-node Slurm on localhost (Debian's slurmctld, slurmd, slurm-client):
-launch/slurm/train.sbatch with 2 tasks, a requeue on SIGUSR1 that resumes, and a Hydra
-multirun through the submitit Slurm launcher."""
+"""Against a real two-node Slurm on this machine (tests/cluster.py: two slurmd, each in its own
+network and UTS namespace, one slurmctld): launch/slurm/train.sbatch across both nodes equals one
+node; a node lost mid-run ends the survivor within deepspeed.peer_timeout_s, naming the lost rank,
+and the requeued job finishes on the node left as if uninterrupted; SIGUSR1 with two nodes saves
+once and requeues; a Hydra multirun through submitit with two-node points."""
 import os
-import shutil
-import signal
-import subprocess
+import random
 import sys
 import time
+import warnings
 
 import pytest
 
-from sftmix_ds.common import free_port
+from .cluster import Cluster, unavailable
+from .helpers import ROOT, lines, same_run_within_fp32
 
-from .helpers import ROOT
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(bool(unavailable()), reason=unavailable() or "-")]
 
-pytestmark = [pytest.mark.e2e, pytest.mark.skipif(
-    not all(shutil.which(b) for b in ("slurmctld", "slurmd", "sbatch")) or os.geteuid() != 0,
-    reason="needs Debian's slurmctld, slurmd and slurm-client and root to start them (.ci/run installs them)")]
-
-CONF = """ClusterName=sftmixtest
-SlurmctldHost=localhost(127.0.0.1)
-SlurmctldPort={ctld_port}
-SlurmdPort={d_port}
-AuthType=auth/none
-CredType=cred/none
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SchedulerType=sched/builtin
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-ReturnToService=2
-SlurmUser=root
-SlurmdUser=root
-StateSaveLocation={dir}/state
-SlurmdSpoolDir={dir}/spool
-SlurmctldPidFile={dir}/slurmctld.pid
-SlurmdPidFile={dir}/slurmd.pid
-SlurmctldLogFile={dir}/slurmctld.log
-SlurmdLogFile={dir}/slurmd.log
-MpiDefault=none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} RealMemory=1000 State=UNKNOWN
-PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
-"""
+PEER_TIMEOUT_S = 10
+# Global batch 4 (2 x 1 x 2 ranks); one checkpoint every 5 of 60 steps, so a node can be lost mid-run.
+RUN = ["model=tiny", "method=ntp", "train.max_steps=60", "train.save_every=5", "train.keep_checkpoints=2",
+       "train.lr=1e-3", "train.adam_eps=1e-4", "train.micro_batch_size=2", "train.export_dtype=fp32",
+       "train.eval_every=0", "data.eval_files=[]", f"deepspeed.peer_timeout_s={PEER_TIMEOUT_S}"]
+DONE = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", None)
 
 
 @pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    d = tmp_path_factory.mktemp("slurm")
-    (d / "state").mkdir()
-    (d / "spool").mkdir()
-    conf = d / "slurm.conf"
-    conf.write_text(CONF.format(dir=d, ctld_port=free_port(), d_port=free_port(), cpus=os.cpu_count()))
-    env = {**os.environ, "SLURM_CONF": str(conf), "SFTMIX_PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
-           "PYTHONWARNINGS": "ignore", "WANDB_MODE": "offline"}
-    daemons = [subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-               for cmd in (["slurmctld", "-D", "-i", "-f", str(conf)],
-                           ["slurmd", "-D", "-N", "localhost", "-f", str(conf)])]
+def cluster(tmp_path_factory):
+    env = {**os.environ, "SFTMIX_PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+           "WANDB_MODE": "offline"}
+    c = Cluster(tmp_path_factory.mktemp("slurm"), nodes=2, cpus=2, env=env, cwd=ROOT)
     try:
-        for _ in range(60):
-            out = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True).stdout
-            if out.strip() in ("idle", "mixed"):
-                break
-            time.sleep(1)
-        else:
-            pytest.fail(f"Slurm did not come up: {(d / 'slurmctld.log').read_text()[-2000:]}")
-        yield {"env": env, "dir": d}
+        yield c.start()
     finally:
-        subprocess.run(["scancel", "--user=root"], env=env, capture_output=True)
-        for p in daemons:
-            p.send_signal(signal.SIGTERM)
-        for p in daemons:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        killed = c.stop()
+    if killed:  # reaped all the same; worth knowing, not worth failing the suite over
+        warnings.warn(f"the cluster's teardown had to kill: {killed}")
+
+
+@pytest.fixture
+def both_nodes(cluster):
+    for node in cluster.nodes:
+        if cluster.node_states().get(node) != "idle":
+            cluster.revive(node)
+    cluster.wait_idle(cluster.nodes)
+    return cluster
 
 
 def read_log(log) -> str:
     # The job's log interleaves both tasks' output, so a multibyte progress-bar character can be
     # split by another task's line.
-    return log.read_text(errors="replace")
+    return log.read_text(errors="replace").replace("\r", "\n") if log.exists() else ""
 
 
-def sbatch(slurm, out_dir, overrides, wait=True):
-    cmd = ["sbatch", "--parsable", "--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1",
-           f"--output={slurm['dir']}/%x-%j.out", f"--chdir={ROOT}"] + (["--wait"] if wait else []) + \
-          [os.path.join(ROOT, "launch", "slurm", "train.sbatch"), "model=tiny", "method=ntp", *overrides]
-    proc = subprocess.run(cmd, env={**slurm["env"], "OUTPUT_DIR": str(out_dir)}, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    job = proc.stdout.strip().splitlines()[0].split(";")[0]
-    return job, slurm["dir"] / f"sftmix-{job}.out"
+def sbatch(cluster, out_dir, overrides, nodes=2, tasks_per_node=1, wait=True):
+    args = ["sbatch", "--parsable", f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}", "--gpus-per-node=0",
+            "--cpus-per-task=1", f"--output={cluster.dir}/%x-%j.out", f"--chdir={ROOT}",
+            *(["--wait"] if wait else []), os.path.join(ROOT, "launch", "slurm", "train.sbatch"), *overrides]
+    proc = cluster.run(args, env={"OUTPUT_DIR": str(out_dir)}, check=False)
+    job = proc.stdout.strip().splitlines()[0].split(";")[0] if proc.stdout.strip() else "?"
+    log = cluster.dir / f"sftmix-{job}.out"
+    assert proc.returncode == 0, f"{proc.stderr[-2000:]}\n{read_log(log)[-4000:]}"
+    return job, log
 
 
-def job_field(slurm, job, field):
-    out = subprocess.run(["scontrol", "show", "job", job], env=slurm["env"], capture_output=True, text=True).stdout
-    for token in out.split():
-        if token.startswith(field + "="):
-            return token.split("=", 1)[1]
-    return None
+def wait_for(what, condition, timeout_s, log=None, poll_s=0.5):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(poll_s)
+    raise AssertionError(f"not {what} after {timeout_s:.0f} s\n{read_log(log)[-4000:] if log else ''}")
 
 
-def test_sbatch_runs_two_tasks_and_exports(slurm, tmp_path):
-    out = tmp_path / "run"
-    job, log = sbatch(slurm, out, ["train.max_steps=2", "train.micro_batch_size=2"])
-    text = read_log(log)
-    assert "2 tasks" in text and "2 ranks" in text
-    assert (out / "model" / "model.safetensors").exists()
-
-
-def test_usr1_checkpoints_requeues_and_resumes(slurm, tmp_path):
-    out = tmp_path / "run"
-    job, log = sbatch(slurm, out, ["train.max_steps=300", "train.micro_batch_size=2", "data.eval_files=[]"],
-                      wait=False)
-    for _ in range(240):
-        if log.exists() and "train ntp" in read_log(log):
-            break
-        time.sleep(1)
-    time.sleep(2)
-    subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=slurm["env"], check=True)
-    for _ in range(120):
-        if job_field(slurm, job, "Restarts") == "1":
-            break
-        time.sleep(1)
-    # Skip Slurm's requeue delay, but not the second it needs: a restart within the second of the
-    # requeue gets "Job credential revoked" from slurmd.
+def start_now(cluster, job):
+    """Skip Slurm's requeue delay, but not the second it needs: a restart within the second of the
+    requeue gets "Job credential revoked" from slurmd."""
     time.sleep(10)
-    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=slurm["env"])
-    for _ in range(400):
-        if job_field(slurm, job, "JobState") in ("COMPLETED", "FAILED", "CANCELLED", None):
-            break
-        time.sleep(1)
-    text = read_log(log).replace("\r", "\n")
-    assert job_field(slurm, job, "JobState") in ("COMPLETED", None), text[-3000:]
-    assert "for SIGUSR1" in text and "(restart 1)" in text
+    cluster.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=False)
+
+
+@pytest.fixture(scope="module")
+def across_two_nodes(cluster, tmp_path_factory):
+    """The reference: RUN uninterrupted on 2 nodes x 1 task (the ranks meet over the namespaces' network)."""
+    out = tmp_path_factory.mktemp("two_nodes") / "run"
+    job, log = sbatch(cluster, out, RUN)
+    return out, read_log(log)
+
+
+def test_two_nodes_train_as_one_node_with_two_tasks(across_two_nodes, both_nodes, tmp_path):
+    two_nodes, text = across_two_nodes
+    assert "on node[1-2]: 2 tasks" in text and "2 ranks, global batch 4" in text
+    one_node = tmp_path / "one_node"
+    job, log = sbatch(both_nodes, one_node, RUN, nodes=1, tasks_per_node=2)
+    assert "on node1: 2 tasks" in read_log(log)
+    same_run_within_fp32(two_nodes, one_node)
+
+
+def test_a_lost_node_ends_the_survivor_naming_it_and_the_job_finishes_on_the_node_left(
+        across_two_nodes, both_nodes, tmp_path):
+    out = tmp_path / "run"
+    job, log = sbatch(both_nodes, out, RUN, wait=False)
+    metrics = out / "metrics.jsonl"
+    kill_after = random.Random(os.getpid()).randint(12, 40)  # a checkpoint (every 5 steps) is behind it
+    wait_for(f"at step {kill_after}", lambda: metrics.exists() and len(lines(metrics)) >= kill_after, 300, log,
+             poll_s=0.1)
+    both_nodes.lose("node2")
+    lost_at = time.monotonic()
+    wait_for("told the loss", lambda: "lost rank 1 on node2" in read_log(log), 4 * PEER_TIMEOUT_S, log)
+    waited = time.monotonic() - lost_at
+    # The heartbeat goes stale PEER_TIMEOUT_S after its last beat (up to a beat, 2 s, before the loss).
+    assert PEER_TIMEOUT_S - 2 <= waited <= PEER_TIMEOUT_S + 10, waited
+    assert "no heartbeat for" in read_log(log)
+
+    # Slurm sees node2 fail and requeues the job (--requeue), which waits for two nodes: shrink it to
+    # the one left, as docs/scaling.md says, and it goes on through the universal checkpoint.
+    wait_for("requeued", lambda: both_nodes.job_field(job, "JobState") == "PENDING"
+             and int(both_nodes.job_field(job, "Restarts") or 0) >= 1, 120, log)
+    both_nodes.run(["scontrol", "update", f"jobid={job}", "NumNodes=1", "NumTasks=1"])
+    start_now(both_nodes, job)
+    wait_for("finished", lambda: both_nodes.job_field(job, "JobState") in DONE, 400, log, poll_s=1)
+    text = read_log(log)
+    assert both_nodes.job_field(job, "JobState") in ("COMPLETED", None), text[-4000:]
+    resumed = text.split("(restart ")[-1]
+    assert "on node1: 1 tasks" in resumed
+    assert "keeping the global batch of 4: train.grad_accum 1 -> 2 on 1 ranks" in resumed
+    assert "universal checkpoint" in resumed and "resumed from" in resumed
+    same_run_within_fp32(across_two_nodes[0], out)
+
+
+def test_usr1_with_two_nodes_saves_once_and_requeues(both_nodes, tmp_path):
+    out = tmp_path / "run"
+    job, log = sbatch(both_nodes, out, RUN[:2] + ["train.max_steps=400", "train.micro_batch_size=2",
+                                                    "data.eval_files=[]"], wait=False)
+    metrics = out / "metrics.jsonl"
+    wait_for("training", lambda: metrics.exists() and len(lines(metrics)) >= 3, 300, log, poll_s=0.2)
+    both_nodes.run(["scancel", "--batch", "--signal=USR1", job])
+    wait_for("requeued", lambda: both_nodes.job_field(job, "Restarts") == "1", 120, log)
+    start_now(both_nodes, job)
+    wait_for("finished", lambda: both_nodes.job_field(job, "JobState") in DONE, 600, log, poll_s=1)
+    text = read_log(log)
+    assert both_nodes.job_field(job, "JobState") in ("COMPLETED", None), text[-3000:]
+    assert text.count("for SIGUSR1") == 1 and "(restart 1) on node[1-2]: 2 tasks" in text
     stopped = int(text.split("stopping at step ")[1].split()[0])
     assert f"resumed from {out}/checkpoints/step_{stopped} at step {stopped}" in text
     assert (out / "model" / "model.safetensors").exists()
 
 
-def test_hydra_multirun_through_submitit_slurm(slurm, tmp_path):
+def test_hydra_multirun_through_submitit_with_two_node_points(both_nodes, tmp_path):
     sweep = tmp_path / "sweep"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "train.py"), "-m", "hydra/launcher=slurm",
-                           f"hydra.sweep.dir={sweep}", "model=tiny", "method=ntp", "train.max_steps=2",
-                           "train.lr=1e-3,2e-3"], cwd=ROOT, env=slurm["env"], capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    both_nodes.run([sys.executable, os.path.join(ROOT, "launch", "train.py"), "-m", "hydra/launcher=slurm",
+                    "hydra.launcher.nodes=2", "hydra.launcher.cpus_per_task=1", f"hydra.sweep.dir={sweep}",
+                    "model=tiny", "method=ntp", "train.max_steps=2", "train.lr=1e-3,2e-3"])
     for point, lr in (("0", "0.001"), ("1", "0.002")):
         assert (sweep / point / "model" / "model.safetensors").exists()
         assert f"train.lr={lr}" in (sweep / point / "overrides.yaml").read_text()
         assert "group: sweep" in (sweep / point / "config.yaml").read_text()  # the sweep's wandb group
-    table = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "sweep_table.py"), str(sweep)],
-                           capture_output=True, text=True, check=True).stdout
+        assert "2 ranks" in (sweep / point / "train.log").read_text()  # one rank on each node
+    table = both_nodes.run([sys.executable, os.path.join(ROOT, "launch", "sweep_table.py"), str(sweep)]).stdout
     assert table.count("train.lr=") == 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from datetime import timedelta
 
@@ -17,6 +18,7 @@ import torch.distributed as dist
 
 from ..common import UserError, free_port, torch_dtype
 from ..config import resolve_precision
+from .peers import watch_peers
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,7 @@ class Collectives:
         self.dtype = torch_dtype(self.precision)
         wait_for_build_locks(ds_cfg.build_lock_wait_minutes * 60)
         deepspeed.init_distributed(timeout=timedelta(minutes=ds_cfg.timeout_minutes))
+        watch_peers(self.rank, self.world_size, ds_cfg.peer_timeout_s)
         _unlink_shm_buffer(self.rank)
 
     def all_reduce_sum(self, values):
@@ -84,13 +87,25 @@ def dist_env() -> tuple[int, int, int]:
     torchrun launcher (RANK...), Slurm's srun (SLURM_PROCID...), or a plain
     `python launch/train.py`, which becomes a one-process group."""
     if "RANK" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ:
-        # srun: one task per device; MASTER_ADDR/MASTER_PORT come from launch/slurm/train.sbatch.
+        # srun: one task per device (launch/slurm/train.sbatch, or a submitit sweep point).
         os.environ.update(RANK=os.environ["SLURM_PROCID"], LOCAL_RANK=os.environ["SLURM_LOCALID"],
                           WORLD_SIZE=os.environ["SLURM_NTASKS"])
+        os.environ.setdefault("MASTER_ADDR", first_host(os.environ["SLURM_JOB_NODELIST"]))
+        # Stable across a requeue (the job id is kept), distinct between jobs that share a node.
+        os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ["SLURM_JOB_ID"]) % 20000))
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()))
     return int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"])
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list ("node[03-08,11],gpu2" -> "node03"), as
+    `scontrol show hostnames` would say it."""
+    found = re.match(r"([^,\[]+)(?:\[(\d+))?", nodelist)
+    if found is None:
+        raise UserError(f"SLURM_JOB_NODELIST={nodelist!r}: not a Slurm node list")
+    return found.group(1) + (found.group(2) or "")
 
 
 def device_index(local_rank: int, visible_devices: int) -> int:
