@@ -421,7 +421,8 @@ def validate(cfg) -> None:
     check_folder("data.cache_dir", d.cache_dir)
     check_folder("model_cache_dir", cfg.model_cache_dir)
     positive("deepspeed.timeout_minutes", ds.timeout_minutes)
-    positive("deepspeed.peer_timeout_s", ds.peer_timeout_s, zero_ok=True)
+    if ds.peer_timeout_s != 0:  # 0: no watch; below 5 s a busy machine's scheduling hiccup would read as a loss
+        in_range("deepspeed.peer_timeout_s", ds.peer_timeout_s, 5)
     positive("deepspeed.build_lock_wait_minutes", ds.build_lock_wait_minutes, zero_ok=True)
     check_deepspeed_extra(OmegaConf.to_container(ds.extra, resolve=True))
     if resolve_precision(t.precision) == "fp16" and not _cuda_available():

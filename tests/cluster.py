@@ -160,8 +160,8 @@ class Cluster:
                 str(self.dir / "hosts"), host, *args]
 
     def _popen(self, host: str, args: list[str]) -> subprocess.Popen:
-        log = open(self.dir / f"{host}.out", "ab")
-        return subprocess.Popen(self._in(host, args), env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        with open(self.dir / f"{host}.out", "ab") as log:  # the daemon keeps its own descriptor
+            return subprocess.Popen(self._in(host, args), env=self.env, stdout=log, stderr=subprocess.STDOUT)
 
     def run(self, args: list[str], check: bool = True, timeout: float = 900, env: dict | None = None):
         """A client command (sbatch, scontrol...) on the head node."""

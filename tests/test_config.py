@@ -121,6 +121,8 @@ def test_each_method_module_registers_its_own_schema():
     (["train.betas=[-0.1,0.9]"], r"train\.betas\[0\]"),
     (["deepspeed.timeout_minutes=0"], r"deepspeed\.timeout_minutes=0: must be > 0"),
     (["deepspeed.timeout_minutes=-3"], r"deepspeed\.timeout_minutes"),
+    (["deepspeed.peer_timeout_s=2"], r"deepspeed\.peer_timeout_s=2"),
+    (["deepspeed.peer_timeout_s=-1"], r"deepspeed\.peer_timeout_s"),
     (["train.log_every=0"], r"train\.log_every=0: must be > 0"),
     (["train.lr=nan"], r"train\.lr=nan: must be a finite number"),
     (["train.lr=inf"], r"train\.lr=inf: must be a finite number"),

@@ -52,11 +52,11 @@ def read_log(log) -> str:
     return log.read_text(errors="replace").replace("\r", "\n") if log.exists() else ""
 
 
-def sbatch(cluster, out_dir, overrides, nodes=2, tasks_per_node=1, wait=True):
+def sbatch(cluster, out_dir, overrides, nodes=2, tasks_per_node=1, wait=True, env=None):
     args = ["sbatch", "--parsable", f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}", "--gpus-per-node=0",
             "--cpus-per-task=1", f"--output={cluster.dir}/%x-%j.out", f"--chdir={ROOT}",
             *(["--wait"] if wait else []), os.path.join(ROOT, "launch", "slurm", "train.sbatch"), *overrides]
-    proc = cluster.run(args, env={"OUTPUT_DIR": str(out_dir)}, check=False)
+    proc = cluster.run(args, env={"OUTPUT_DIR": str(out_dir), **(env or {})}, check=False)
     job = proc.stdout.strip().splitlines()[0].split(";")[0] if proc.stdout.strip() else "?"
     log = cluster.dir / f"sftmix-{job}.out"
     assert proc.returncode == 0, f"{proc.stderr[-2000:]}\n{read_log(log)[-4000:]}"
@@ -81,19 +81,23 @@ def start_now(cluster, job):
 
 @pytest.fixture(scope="module")
 def across_two_nodes(cluster, tmp_path_factory):
-    """The reference: RUN uninterrupted on 2 nodes x 1 task (the ranks meet over the namespaces' network)."""
-    out = tmp_path_factory.mktemp("two_nodes") / "run"
-    job, log = sbatch(cluster, out, RUN)
-    return out, read_log(log)
+    """The reference: RUN uninterrupted on 2 nodes x 1 task (the ranks meet over the namespaces' network),
+    with caches of its own: both nodes see them, so the token store and the model folder are built once."""
+    root = tmp_path_factory.mktemp("two_nodes")
+    job, log = sbatch(cluster, root / "run", RUN, env={"SFTMIX_CACHE": str(root / "cache")})
+    return root, read_log(log)
 
 
 def test_two_nodes_train_as_one_node_with_two_tasks(across_two_nodes, both_nodes, tmp_path):
-    two_nodes, text = across_two_nodes
+    root, text = across_two_nodes
     assert "on node[1-2]: 2 tasks" in text and "2 ranks, global batch 4" in text
+    # One token store (the training file; no eval files), nothing half-built beside it.
+    stores = sorted(p.name for p in (root / "cache" / "tokenized").iterdir() if (p / "meta.json").exists())
+    assert len(stores) == 1 and not [p for p in (root / "cache").rglob("*") if ".tmp" in p.name]
     one_node = tmp_path / "one_node"
     job, log = sbatch(both_nodes, one_node, RUN, nodes=1, tasks_per_node=2)
     assert "on node1: 2 tasks" in read_log(log)
-    same_run_within_fp32(two_nodes, one_node)
+    same_run_within_fp32(root / "run", one_node)
 
 
 def test_a_lost_node_ends_the_survivor_naming_it_and_the_job_finishes_on_the_node_left(
@@ -125,13 +129,12 @@ def test_a_lost_node_ends_the_survivor_naming_it_and_the_job_finishes_on_the_nod
     assert "on node1: 1 tasks" in resumed
     assert "keeping the global batch of 4: train.grad_accum 1 -> 2 on 1 ranks" in resumed
     assert "universal checkpoint" in resumed and "resumed from" in resumed
-    same_run_within_fp32(across_two_nodes[0], out)
+    same_run_within_fp32(across_two_nodes[0] / "run", out)
 
 
 def test_usr1_with_two_nodes_saves_once_and_requeues(both_nodes, tmp_path):
     out = tmp_path / "run"
-    job, log = sbatch(both_nodes, out, RUN[:2] + ["train.max_steps=400", "train.micro_batch_size=2",
-                                                    "data.eval_files=[]"], wait=False)
+    job, log = sbatch(both_nodes, out, RUN, wait=False)
     metrics = out / "metrics.jsonl"
     wait_for("training", lambda: metrics.exists() and len(lines(metrics)) >= 3, 300, log, poll_s=0.2)
     both_nodes.run(["scancel", "--batch", "--signal=USR1", job])
