@@ -1,5 +1,6 @@
 """The heartbeat watch (sftmix_ds/engine/peers.py) against a real TCPStore, with two watches in one
 process standing for two ranks; and the first host of a Slurm node list."""
+import atexit
 import time
 from datetime import timedelta
 
@@ -16,7 +17,8 @@ TIMEOUT_S = 2.0  # beats every 0.4 s
 @pytest.fixture
 def two_watches(monkeypatch):
     port = free_port()
-    server = dist.TCPStore("127.0.0.1", port, is_master=True, timeout=timedelta(seconds=10), wait_for_workers=False)
+    # Rank 0's process serves the store; dropping the last reference stops it, as rank 0's death would.
+    server = [dist.TCPStore("127.0.0.1", port, is_master=True, timeout=timedelta(seconds=10), wait_for_workers=False)]
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(port))
     watches = [PeerWatch(rank, 2, TIMEOUT_S) for rank in (0, 1)]
@@ -29,15 +31,15 @@ def two_watches(monkeypatch):
     monkeypatch.setattr(PeerWatch, "_give_up", record)
     for w in watches:
         w.start()
-    yield watches, given_up
+    yield watches, given_up, server
     for w in watches:
         w._stop.set()
         w._thread.join()
-    del server
+        atexit.unregister(w.leave)  # the store is gone with the test
 
 
 def test_a_rank_that_stops_beating_is_named_within_the_timeout(two_watches):
-    (w0, w1), given_up = two_watches
+    (w0, w1), given_up, _ = two_watches
     assert w0.hosts == w1.hosts and len(w0.hosts) == 2
     time.sleep(3 * TIMEOUT_S)
     assert given_up == []  # beating ranks are never lost, however long the run
@@ -52,7 +54,7 @@ def test_a_rank_that_stops_beating_is_named_within_the_timeout(two_watches):
 
 
 def test_a_rank_that_leaves_is_not_lost_and_stalled_names_only_silent_ones(two_watches):
-    (w0, w1), given_up = two_watches
+    (w0, w1), given_up, _ = two_watches
     assert w0.stalled() == []  # both beating
     w1.leave()
     time.sleep(TIMEOUT_S + 3 * w0.interval_s)
@@ -60,10 +62,24 @@ def test_a_rank_that_leaves_is_not_lost_and_stalled_names_only_silent_ones(two_w
 
 
 def test_stalled_after_a_failed_collective_names_the_silent_rank(two_watches):
-    (w0, w1), given_up = two_watches
+    (w0, w1), given_up, _ = two_watches
     w1._stop.set()
     w1._thread.join()
     assert w0.stalled() == [1]
+
+
+def test_when_rank_0_and_its_store_are_gone_the_others_name_rank_0(two_watches):
+    (w0, w1), given_up, server = two_watches
+    w0._stop.set()
+    w0._thread.join()
+    server.clear()
+    stopped = time.monotonic()
+    while not given_up and time.monotonic() - stopped < 4 * TIMEOUT_S:
+        time.sleep(0.05)
+    # Each unanswered request costs up to the client's timeout (1 s here), so allow a few beats more.
+    assert given_up and given_up[0][:2] == (1, [0]), given_up
+    assert time.monotonic() - stopped <= TIMEOUT_S + 4 * max(w1.interval_s, 1.0)
+    assert w1.stalled() == [0]
 
 
 @pytest.mark.parametrize("nodelist,first", [("node[03-08,11],gpu2", "node03"), ("node1,node2", "node1"),

@@ -40,6 +40,7 @@ class PeerWatch:
         self.store.add(_beat_key(rank), 1)
         self.hosts: list[str] = []
         self.pid = os.getpid()
+        self.store_answered = True
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
@@ -57,13 +58,17 @@ class PeerWatch:
         """Every rank's counter, after beating this one's; None when the store does not answer."""
         try:
             self.store.add(_beat_key(self.rank), 1)
-            return [int(v) for v in self.store.multi_get([_beat_key(r) for r in range(self.world_size)])]
+            counts = [int(v) for v in self.store.multi_get([_beat_key(r) for r in range(self.world_size)])]
         except Exception:  # the store's host (rank 0) is gone or unreachable
-            return None
+            counts = None
+        self.store_answered = counts is not None
+        return counts
 
     def _watch(self) -> None:
         seen: dict[int, tuple[int, float]] = {}
-        while not self._stop.wait(self.interval_s):
+        # torch logs every failed store request with a C++ backtrace: while the store is silent, ask
+        # it five times per timeout rather than every beat (rank 0's loss is then told within 1.2x).
+        while not self._stop.wait(self.interval_s if self.store_answered else max(self.interval_s, self.timeout_s / 5)):
             now = time.monotonic()
             counts = self._counts()
             # Without the store, rank 0 (its host) is the one not heard from; the others cannot be told.
@@ -109,6 +114,8 @@ class PeerWatch:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=2 * self.interval_s + 1)
+        if not self.store_answered:  # rank 0 has gone first: nobody is left to tell
+            return
         try:
             self.store.set(_beat_key(self.rank), str(LEFT))
         except Exception:
