@@ -57,8 +57,7 @@ def same_run_within_fp32(a, b) -> None:
 
 def read_metrics(run_dir) -> list:
     """A run's metrics.jsonl, one dict per logged record."""
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    return lines(os.path.join(run_dir, "metrics.jsonl"))
 
 
 def write_random_confidence_file(path: str, seed: int = 0) -> str:

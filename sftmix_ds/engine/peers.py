@@ -72,8 +72,9 @@ class PeerWatch:
             now = time.monotonic()
             counts = self._counts()
             # Without the store, rank 0 (its host) is the one not heard from; the others cannot be told.
-            for r, count in enumerate(counts if counts is not None else [None] * self.world_size):
-                if r == self.rank or (counts is None and r != 0) or count == LEFT:
+            heard = dict(enumerate(counts)) if counts is not None else {0: None}
+            for r, count in heard.items():
+                if r == self.rank or count == LEFT:
                     continue
                 if r not in seen or seen[r][0] != count:
                     seen[r] = (count, now)
