@@ -137,6 +137,10 @@ class TrainLoopConfig:
     max_nonfinite_steps: int = 3
     loss_chunk_size: int = 0  # rows per LM-head chunk; 0: about 2^24 logits a chunk (CUDA: 2^27, memory-capped)
     loss_backend: str = "auto"  # fused loss kernels: auto (triton on CUDA) | triton | torch
+    # Ranks that share each sequence (Ulysses sequence parallelism); must divide the rank count. Data
+    # parallelism is then over rank count / sequence_parallel groups: the global batch is
+    # micro_batch_size x grad_accum x that.
+    sequence_parallel: int = 1
     export_dtype: str = "bf16"  # bf16 | fp16 | fp32
     # Also export the model at this many evenly spaced steps, the last at the
     # end, to OUTPUT_DIR/model_step_N (SFTMix's reference run uses this).
@@ -404,7 +408,7 @@ def validate(cfg) -> None:
     one_of("logger.kind", cfg.logger.kind, ("none", "wandb"))
     one_of("train.precision", t.precision, ("auto", "bf16", "fp16", "fp32"))
     one_of("train.export_dtype", t.export_dtype, ("bf16", "fp16", "fp32"))
-    for key in ("micro_batch_size", "grad_accum", "epochs", "lr", "adam_eps", "log_every"):
+    for key in ("micro_batch_size", "grad_accum", "epochs", "lr", "adam_eps", "log_every", "sequence_parallel"):
         positive(f"train.{key}", getattr(t, key))
     for key in ("eval_every", "save_every", "stop_after_steps", "keep_checkpoints", "max_grad_norm", "export_count",
                 "loss_chunk_size", "weight_decay", "max_nonfinite_steps"):

@@ -25,7 +25,7 @@ RUN_FILE = "run.json"  # in OUTPUT_DIR: run_record of the run, written when it s
 # "." or "_" covers every key it begins.
 RESUMABLE_CHANGES = ("output_dir", "resume", "resume_force", "model_cache_dir", "logger.", "eval", "data.cache_dir",
                      # the layout, as long as the global batch (compared on its own) is kept:
-                     "train.micro_batch_size", "train.grad_accum",
+                     "train.micro_batch_size", "train.grad_accum", "train.sequence_parallel",
                      "train.allow_new_global_batch",
                      "data.train_files", "data.eval_files", "data.eval_sets", "method.stage_dir",
                      "method.confidence_source", "method.confidence_file", "method.targets_file",
@@ -150,46 +150,50 @@ class Layout(NamedTuple):
 
 
 def fit_layout(folder: str, meta: dict, *, world_size: int, zero_stage: int, micro_batch_size: int, grad_accum: int,
-               allow_new_global_batch: bool) -> Layout:
+               allow_new_global_batch: bool, sequence_parallel: int = 1) -> Layout:
     """The resuming run's layout for the checkpoint in `folder` (its complete.json `meta`). On another
     rank count it loads through a universal checkpoint (another ZeRO stage is refused) and keeps
     the checkpoint's global batch (micro-batch x accumulation x ranks), which defines the examples
     of every step: grad_accum is derived when it was left as it was; otherwise the given settings
-    must keep it, or allow_new_global_batch."""
+    must keep it, or allow_new_global_batch. The batch is dealt to world_size / sequence_parallel
+    groups; ZeRO shards over all ranks whatever sequence_parallel is, so changing only that needs no
+    universal conversion, only the grad_accum that keeps the global batch."""
     written = (meta["world_size"], meta.get("zero_stage", zero_stage))
     if written[1] != zero_stage:
         # DeepSpeed 0.19's universal loader fails (a bare AssertionError) across stages, both ways.
         raise ConfigError(f"resume: {folder} was written under ZeRO-{written[1]} and deepspeed.zero_stage="
                           f"{zero_stage}; DeepSpeed cannot load a checkpoint under another ZeRO stage, resume with "
                           f"deepspeed.zero_stage={written[1]} (any rank count)")
-    if written == (world_size, zero_stage):
-        return Layout(False, grad_accum)
+    universal = written != (world_size, zero_stage)
+    data_parallel = world_size // sequence_parallel
+    now = micro_batch_size * grad_accum * data_parallel
+    unchanged = (meta.get("grad_accum"), meta.get("micro_batch_size")) == (grad_accum, micro_batch_size)
+    if not universal and (meta.get("global_batch", now) == now or not unchanged or allow_new_global_batch):
+        return Layout(False, grad_accum)  # the same ranks: the identity check judges a new global batch
     if "global_batch" not in meta:
         raise ConfigError(f"resume: {folder} was written by {written[0]} ranks before checkpoints recorded their "
                           f"global batch; resume it on {written[0]} ranks")
     saved = meta["global_batch"]
-    now = micro_batch_size * grad_accum * world_size
-    log.info("resume: %s was written by %d ranks under ZeRO-%d; resuming on %d ranks under ZeRO-%d", folder,
-             *written, world_size, zero_stage)
+    log.info("resume: %s was written by %d ranks under ZeRO-%d; resuming on %d ranks (%d data-parallel) under "
+             "ZeRO-%d", folder, *written, world_size, data_parallel, zero_stage)
     if now == saved:
         return Layout(True, grad_accum)
-    per_rank, rest = divmod(saved, micro_batch_size * world_size)
-    unchanged = (meta.get("grad_accum"), meta.get("micro_batch_size")) == (grad_accum, micro_batch_size)
+    per_rank, rest = divmod(saved, micro_batch_size * data_parallel)
     if unchanged and not rest and not allow_new_global_batch:
         log.info("resume: keeping the global batch of %d: train.grad_accum %d -> %d on %d ranks", saved, grad_accum,
                  per_rank, world_size)
-        return Layout(True, per_rank)
+        return Layout(universal, per_rank)
     if allow_new_global_batch:
         log.warning("resume: train.allow_new_global_batch=true: global batch %d -> %d; the examples of the steps "
                     "from here differ from the original run's (some of this epoch may repeat or be skipped)",
                     saved, now)
-        return Layout(True, grad_accum)
-    ways = [f"train.micro_batch_size={m} train.grad_accum={saved // (m * world_size)}"
-            for m in range(1, saved + 1) if saved % (m * world_size) == 0][:3]
+        return Layout(universal, grad_accum)
+    ways = [f"train.micro_batch_size={m} train.grad_accum={saved // (m * data_parallel)}"
+            for m in range(1, saved + 1) if saved % (m * data_parallel) == 0][:3]
     raise ConfigError(f"resume: the checkpoint's global batch is {saved} examples per step, and "
                       f"train.micro_batch_size={micro_batch_size} x train.grad_accum={grad_accum} x "
-                      f"{world_size} ranks = {now}; "
+                      f"{data_parallel} data-parallel ranks = {now}; "
                       + (f"keep it with {' or '.join(ways)}" if ways else
-                         f"no micro-batch x accumulation gives {saved} on {world_size} ranks (use a rank "
+                         f"no micro-batch x accumulation gives {saved} on {data_parallel} data-parallel ranks (use a "
                          f"count dividing {saved})")
                       + ", or continue with a new global batch with train.allow_new_global_batch=true")

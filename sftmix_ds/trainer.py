@@ -24,12 +24,12 @@ from .adapters import adapter_summary, apply_lora, check_lora_targets
 from .common import UserError, atomic_file, evenly_spaced, to_device, write_json_atomic
 from .config import ConfigError, validate
 from .data import load_split, train_split
-from .engine import (PREFIX, Checkpointer, Collectives, DeepSpeedStrategy, LossModule, check_head,
-                     complete_checkpoints, dist_env, read_complete, sample_ids)
+from .engine import (PREFIX, Checkpointer, Collectives, DeepSpeedStrategy, LossModule, check_data_parallel, check_head,
+                     check_sequence_parallel, complete_checkpoints, dist_env, read_complete, sample_ids)
 from .eval import eval_sets, evaluate_model
 from .inference import score, score_nll, scoring_plan
 from .methods.base import build_method
-from .models import load_tokenizer, prepare_model
+from .models import attention_implementation, load_tokenizer, prepare_model
 from .faults import maybe_die, maybe_poison
 from .resume import (RUN_FILE, check_finished_run, find_resume, finished, fit_layout, run_identity, run_record,
                      same_run_problem)
@@ -110,6 +110,7 @@ class Recipe:
     def setup(self) -> bool:
         """False when there is nothing to do (resume=auto on a finished run)."""
         validate(self.cfg)
+        check_data_parallel(self.t.sequence_parallel, self.world_size)
         self.resume_from = find_resume(self.cfg)
         if self.cfg.resume == "auto" and finished(self.cfg):
             check_finished_run(self.cfg)
@@ -132,7 +133,8 @@ class Recipe:
         t = self.t
         layout = fit_layout(self.resume_from[0], read_complete(self.resume_from[0]), world_size=self.world_size,
                             zero_stage=self.cfg.deepspeed.zero_stage, micro_batch_size=t.micro_batch_size,
-                            grad_accum=t.grad_accum, allow_new_global_batch=t.allow_new_global_batch)
+                            grad_accum=t.grad_accum, allow_new_global_batch=t.allow_new_global_batch,
+                            sequence_parallel=t.sequence_parallel)
         self.universal = layout.universal
         if layout.grad_accum != t.grad_accum:
             self.cfg = copy.deepcopy(self.cfg)
@@ -144,6 +146,9 @@ class Recipe:
         """Model files, tokenizer, tokenized splits and the method's stage: all before any process group."""
         cfg = self.cfg
         self.model_path = prepare_model(cfg.model, cfg.model_cache_dir)
+        check_sequence_parallel(cfg.train.sequence_parallel, self.model_path,
+                                attention_implementation(self.model_path, cfg.model.attn_implementation),
+                                cfg.train.packing)
         if cfg.peft.kind == "lora":
             check_lora_targets(self.model_path, cfg.peft)
         self.tokenizer, self.pad_id = load_tokenizer(self.model_path, cfg.model.chat_template)
@@ -162,13 +167,15 @@ class Recipe:
         random.seed(t.seed)
         np.random.seed(t.seed)
         torch.manual_seed(t.seed)
-        self.batches = self.method.batches(self.train_set, t, self.world_size, self.rank)
+        # A sequence-parallel group's ranks train the same examples: data parallelism is over the groups.
+        self.batches = self.method.batches(self.train_set, t, self.world_size // t.sequence_parallel,
+                                           self.rank // t.sequence_parallel)
         self.total_steps = t.max_steps if t.max_steps > 0 else self.batches.steps(t.epochs)
         if t.export_count > self.total_steps:
             raise ConfigError(f"train.export_count={t.export_count}: this run has only {self.total_steps} optimizer "
                               "steps to export at")
         self.exports = set(evenly_spaced(self.total_steps, t.export_count))
-        self.comm = Collectives(cfg.deepspeed, t.precision)
+        self.comm = Collectives(cfg.deepspeed, t.precision, t.sequence_parallel)
         self.strategy = DeepSpeedStrategy(cfg.deepspeed, t, self.comm)
         self.checkpoints = Checkpointer(self.strategy)
         if self.universal:
@@ -189,8 +196,9 @@ class Recipe:
         self.engine = self.strategy.prepare(LossModule(self.model, self.method.loss_terms, self.strategy),
                                             self.total_steps)
         check_head(self.engine, sample_ids(self.train_set, self.comm.device), cfg.model.name)
-        log.info("%s: %d train / %d eval examples, %d ranks, global batch %d, %d steps, %s, ZeRO-%d",
-                 cfg.method.name, len(self.train_set), sum(map(len, self.eval_sets.values())), self.world_size,
+        log.info("%s: %d train / %d eval examples, %d ranks (sequence parallel %d), global batch %d, %d steps, %s, "
+                 "ZeRO-%d", cfg.method.name, len(self.train_set), sum(map(len, self.eval_sets.values())),
+                 self.world_size, t.sequence_parallel,
                  self.batches.global_batch, self.total_steps, self.comm.dtype,
                  self.engine.zero_optimization_stage())
 
@@ -253,6 +261,8 @@ class Recipe:
         for b in micro:
             local.update({**self.method.token_counts(b), **self.method.batch_stats(b),
                           "tokens": int(b["attention_mask"].sum())})
+        if self.rank % self.t.sequence_parallel:  # a sequence-parallel group's ranks share its batches: count once
+            local = {k: 0 for k in local}
         totals = self.comm.all_reduce_sum(dict(local))
         norms = {n: totals[n] for n in self.names}
         lr = self.strategy.lr()  # the rate this step uses; the scheduler advances inside the step
@@ -348,7 +358,8 @@ class Recipe:
 
     def _score_train_set(self, batch_size: int) -> dict:
         """{id: response perplexity} of every training example under the weights now; all ranks."""
-        n_batches = len(scoring_plan(self.train_set, batch_size, self.world_size, self.rank))
+        n_batches = len(scoring_plan(self.train_set, batch_size, self.comm.data_parallel_size,
+                                     self.comm.data_parallel_rank))
         with tqdm(total=n_batches, desc=f"score step {self.step}", disable=self.rank != 0, leave=False) as bar:
             return score(self.engine, self.comm, self.train_set, batch_size, self.pad_id, progress=bar,
                          chunk_size=self.t.loss_chunk_size)

@@ -11,7 +11,7 @@ from sftmix_ds.data import encode
 from sftmix_ds.data.batching import PairBatches
 from sftmix_ds.data.tokenize import Example
 from sftmix_ds.losses import Head
-from sftmix_ds.methods.ntp import response_rows
+from sftmix_ds.data.batching import response_rows
 from sftmix_ds.methods.base import RunOptions
 from sftmix_ds.methods.sftmix import SFTMix, SFTMixConfig
 from sftmix_ds.tracking import MEASURED
@@ -76,7 +76,7 @@ def test_alignment_pairs_nth_response_token_with_nth(tokenizer):
     # Tag every position with (example, position) and flatten as the loss does.
     B, T = batch["input_ids"].shape
     tags = torch.stack(torch.meshgrid(torch.arange(B), torch.arange(T), indexing="ij"), -1).double()
-    rows, targets = response_rows(tags, batch["labels"])
+    rows, targets, _ = response_rows(tags, batch)
     for j in range(2):
         resp = lambda e: [t for t in range(len(exs[e].labels) - 1) if exs[e].labels[t + 1] != -100]
         ra, rb = resp(j), resp(2 + j)

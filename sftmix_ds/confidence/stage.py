@@ -158,7 +158,7 @@ def score_checkpoint(cfg, model_path: str, examples, pad_id: int, stage_dir: str
     if os.path.exists(cache):
         with open(cache) as f:
             return json.load(f)
-    comm = Collectives(cfg.deepspeed, cfg.train.precision)
+    comm = Collectives(cfg.deepspeed, cfg.train.precision, cfg.train.sequence_parallel)
     perplexity = perplexities(score_model(cfg.deepspeed, cfg.train, comm, model_path, examples,
                                           batch_size=cfg.method.score_batch_size, pad_id=pad_id,
                                           attn_implementation=cfg.model.attn_implementation,

@@ -185,6 +185,20 @@ def pack(examples: Sequence[Optional[Example]], pad_id: int, width: int) -> dict
             "placements": [where[id(e)] if e is not None else None for e in examples]}
 
 
+def response_rows(hidden: torch.Tensor, batch: dict) -> tuple:
+    """(rows [M, d], targets [M], batch row of each [M]): the hidden states of the positions whose
+    next token is a response token, in row-major order, with those tokens. Under sequence
+    parallelism (batch["shard"]) these are this rank's positions, their targets shifted before
+    the sequence was sliced."""
+    shard = batch.get("shard")
+    if shard is None:
+        target, hidden = batch["labels"][:, 1:], hidden[:, :-1]
+    else:
+        target = shard.targets
+    mask = target != IGNORE
+    return hidden[mask], target[mask], mask.nonzero()[:, 0]
+
+
 def response_tokens(labels: torch.Tensor) -> int:
     """Tokens that carry loss: a label at position t is predicted from position t-1."""
     return int((labels[:, 1:] != IGNORE).sum())

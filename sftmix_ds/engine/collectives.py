@@ -19,13 +19,15 @@ import torch.distributed as dist
 from ..common import UserError, free_port, torch_dtype
 from ..config import resolve_precision
 from .peers import watch_peers
+from .sequence import sequence_group
 
 log = logging.getLogger(__name__)
 
 
 class Collectives:
-    def __init__(self, ds_cfg, precision: str):
-        """ds_cfg: the deepspeed config group (timeouts); precision: train.precision."""
+    def __init__(self, ds_cfg, precision: str, sequence_parallel: int = 1):
+        """ds_cfg: the deepspeed config group (timeouts); precision: train.precision;
+        sequence_parallel: train.sequence_parallel (ranks per sequence; the others see whole ones)."""
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 
@@ -43,6 +45,11 @@ class Collectives:
         deepspeed.init_distributed(timeout=timedelta(minutes=ds_cfg.timeout_minutes))
         watch_peers(self.rank, self.world_size, ds_cfg.peer_timeout_s)
         _unlink_shm_buffer(self.rank)
+        # Data parallelism is over groups of sequence_parallel consecutive ranks, which share each micro-batch.
+        self.sequence_parallel = sequence_parallel
+        self.data_parallel_size, self.data_parallel_rank = self.world_size // sequence_parallel, \
+            self.rank // sequence_parallel
+        self.sequence = sequence_group(sequence_parallel, self.rank, self.world_size) if sequence_parallel > 1 else None
 
     def all_reduce_sum(self, values):
         """Sums over ranks in one collective: of a list or tensor (-> a CPU float64 tensor), or of

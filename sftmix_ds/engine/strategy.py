@@ -140,6 +140,8 @@ class DeepSpeedStrategy:
                  else "the process's so far: resident memory cannot be reset")
         if self.comm.on_gpu:
             torch.cuda.reset_peak_memory_stats()
+        if self.comm.sequence is not None:
+            self.comm.sequence.uninstall()
         if self.engine is not None:
             self.engine.destroy()
             _drop_zero3_globals()

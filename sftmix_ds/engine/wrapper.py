@@ -10,6 +10,8 @@ input that the loss's logits are the model's own.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -29,6 +31,9 @@ class LossModule(nn.Module):
         strategy.register_external_parameter(self, out.weight)
         if out.bias is not None:
             strategy.register_external_parameter(self, out.bias)
+        self.sequence = strategy.comm.sequence  # train.sequence_parallel > 1: every forward runs on a slice
+        if self.sequence is not None:
+            self.sequence.install(lm)
 
     def head(self) -> Head:
         out = self.lm.get_output_embeddings()
@@ -41,19 +46,28 @@ class LossModule(nn.Module):
             return self._logit_error(input_ids)
         if position_ids is not None:  # packed rows: with attention_mask=None, position_ids mark the examples
             attention_mask = None
-        hidden = self.hidden_states(input_ids, attention_mask, position_ids)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, **extra}
+        if self.sequence is not None:
+            if position_ids is not None and self._flash():  # one row of packed examples (hidden_states says why)
+                input_ids, labels, position_ids = (t.reshape(1, -1) for t in (input_ids, labels, position_ids))
+            # Right padding needs no mask: causal attention never lets a real token see the padding after it.
+            input_ids, position_ids, batch["shard"] = self.sequence.split(input_ids, labels, position_ids)
+            attention_mask = None
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids)
         return (loss_terms or self.loss_terms)(hidden, self.head(), batch)
+
+    def _flash(self) -> bool:
+        from transformers.utils.generic import is_flash_attention_requested
+
+        return is_flash_attention_requested(self.lm.config)
 
     def hidden_states(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
         """The decoder's last hidden states [B, T, d]. Flash-attention kernels find the examples of
         packed rows from position_ids only in a batch of one row (transformers' _is_packed_sequence;
         with several rows a plain causal kernel would let packed examples attend to each other), so
         several packed rows run as one and are split back."""
-        from transformers.utils.generic import is_flash_attention_requested
-
         shape = input_ids.shape
-        flatten = position_ids is not None and shape[0] > 1 and is_flash_attention_requested(self.lm.config)
+        flatten = position_ids is not None and shape[0] > 1 and self._flash()
         if flatten:
             input_ids, position_ids = input_ids.reshape(1, -1), position_ids.reshape(1, -1)
         hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -61,13 +75,15 @@ class LossModule(nn.Module):
         return hidden.reshape(*shape, -1) if flatten else hidden
 
     def _logit_error(self, input_ids) -> torch.Tensor:
-        """max |our logits - the model's own| / max |the model's own|, dropout off."""
+        """max |our logits - the model's own| / max |the model's own|, dropout off; whole sequences
+        on every rank, also under sequence parallelism."""
         was_training = self.lm.training
         self.lm.eval()
         try:
-            hidden = self.lm.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
-            ours = head_logits(hidden[0], self.head())
-            theirs = self.lm(input_ids=input_ids, use_cache=False).logits[0].float()
+            with self.sequence.unsharded() if self.sequence is not None else contextlib.nullcontext():
+                hidden = self.lm.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
+                ours = head_logits(hidden[0], self.head())
+                theirs = self.lm(input_ids=input_ids, use_cache=False).logits[0].float()
         finally:
             self.lm.train(was_training)
         return (ours - theirs).abs().max() / theirs.abs().max().clamp_min(1e-6)

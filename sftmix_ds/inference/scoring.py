@@ -13,8 +13,9 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from ..common import IGNORE, to_device
+from ..common import to_device
 from ..data import Example, collate, example_ids, example_lengths
+from ..data.batching import response_rows
 from ..losses import Head, auto_chunk_rows, head_logits
 
 
@@ -31,12 +32,11 @@ def token_nll(hidden: torch.Tensor, head: Head, targets: torch.Tensor, chunk_siz
 
 def example_nll(hidden: torch.Tensor, head: Head, batch: dict, chunk_size: int = 0) -> dict:
     """Per-example sum of response-token NLL and response-token count; runs inside the engine's forward."""
-    target = batch["labels"][:, 1:]
-    mask = target != IGNORE
-    nll = token_nll(hidden[:, :-1][mask], head, target[mask], chunk_size)
-    row_example = mask.nonzero()[:, 0]
-    sums = torch.zeros(target.shape[0], dtype=torch.float32, device=hidden.device).index_add_(0, row_example, nll)
-    return {"nll_sum": sums, "count": mask.sum(1)}
+    rows, targets, row_example = response_rows(hidden, batch)
+    nll = token_nll(rows, head, targets, chunk_size)
+    n = hidden.shape[0]
+    sums = torch.zeros(n, dtype=torch.float32, device=hidden.device).index_add_(0, row_example, nll)
+    return {"nll_sum": sums, "count": torch.bincount(row_example, minlength=n)}
 
 
 def scoring_plan(examples: Sequence[Example], batch_size: int, world_size: int, rank: int) -> List[List[int]]:
@@ -62,7 +62,8 @@ def score(engine, comm, examples: Sequence[Example], batch_size: int, pad_id: in
 
 def score_nll(engine, comm, examples: Sequence[Example], batch_size: int, pad_id: int,
               progress=None, chunk_size: int = 0) -> Dict[str, tuple]:
-    """{id: (summed response-token NLL, response-token count)} for every example, from all ranks.
+    """{id: (summed response-token NLL, response-token count)} for every example, from all ranks
+    (each sequence-parallel group scores its share, each of its ranks one slice of every sequence).
     `engine` wraps a sftmix_ds LossModule (its own loss is not used: this one computes
     example_nll, so a training engine can score too); its train/eval mode is left as it was."""
     results = []
@@ -70,7 +71,7 @@ def score_nll(engine, comm, examples: Sequence[Example], batch_size: int, pad_id
     was_training = engine.training
     engine.eval()
     with torch.no_grad():
-        for indices in scoring_plan(examples, batch_size, comm.world_size, comm.rank):
+        for indices in scoring_plan(examples, batch_size, comm.data_parallel_size, comm.data_parallel_rank):
             batch = collate([examples[i] for i in indices] or [None], pad_id)
             out = engine(**to_device(batch, comm.device), loss_terms=nll_terms)
             for i, s, c in zip(indices, out["nll_sum"].tolist(), out["count"].tolist()):
@@ -79,9 +80,12 @@ def score_nll(engine, comm, examples: Sequence[Example], batch_size: int, pad_id
                 progress.update(1)
     engine.train(was_training)
     gathered = comm.all_gather_object(results)
-    nll = dict(r for part in gathered for r in part)
+    nll = {}
+    for i, (s, c) in (r for part in gathered for r in part):  # sequence parallelism: a part from each slice
+        total = nll.get(i, (0.0, 0))
+        nll[i] = (total[0] + s, total[1] + c)
     n_scored = sum(len(part) for part in gathered)
-    if n_scored != len(examples) or len(nll) != len(examples):
+    if n_scored != len(examples) * comm.sequence_parallel or len(nll) != len(examples):
         raise RuntimeError(f"scoring covered {len(nll)} ids in {n_scored} results for {len(examples)} examples")
     return nll
 
@@ -98,7 +102,7 @@ def score_model(deepspeed_cfg, train_cfg, comm, model_path: str, examples: Seque
     engine = strategy.prepare_inference(LossModule(strategy.load_model(model_path, attn_implementation), example_nll,
                                                    strategy))
     check_head(engine, sample_ids(examples, comm.device), model_path)
-    n_batches = len(scoring_plan(examples, batch_size, comm.world_size, comm.rank))
+    n_batches = len(scoring_plan(examples, batch_size, comm.data_parallel_size, comm.data_parallel_rank))
     with tqdm(total=n_batches, desc=desc, disable=comm.rank != 0) as bar:
         nll = score_nll(engine, comm, examples, batch_size, pad_id, progress=bar, chunk_size=train_cfg.loss_chunk_size)
     strategy.release()

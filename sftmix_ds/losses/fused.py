@@ -244,9 +244,11 @@ def pick_backend(backend: str, device: torch.device) -> str:
 
 class _FusedSFTMixLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, pair_a, pair_b, lam, scale, softcap, chunk_size, backend):
+    def forward(ctx, hidden, weight, bias, labels, pair_a, pair_b, lam, scale, softcap, chunk_size, backend, ntp_rows):
         chunks = _chunks(hidden.shape[0], pair_a, pair_b, chunk_size)
         counts = _first_occurrence(chunks, hidden.shape[0])
+        if ntp_rows is not None:
+            counts = [count & ntp_rows[rows] for (rows, _), count in zip(chunks, counts)]
         impl = _TritonChunks() if backend == "triton" else _TorchChunks()
         head = Head(weight, bias, scale, softcap)
         acc = _acc(hidden.dtype)
@@ -287,12 +289,13 @@ class _FusedSFTMixLoss(torch.autograd.Function):
                 grad_b.add_(G.sum(0, dtype=acc))
         cast = lambda g, like: None if g is None else g.to(like.dtype)
         return (cast(grad_h, hidden), cast(grad_w, weight), cast(grad_b, bias), None, None, None, None, None, None,
-                None, None)
+                None, None, None)
 
 
 def fused_sftmix_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, pair_a: torch.Tensor,
                       pair_b: torch.Tensor, lam: torch.Tensor, chunk_size: int = 0, backend: str = "auto",
-                      bias: Optional[torch.Tensor] = None, scale: float = 1.0, softcap: Optional[float] = None):
+                      bias: Optional[torch.Tensor] = None, scale: float = 1.0, softcap: Optional[float] = None,
+                      ntp_rows: Optional[torch.Tensor] = None):
     """(ntp_sum, mix_sum) as fp32 scalars (fp64 for fp64 inputs); see the module docstring.
     Gradients to hidden, weight and bias are exact.
 
@@ -301,6 +304,8 @@ def fused_sftmix_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
     chunk_size: rows per chunk; 0 picks auto_chunk_rows(V).
     backend: torch | triton | auto (triton on CUDA when installed).
     bias [V], scale, softcap: the rest of the model's head (see the module docstring).
+    ntp_rows [M] bool: the rows whose NTP term counts (default all); the others only take part in
+    pairs (under sequence parallelism, partner rows whose own rank counts their NTP term).
     """
     if pair_a.shape != pair_b.shape or pair_a.shape != lam.shape:
         raise ValueError(f"pair_a {tuple(pair_a.shape)}, pair_b {tuple(pair_b.shape)} and lam {tuple(lam.shape)} "
@@ -308,7 +313,7 @@ def fused_sftmix_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
     chunk_size = chunk_size or auto_chunk_rows(weight.shape[0], hidden.device)
     return _FusedSFTMixLoss.apply(hidden, weight, bias, labels, pair_a.long(), pair_b.long(), lam, float(scale),
                                   None if softcap is None else float(softcap), chunk_size,
-                                  pick_backend(backend, hidden.device))
+                                  pick_backend(backend, hidden.device), ntp_rows)
 
 
 def reference_sftmix_loss(hidden, weight, labels, pair_a, pair_b, lam, bias=None, scale=1.0, softcap=None):

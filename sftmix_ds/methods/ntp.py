@@ -5,9 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..common import IGNORE
 from ..data import Batches, collate, example_lengths
-from ..data.batching import pack, response_tokens
+from ..data.batching import pack, response_rows, response_tokens
 from ..losses import Head, fused_sftmix_loss
 from .base import Method, MethodConfig
 
@@ -16,13 +15,6 @@ from .base import Method, MethodConfig
 class NTPConfig(MethodConfig):
     name: str = "ntp"
     _target_: str = "sftmix_ds.methods.ntp.NTP"
-
-
-def response_rows(hidden: torch.Tensor, labels: torch.Tensor):
-    """Hidden states of the positions whose next token is a response token, with those tokens."""
-    target = labels[:, 1:]
-    mask = target != IGNORE
-    return hidden[:, :-1][mask], target[mask]
 
 
 def lengths_if_grouped(train_set, train_cfg):
@@ -45,7 +37,7 @@ class NTP(Method):
         return {"ntp": response_tokens(batch["labels"])}
 
     def loss_terms(self, hidden: torch.Tensor, head: Head, batch: dict) -> dict:
-        rows, targets = response_rows(hidden, batch["labels"])
+        rows, targets, _ = response_rows(hidden, batch)
         empty = torch.zeros(0, dtype=torch.long, device=rows.device)
         ntp_sum, _ = fused_sftmix_loss(rows, head.weight, targets, empty, empty, empty.to(rows.dtype),
                                        self.options.chunk_size, self.options.loss_backend, head.bias, head.scale,

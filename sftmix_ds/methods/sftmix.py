@@ -22,10 +22,10 @@ from ..common import evenly_spaced
 from ..config import ConfigError, model_config_path, one_of, positive
 from ..confidence import CONFIDENT, OnlineSplit, read_confidence_file, run_confidence_stage, stage_root
 from ..data import example_ids
-from ..data.batching import PairBatches, Phases, aligned_pairs, collate, pack
+from ..data.batching import PairBatches, Phases, aligned_pairs, collate, pack, response_rows
 from ..losses import Head, fused_sftmix_loss
 from .base import MethodConfig, RunOptions
-from .ntp import NTP, lengths_if_grouped, response_rows
+from .ntp import NTP, lengths_if_grouped
 
 log = logging.getLogger(__name__)
 MAX_SCORING_POINTS = 64  # method.checkpoints: each is a pass over the data and N kept perplexities
@@ -205,10 +205,12 @@ class SFTMix(NTP):
         # without the Mixup term, which is then not computed.
         if "pair_a" not in batch or self.weights["mix"] == 0:
             return {**super().loss_terms(hidden, head, batch), "mix": hidden.new_zeros((), dtype=torch.float32)}
-        rows, targets = response_rows(hidden, batch["labels"])
-        ntp_sum, mix_sum = fused_sftmix_loss(rows, head.weight, targets, batch["pair_a"], batch["pair_b"],
-                                             batch["lam"].float(), self.options.chunk_size, self.options.loss_backend,
-                                             head.bias, head.scale, head.softcap)
+        rows, targets, _ = response_rows(hidden, batch)
+        pair_a, pair_b, lam, ntp_rows = batch["pair_a"], batch["pair_b"], batch["lam"].float(), None
+        if batch.get("shard") is not None:  # sequence parallelism: each pair mixed where its first row is
+            rows, targets, pair_a, pair_b, lam, ntp_rows = batch["shard"].partners(rows, targets, pair_a, pair_b, lam)
+        ntp_sum, mix_sum = fused_sftmix_loss(rows, head.weight, targets, pair_a, pair_b, lam, self.options.chunk_size,
+                                             self.options.loss_backend, head.bias, head.scale, head.softcap, ntp_rows)
         return {"ntp": ntp_sum, "mix": mix_sum}
 
     def batch_stats(self, batch: dict) -> dict:
