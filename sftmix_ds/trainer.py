@@ -147,8 +147,7 @@ class Recipe:
         cfg = self.cfg
         self.model_path = prepare_model(cfg.model, cfg.model_cache_dir)
         check_sequence_parallel(cfg.train.sequence_parallel, self.model_path,
-                                attention_implementation(self.model_path, cfg.model.attn_implementation),
-                                cfg.train.packing)
+                                attention_implementation(self.model_path, cfg.model.attn_implementation))
         if cfg.peft.kind == "lora":
             check_lora_targets(self.model_path, cfg.peft)
         self.tokenizer, self.pad_id = load_tokenizer(self.model_path, cfg.model.chat_template)

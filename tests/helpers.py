@@ -55,6 +55,24 @@ def same_run_within_fp32(a, b) -> None:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-7, msg=k)
 
 
+def same_weights(a, b) -> bool:
+    """Runs a and b exported bitwise-equal models."""
+    import torch
+    from safetensors.torch import load_file
+
+    wa, wb = (load_file(os.path.join(d, "model", "model.safetensors")) for d in (a, b))
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def same_history(a, b) -> bool:
+    """Same losses and the same examples at every step (nothing skipped or repeated)."""
+    from sftmix_ds.tracking import MEASURED
+
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in MEASURED} for r in rs]
+    return (strip(lines(os.path.join(a, "metrics.jsonl"))) == strip(lines(os.path.join(b, "metrics.jsonl")))
+            and lines(os.path.join(a, "samples.jsonl")) == lines(os.path.join(b, "samples.jsonl")))
+
+
 def read_metrics(run_dir) -> list:
     """A run's metrics.jsonl, one dict per logged record."""
     return lines(os.path.join(run_dir, "metrics.jsonl"))

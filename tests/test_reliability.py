@@ -7,26 +7,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sftmix_ds.tracking import MEASURED
 
-from .helpers import ROOT, lines, same_run_within_fp32, train_cli
+from .helpers import ROOT, lines, same_history, same_run_within_fp32, same_weights, train_cli
 
 pytestmark = pytest.mark.e2e  # every test here launches processes
 
 COMMON = ["model=tiny", "train.max_steps=6", "train.save_every=2", "train.lr=1e-3", "train.micro_batch_size=2",
           "train.grad_accum=2", "train.export_dtype=fp32", "train.eval_every=0", "deepspeed=zero3"]
-
-
-def same_weights(a, b):
-    wa, wb = (load_file(os.path.join(d, "model", "model.safetensors")) for d in (a, b))
-    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-
-
-def same_history(a, b):
-    """Same losses and the same examples at every step (nothing skipped or repeated)."""
-    strip = lambda rs: [{k: v for k, v in r.items() if k not in MEASURED} for r in rs]
-    return (strip(lines(os.path.join(a, "metrics.jsonl"))) == strip(lines(os.path.join(b, "metrics.jsonl")))
-            and lines(os.path.join(a, "samples.jsonl")) == lines(os.path.join(b, "samples.jsonl")))
 
 
 @pytest.mark.parametrize("method,peft", [("ntp", "none"), ("sftmix", "none"), ("sftmix", "lora")])

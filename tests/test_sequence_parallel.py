@@ -13,7 +13,7 @@ from sftmix_ds.data.batching import aligned_pairs, response_rows
 from sftmix_ds.engine.sequence import SequenceParallel, check_data_parallel, check_sequence_parallel
 from sftmix_ds.losses import fused_sftmix_loss
 
-from .helpers import lines, read_metrics, same_run_within_fp32, train_cli
+from .helpers import lines, read_metrics, same_history, same_run_within_fp32, same_weights, train_cli
 
 B, T, D, V = 4, 15, 8, 11  # T odd: the slices need a padding column
 
@@ -81,17 +81,16 @@ def test_layouts_that_cannot_work_are_refused_naming_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"train.sequence_parallel=3: must divide the number of ranks \(4\)"):
         check_data_parallel(3, 4)
     LlamaConfig(hidden_size=48, num_attention_heads=6, num_key_value_heads=3).save_pretrained(tmp_path)
-    check_sequence_parallel(3, str(tmp_path), "sdpa", packing=True)
-    check_sequence_parallel(6, str(tmp_path), "flash_attention_2", packing=True)  # 3 key/value heads replicated
+    check_sequence_parallel(3, str(tmp_path), "sdpa")
+    check_sequence_parallel(6, str(tmp_path), "flash_attention_2")  # 3 key/value heads, each on 2 ranks
     with pytest.raises(ConfigError, match=r"train.sequence_parallel=4: .* divide the model's 6 attention heads"):
-        check_sequence_parallel(4, str(tmp_path), "sdpa", packing=False)
+        check_sequence_parallel(4, str(tmp_path), "sdpa")
     with pytest.raises(ConfigError, match=r"train.sequence_parallel=2: .* or be a multiple of its 3 key/value"):
-        check_sequence_parallel(2, str(tmp_path), "sdpa", packing=False)
-    with pytest.raises(ConfigError, match="needs model.attn_implementation sdpa, flash_attention_2"):
-        check_sequence_parallel(3, str(tmp_path), "eager", packing=False)
-    with pytest.raises(ConfigError, match="train.packing: model.attn_implementation=flex_attention"):
-        check_sequence_parallel(3, str(tmp_path), "flex_attention", packing=True)
-    check_sequence_parallel(3, str(tmp_path), "flex_attention", packing=False)
+        check_sequence_parallel(2, str(tmp_path), "sdpa")
+    for refused in ("eager", "flex_attention"):
+        with pytest.raises(ConfigError, match=f"needs model.attn_implementation sdpa or flash_attention_2 .*"
+                                              f"resolves to {refused}"):
+            check_sequence_parallel(3, str(tmp_path), refused)
 
 
 # -- real runs: 2 ranks at N=2 (one sequence-parallel group) against one process -----------------
@@ -147,13 +146,6 @@ def test_two_ranks_sharing_each_sequence_equal_one_process(sp_runs, name):
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
-def same_bits(a, b) -> bool:
-    from safetensors.torch import load_file
-
-    wa, wb = (load_file(os.path.join(d, "model", "model.safetensors")) for d in (a, b))
-    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-
-
 @pytest.mark.e2e
 def test_kill_9_mid_run_then_resume_is_bitwise(sp_runs, confidence_file, tmp_path):
     _, clean, _ = sp_runs["sftmix"]
@@ -163,9 +155,8 @@ def test_kill_9_mid_run_then_resume_is_bitwise(sp_runs, confidence_file, tmp_pat
     assert proc.returncode != 0 and not os.path.exists(os.path.join(tmp_path, "model"))
     proc = train_cli(args, nproc=2)
     assert "resumed from" in proc.stderr and "step_2" in proc.stderr
-    assert same_bits(clean, str(tmp_path))
-    strip = lambda rs: [{k: v for k, v in r.items() if k.startswith(("loss", "grad_norm", "step"))} for r in rs]
-    assert strip(read_metrics(clean)) == strip(read_metrics(str(tmp_path)))
+    assert same_weights(clean, str(tmp_path))  # bitwise, fp32 on CPU
+    assert same_history(clean, str(tmp_path))
 
 
 @pytest.mark.e2e

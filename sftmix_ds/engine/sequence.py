@@ -32,20 +32,17 @@ def check_data_parallel(size: int, world_size: int) -> None:
         raise ConfigError(f"train.sequence_parallel={size}: must divide the number of ranks ({world_size})")
 
 
-def check_sequence_parallel(size: int, model_path: str, attn_implementation: str, packing: bool) -> None:
+def check_sequence_parallel(size: int, model_path: str, attn_implementation: str) -> None:
     """Refuse a model Ulysses cannot serve, naming the key, before any process group starts."""
     from transformers import AutoConfig
 
     if size == 1:
         return
-    if attn_implementation == "eager":
-        raise ConfigError("train.sequence_parallel: needs model.attn_implementation sdpa, flash_attention_2 or "
-                          "flex_attention (this model resolves to eager, whose full attention mask DeepSpeed's "
-                          "Ulysses attention discards)")
-    if attn_implementation == "flex_attention" and packing:
-        raise ConfigError("train.sequence_parallel with train.packing: model.attn_implementation=flex_attention is "
-                          "given a plain causal mask over the whole row by DeepSpeed's Ulysses attention, so packed "
-                          "examples would attend to each other; use sdpa or flash_attention_2")
+    if attn_implementation not in ("sdpa", "flash_attention_2"):
+        raise ConfigError(f"train.sequence_parallel: needs model.attn_implementation sdpa or flash_attention_2 (this "
+                          f"model resolves to {attn_implementation}: eager's full mask is discarded by DeepSpeed's "
+                          "Ulysses attention, and its flex_attention path masks whole rows causally, which packed "
+                          "rows cannot use)")
     text = AutoConfig.from_pretrained(model_path).get_text_config()
     heads = text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
