@@ -60,3 +60,22 @@ def test_lora_benchmark_at_toy_size(tmp_path):
     for method in ("ntp", "sftmix"):
         assert re.search(rf"^\| {method} \| \d+ \| \d+ \| [0-9.]+x \| [0-9.]+ \| [0-9.]+ \| [0-9.]+x \|$", table, re.M)
     assert "| frozen (LoRA: dW skipped) |" in table
+
+
+def test_sequence_parallel_benchmark_at_toy_size(tmp_path):
+    """Two ranks sharing each sequence hold about half the activations of one rank holding it all."""
+    import json
+
+    results = tmp_path / "results"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "sequence_parallel.py"), "--lengths",
+                           "256", "512", "--arch", '{"num_hidden_layers": 1, "max_position_embeddings": 1024}',
+                           "--results", str(results)], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((results / "sequence_parallel_cpu.json").read_text())["rows"]
+    by = {(r["length"], r["sequence_parallel"]): r for r in rows}
+    for length in (256, 512):
+        assert by[(length, 1)]["tokens"] == by[(length, 2)]["tokens"] > length - 40
+        assert 0.4 < by[(length, 2)]["activation_gb"] / by[(length, 1)]["activation_gb"] < 0.6
+    assert (results / "sequence_parallel_cpu.png").stat().st_size > 0
+    assert "Longest sequence under" in (results / "sequence_parallel_cpu.md").read_text()

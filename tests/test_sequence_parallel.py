@@ -98,11 +98,14 @@ def test_layouts_that_cannot_work_are_refused_naming_the_key(tmp_path):
 BASE = ["model=tiny", "model.attn_implementation=sdpa", "train.max_steps=4", "train.lr=1e-3", "train.adam_eps=1e-4",
         "train.warmup_ratio=0", "train.eval_every=0", "train.export_dtype=fp32", "train.seed=7",
         "train.micro_batch_size=2", "train.grad_accum=2", "deepspeed=zero3"]
-# name: (method, sequence_parallel run's extra settings); each compared with one process at N=1.
-RUNS = {"ntp": ("ntp", []), "ntp_packed_zero2": ("ntp", ["train.packing=true", "deepspeed=zero2"]),
-        "sftmix": ("sftmix", ["train.save_every=2"]),
-        "sftmix_packed_checkpointing": ("sftmix", ["train.packing=true", "train.gradient_checkpointing=true"]),
-        "sftmix_lora": ("sftmix", ["peft=lora", "peft.dropout=0"])}
+# name: (method, the sequence-parallel run's extra settings, its ranks); each compared with one process
+# at N=1 (micro-batch 4, no accumulation: the same global batch of 4).
+RUNS = {"ntp": ("ntp", [], 2), "ntp_packed_zero2": ("ntp", ["train.packing=true", "deepspeed=zero2"], 2),
+        "sftmix": ("sftmix", ["train.save_every=2"], 2),
+        "sftmix_packed_checkpointing": ("sftmix", ["train.packing=true", "train.gradient_checkpointing=true"], 2),
+        "sftmix_lora": ("sftmix", ["peft=lora", "peft.dropout=0"], 2),
+        # 2 data-parallel groups x 2 ranks sharing each sequence
+        "sftmix_packed_4_ranks": ("sftmix", ["train.packing=true", "train.grad_accum=1"], 4)}
 
 
 def method_args(method, confidence_file):
@@ -113,13 +116,13 @@ def method_args(method, confidence_file):
 def sp_runs(tmp_path_factory, confidence_file):
     root = tmp_path_factory.mktemp("sequence_parallel")
     out = {}
-    for name, (method, extra) in RUNS.items():
+    for name, (method, extra, nproc) in RUNS.items():
         lora = [a for a in extra if a.startswith("peft")]
         ref, sp = str(root / f"{name}_ref"), str(root / name)
         train_cli(BASE + method_args(method, confidence_file) + lora + ["train.micro_batch_size=4",
                                                                         "train.grad_accum=1", f"output_dir={ref}"])
         proc = train_cli(BASE + method_args(method, confidence_file) + extra + ["train.sequence_parallel=2",
-                                                                                f"output_dir={sp}"], nproc=2)
+                                                                                f"output_dir={sp}"], nproc=nproc)
         out[name] = (ref, sp, proc)
     return out
 
@@ -130,7 +133,7 @@ def test_two_ranks_sharing_each_sequence_equal_one_process(sp_runs, name):
     from safetensors.torch import load_file
 
     ref, sp, proc = sp_runs[name]
-    assert "2 ranks (sequence parallel 2), global batch 4" in proc.stderr
+    assert f"{RUNS[name][2]} ranks (sequence parallel 2), global batch 4" in proc.stderr
     assert lines(os.path.join(sp, "samples.jsonl")) == lines(os.path.join(ref, "samples.jsonl"))
     got, want = read_metrics(sp), read_metrics(ref)
     for g, r in zip(got, want, strict=True):

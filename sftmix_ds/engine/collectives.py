@@ -47,8 +47,8 @@ class Collectives:
         _unlink_shm_buffer(self.rank)
         # Data parallelism is over groups of sequence_parallel consecutive ranks, which share each micro-batch.
         self.sequence_parallel = sequence_parallel
-        self.data_parallel_size, self.data_parallel_rank = self.world_size // sequence_parallel, \
-            self.rank // sequence_parallel
+        self.data_parallel_size = self.world_size // sequence_parallel
+        self.data_parallel_rank = self.rank // sequence_parallel
         self.sequence = sequence_group(sequence_parallel, self.rank, self.world_size) if sequence_parallel > 1 else None
 
     def all_reduce_sum(self, values):

@@ -82,6 +82,7 @@ class SequenceParallel:
         from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+        self.uninstall()  # a stage's engine that was never released (the last model installed wins)
         name = model.config._attn_implementation
         core = ALL_ATTENTION_FUNCTIONS[name]
         text = model.config.get_text_config()
