@@ -28,7 +28,9 @@ def families():
 
 
 class NoZeRO:
-    """The one call LossModule makes of its strategy; without ZeRO-3 it has nothing to do."""
+    """What LossModule asks of its strategy; without ZeRO-3 or sequence parallelism, nothing to do."""
+
+    sequence = None
 
     def register_external_parameter(self, module, param):
         pass

@@ -25,6 +25,7 @@ class DeepSpeedStrategy:
         """comm: this process's Collectives (made here for a job of one stage)."""
         self.comm = comm or Collectives(ds_cfg, train_cfg.precision)
         self.cfg, self.train_cfg = ds_cfg, train_cfg
+        self.sequence = self.comm.sequence  # the sequence-parallel group (None: whole sequences on every rank)
         self.ds_config = deepspeed_config(ds_cfg, train_cfg, self.comm.world_size, self.comm.precision,
                                           self.comm.on_gpu)
         self._hf_ds_config = None
@@ -140,8 +141,8 @@ class DeepSpeedStrategy:
                  else "the process's so far: resident memory cannot be reset")
         if self.comm.on_gpu:
             torch.cuda.reset_peak_memory_stats()
-        if self.comm.sequence is not None:
-            self.comm.sequence.uninstall()
+        if self.sequence is not None:
+            self.sequence.uninstall()
         if self.engine is not None:
             self.engine.destroy()
             _drop_zero3_globals()

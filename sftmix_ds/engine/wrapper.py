@@ -31,7 +31,7 @@ class LossModule(nn.Module):
         strategy.register_external_parameter(self, out.weight)
         if out.bias is not None:
             strategy.register_external_parameter(self, out.bias)
-        self.sequence = strategy.comm.sequence  # train.sequence_parallel > 1: every forward runs on a slice
+        self.sequence = strategy.sequence  # train.sequence_parallel > 1: every forward runs on a slice
         if self.sequence is not None:
             self.sequence.install(lm)
 
