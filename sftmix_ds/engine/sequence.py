@@ -210,9 +210,9 @@ class Shard:
         send = send[torch.argsort(owner_a[send], stable=True)]  # by destination rank, then pair
         receive = ((owner_a == me) & (owner_b != me)).nonzero().flatten()
         receive = receive[torch.argsort(owner_b[receive], stable=True)]  # by source rank, then pair
-        moved = ((owner_a != owner_b).sum())
+        moved = int((owner_a != owner_b).sum())
         received = rows.new_zeros((0, rows.shape[1]))
-        if int(moved):  # every rank of the group knows the pairs, so all take this branch or none
+        if moved:  # every rank of the group knows the pairs, so all take this branch or none
             from torch.distributed.nn.functional import all_to_all_single
 
             out_sizes = torch.bincount(owner_b[receive], minlength=size).tolist()
