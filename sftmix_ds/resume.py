@@ -174,8 +174,10 @@ def fit_layout(folder: str, meta: dict, *, world_size: int, zero_stage: int, mic
         raise ConfigError(f"resume: {folder} was written by {written[0]} ranks before checkpoints recorded their "
                           f"global batch; resume it on {written[0]} ranks")
     saved = meta["global_batch"]
-    log.info("resume: %s was written by %d ranks under ZeRO-%d; resuming on %d ranks (%d data-parallel) under "
-             "ZeRO-%d", folder, *written, world_size, data_parallel, zero_stage)
+    log.info("resume: %s was written by %d ranks under ZeRO-%d; resuming on %d ranks under ZeRO-%d", folder, *written,
+             world_size, zero_stage)
+    groups = f"{data_parallel} ranks" if sequence_parallel == 1 else \
+        f"{data_parallel} data-parallel groups (train.sequence_parallel={sequence_parallel})"
     if now == saved:
         return Layout(True, grad_accum)
     per_rank, rest = divmod(saved, micro_batch_size * data_parallel)
@@ -192,8 +194,7 @@ def fit_layout(folder: str, meta: dict, *, world_size: int, zero_stage: int, mic
             for m in range(1, saved + 1) if saved % (m * data_parallel) == 0][:3]
     raise ConfigError(f"resume: the checkpoint's global batch is {saved} examples per step, and "
                       f"train.micro_batch_size={micro_batch_size} x train.grad_accum={grad_accum} x "
-                      f"{data_parallel} data-parallel ranks = {now}; "
+                      f"{groups} = {now}; "
                       + (f"keep it with {' or '.join(ways)}" if ways else
-                         f"no micro-batch x accumulation gives {saved} on {data_parallel} data-parallel ranks (use a "
-                         f"count dividing {saved})")
+                         f"no micro-batch x accumulation gives {saved} on {groups} (use a count dividing {saved})")
                       + ", or continue with a new global batch with train.allow_new_global_batch=true")

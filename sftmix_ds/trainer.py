@@ -195,11 +195,10 @@ class Recipe:
         self.engine = self.strategy.prepare(LossModule(self.model, self.method.loss_terms, self.strategy),
                                             self.total_steps)
         check_head(self.engine, sample_ids(self.train_set, self.comm.device), cfg.model.name)
-        log.info("%s: %d train / %d eval examples, %d ranks (sequence parallel %d), global batch %d, %d steps, %s, "
-                 "ZeRO-%d", cfg.method.name, len(self.train_set), sum(map(len, self.eval_sets.values())),
-                 self.world_size, t.sequence_parallel,
-                 self.batches.global_batch, self.total_steps, self.comm.dtype,
-                 self.engine.zero_optimization_stage())
+        log.info("%s: %d train / %d eval examples, %d ranks%s, global batch %d, %d steps, %s, ZeRO-%d",
+                 cfg.method.name, len(self.train_set), sum(map(len, self.eval_sets.values())), self.world_size,
+                 f" (sequence parallel {t.sequence_parallel})" if t.sequence_parallel > 1 else "",
+                 self.batches.global_batch, self.total_steps, self.comm.dtype, self.engine.zero_optimization_stage())
 
     def _setup_state(self) -> None:
         """The step to start from, logs trimmed to it, and the per-run guards."""

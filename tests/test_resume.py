@@ -31,7 +31,7 @@ def test_a_global_batch_that_cannot_be_kept_is_refused_naming_the_settings():
     with pytest.raises(ConfigError, match=r"global batch is 8 .* keep it with train.micro_batch_size=1 "
                                           r"train.grad_accum=8 or train.micro_batch_size=2 train.grad_accum=4"):
         fit(world_size=1, micro_batch_size=3)
-    with pytest.raises(ConfigError, match=r"no micro-batch x accumulation gives 8 on 3 data-parallel ranks"):
+    with pytest.raises(ConfigError, match=r"no micro-batch x accumulation gives 8 on 3 ranks"):
         fit(world_size=3)
 
 
@@ -39,9 +39,9 @@ def test_another_sequence_parallel_size_keeps_the_global_batch_without_a_univers
     assert fit(sequence_parallel=2) == (False, 4)  # 2 x 2 x (2 / 2) = 4: grad_accum 2 -> 4 keeps 8
     assert fit({**META, "global_batch": 4}) == (False, 1)  # written at sequence_parallel=2, resumed at 1
     assert fit(world_size=4, sequence_parallel=2) == (True, 2)  # 4 ranks in 2 groups: universal, 2 x 2 x 2
-    with pytest.raises(ConfigError, match=r"x 1 data-parallel ranks = 6; keep it with train.micro_batch_size=1 "
-                                          r"train.grad_accum=8"):
-        fit(world_size=1, sequence_parallel=1, micro_batch_size=3, meta={**META, "world_size": 4})
+    with pytest.raises(ConfigError, match=r"x 1 data-parallel groups \(train.sequence_parallel=2\) = 6; keep it with "
+                                          r"train.micro_batch_size=1 train.grad_accum=8"):
+        fit(world_size=2, sequence_parallel=2, micro_batch_size=3, meta={**META, "world_size": 4})
 
 
 def test_another_zero_stage_or_an_old_checkpoint_on_other_ranks_is_refused():
