@@ -17,6 +17,7 @@ the state came from).
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Optional
 
 import torch
@@ -186,15 +187,25 @@ class Shard:
     def __init__(self, sp: SequenceParallel, targets: torch.Tensor, start: int, stop: int):
         self.sp, self.start, self.stop = sp, start, stop
         self.targets = targets[:, start:stop]
-        is_response = targets != IGNORE
-        columns = is_response.nonzero()[:, 1]  # row-major, as the flattened rows
-        width = targets.shape[1] // sp.size
-        self.owner = torch.div(columns, width, rounding_mode="floor")
-        self.local = torch.zeros_like(self.owner)
-        for r in range(sp.size):
+        self._whole_targets = targets
+
+    # Where the whole micro-batch's response rows live: only SFTMix's pairs need it, so on first use.
+    @functools.cached_property
+    def owner(self) -> torch.Tensor:
+        columns = (self._whole_targets != IGNORE).nonzero()[:, 1]  # row-major, as the flattened rows
+        return torch.div(columns, self._whole_targets.shape[1] // self.sp.size, rounding_mode="floor")
+
+    @functools.cached_property
+    def local(self) -> torch.Tensor:
+        local = torch.zeros_like(self.owner)
+        for r in range(self.sp.size):
             on_r = self.owner == r
-            self.local[on_r] = torch.arange(int(on_r.sum()), device=targets.device)
-        self.all_targets = targets[is_response]
+            local[on_r] = torch.arange(int(on_r.sum()), device=local.device)
+        return local
+
+    @functools.cached_property
+    def all_targets(self) -> torch.Tensor:
+        return self._whole_targets[self._whole_targets != IGNORE]
 
     def partners(self, rows: torch.Tensor, targets: torch.Tensor, pair_a: torch.Tensor, pair_b: torch.Tensor,
                  lam: torch.Tensor) -> tuple:
