@@ -81,7 +81,10 @@ class DataConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: int = 3
+    # auto: ZeRO-2 on a single rank without deepspeed.offload_params (ZeRO-3 would shard nothing there
+    # and only add its gather and release hooks around every module), else ZeRO-3; a resumed run keeps
+    # its checkpoint's stage. 0-3: that stage.
+    zero_stage: Any = "auto"
     offload_optimizer: bool = False
     offload_params: bool = False
     # Minutes a collective may wait before the job fails instead of hanging.
@@ -323,6 +326,20 @@ def resolve_precision(precision: str) -> str:
     return "bf16" if torch.cuda.is_available() else "fp32"
 
 
+def resolve_zero_stage(ds, world_size: int, written: Optional[int] = None) -> tuple[int, str]:
+    """(the ZeRO stage DeepSpeed runs, why) for deepspeed.zero_stage; `written`: the stage of the
+    checkpoint being resumed, which `auto` keeps (DeepSpeed loads a checkpoint under its own stage only)."""
+    if ds.zero_stage != "auto":
+        return int(ds.zero_stage), f"deepspeed.zero_stage={ds.zero_stage}"
+    if written is not None:
+        return int(written), "deepspeed.zero_stage=auto keeps the stage of the checkpoint being resumed"
+    if world_size == 1 and not ds.offload_params:
+        return 2, ("deepspeed.zero_stage=auto on one rank: ZeRO-3 would shard nothing and only add its gather and "
+                   "release hooks around every module")
+    return 3, (f"deepspeed.zero_stage=auto on {world_size} ranks" if world_size > 1 else
+               "deepspeed.zero_stage=auto with deepspeed.offload_params")
+
+
 def one_of(key: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ConfigError(f"{key}={value!r}: must be one of {', '.join(map(str, allowed))}")
@@ -402,8 +419,8 @@ def validate(cfg) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or not files:
             raise ConfigError(f"data.eval_sets.{name}: a set needs a name of letters, digits, '_', '.' or '-' and "
                               "at least one file")
-    one_of("deepspeed.zero_stage", ds.zero_stage, (0, 1, 2, 3))
-    if ds.offload_params and ds.zero_stage != 3:
+    one_of("deepspeed.zero_stage", ds.zero_stage, ("auto", 0, 1, 2, 3))
+    if ds.offload_params and ds.zero_stage not in ("auto", 3):
         raise ConfigError("deepspeed.offload_params: needs deepspeed.zero_stage=3")
     one_of("logger.kind", cfg.logger.kind, ("none", "wandb"))
     one_of("train.precision", t.precision, ("auto", "bf16", "fp16", "fp32"))

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from .adapters import adapter_summary, apply_lora, check_lora_targets
 from .common import UserError, atomic_file, evenly_spaced, to_device, write_json_atomic
-from .config import ConfigError, validate
+from .config import ConfigError, resolve_zero_stage, validate
 from .data import load_split, train_split
 from .engine import (PREFIX, Checkpointer, Collectives, DeepSpeedStrategy, LossModule, check_data_parallel, check_head,
                      check_sequence_parallel, complete_checkpoints, dist_env, read_complete, sample_ids)
@@ -124,22 +124,25 @@ class Recipe:
         return True
 
     def _fit_layout(self) -> None:
-        """Resuming on another rank count: load through a universal checkpoint and keep the
-        checkpoint's global batch (resume.fit_layout), with this run's config a copy that has the
-        grad_accum keeping it."""
-        self.universal = False
-        if not self.resume_from:
-            return
+        """deepspeed.zero_stage=auto resolved (a resumed run keeps its checkpoint's stage), and on
+        another rank count the load through a universal checkpoint that keeps the checkpoint's global
+        batch (resume.fit_layout); this run's config becomes a copy holding both."""
         t = self.t
-        layout = fit_layout(self.resume_from[0], read_complete(self.resume_from[0]), world_size=self.world_size,
-                            zero_stage=self.cfg.deepspeed.zero_stage, micro_batch_size=t.micro_batch_size,
-                            grad_accum=t.grad_accum, allow_new_global_batch=t.allow_new_global_batch,
-                            sequence_parallel=t.sequence_parallel)
-        self.universal = layout.universal
-        if layout.grad_accum != t.grad_accum:
+        written = read_complete(self.resume_from[0]) if self.resume_from else {}
+        zero_stage, why = resolve_zero_stage(self.cfg.deepspeed, self.world_size, written.get("zero_stage"))
+        if self.cfg.deepspeed.zero_stage == "auto":
+            log.info("ZeRO stage %d: %s", zero_stage, why)
+        self.universal, grad_accum = False, t.grad_accum
+        if self.resume_from:
+            layout = fit_layout(self.resume_from[0], written, world_size=self.world_size, zero_stage=zero_stage,
+                                micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum,
+                                allow_new_global_batch=t.allow_new_global_batch, sequence_parallel=t.sequence_parallel)
+            self.universal, grad_accum = layout.universal, layout.grad_accum
+        if (zero_stage, grad_accum) != (self.cfg.deepspeed.zero_stage, t.grad_accum):
             self.cfg = copy.deepcopy(self.cfg)
             with open_dict(self.cfg):
-                self.cfg.train.grad_accum = layout.grad_accum
+                self.cfg.deepspeed.zero_stage = zero_stage
+                self.cfg.train.grad_accum = grad_accum
             self.t = self.cfg.train
 
     def _setup_data(self) -> None:

@@ -20,8 +20,23 @@ def cfg_with(*overrides):
 def test_default_config_composes_and_validates():
     cfg = cfg_with()
     validate(cfg)
-    assert cfg.method.name == "sftmix" and cfg.deepspeed.zero_stage == 3 and cfg.model.source == "smollm2"
+    assert cfg.method.name == "sftmix" and cfg.deepspeed.zero_stage == "auto" and cfg.model.source == "smollm2"
     assert cfg.data.train_files[0].endswith("sftmix_ds/builtin_data/arith_train.jsonl")
+
+
+def test_zero_stage_auto_is_zero2_on_one_rank_zero3_on_several_and_the_checkpoints_when_resuming():
+    from sftmix_ds.config import resolve_zero_stage
+
+    auto = cfg_with().deepspeed
+    assert resolve_zero_stage(auto, 1)[0] == 2 and resolve_zero_stage(auto, 8)[0] == 3
+    assert resolve_zero_stage(auto, 1, written=3)[0] == 3 and resolve_zero_stage(auto, 8, written=2)[0] == 2
+    assert resolve_zero_stage(cfg_with("deepspeed=zero3_offload").deepspeed, 1)[0] == 3  # offload_params needs ZeRO-3
+    offload_auto = cfg_with("deepspeed.offload_params=true").deepspeed
+    validate(cfg_with("deepspeed.offload_params=true"))
+    assert resolve_zero_stage(offload_auto, 1) == (3, "deepspeed.zero_stage=auto with deepspeed.offload_params")
+    assert resolve_zero_stage(cfg_with("deepspeed=zero3").deepspeed, 1, written=2)[0] == 3  # a set stage is kept
+    with pytest.raises(ConfigError, match="deepspeed.zero_stage='two': must be one of auto, 0, 1, 2, 3"):
+        validate(cfg_with("deepspeed.zero_stage=two"))
 
 
 @pytest.mark.parametrize("group,option", [("model", "tiny"), ("model", "llama3_8b"), ("deepspeed", "zero2"),
@@ -169,7 +184,7 @@ def test_the_optimizer_needs_no_build_on_gpu_and_the_device_follows_the_binding(
     from sftmix_ds.engine.strategy import deepspeed_config
 
     cfg = cfg_with()
-    params = lambda cfg, on_gpu: deepspeed_config(cfg.deepspeed, cfg.train, 1, "bf16", on_gpu)["optimizer"]["params"]
+    params = lambda cfg, on_gpu: deepspeed_config(cfg.deepspeed, cfg.train, 1, "bf16", on_gpu, 3)["optimizer"]["params"]
     assert params(cfg, True)["torch_adam"] is True and params(cfg, True)["fused"] is True
     assert params(cfg, False)["torch_adam"] is True and "fused" not in params(cfg, False)
     assert params(cfg_with("deepspeed=zero3_offload"), True)["torch_adam"] is False
@@ -186,7 +201,7 @@ def test_nested_deepspeed_extra_keys_merge_into_their_section():
                    "+deepspeed.extra.zero_optimization.reduce_bucket_size=1000",
                    "+deepspeed.extra.flops_profiler.enabled=false")
     validate(cfg)
-    ds = deepspeed_config(cfg.deepspeed, cfg.train, 2, "fp32", on_gpu=False)
+    ds = deepspeed_config(cfg.deepspeed, cfg.train, 2, "fp32", on_gpu=False, zero_stage=2)
     assert ds["zero_optimization"] == {"stage": 2, "stage3_gather_16bit_weights_on_model_save": True,
                                        "overlap_comm": False, "reduce_bucket_size": 1000}
     assert ds["flops_profiler"] == {"enabled": False} and ds["train_batch_size"] == 2 * cfg.train.micro_batch_size

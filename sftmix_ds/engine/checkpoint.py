@@ -144,7 +144,7 @@ class Checkpointer:
         for folder in candidates:
             meta = read_complete(folder)
             written = {"world_size": meta["world_size"],
-                       "zero_stage": meta.get("zero_stage", self.strategy.cfg.zero_stage)}
+                       "zero_stage": meta.get("zero_stage", self.strategy.zero_stage)}
             if written != self.strategy.layout() and not universal:
                 raise CheckpointError(f"{folder}: written with {written}, resuming with {self.strategy.layout()} "
                                       "without a universal checkpoint")

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from ..common import UserError, out_of_space, torch_dtype
+from ..config import resolve_zero_stage
 from ..models import attention_implementation, decoder_blocks
 from .collectives import Collectives
 
@@ -26,8 +27,11 @@ class DeepSpeedStrategy:
         self.comm = comm or Collectives(ds_cfg, train_cfg.precision)
         self.cfg, self.train_cfg = ds_cfg, train_cfg
         self.sequence = self.comm.sequence  # the sequence-parallel group (None: whole sequences on every rank)
+        self.zero_stage, why = resolve_zero_stage(ds_cfg, self.comm.world_size)
+        if ds_cfg.zero_stage == "auto":
+            log.info("ZeRO stage %d: %s", self.zero_stage, why)
         self.ds_config = deepspeed_config(ds_cfg, train_cfg, self.comm.world_size, self.comm.precision,
-                                          self.comm.on_gpu)
+                                          self.comm.on_gpu, self.zero_stage)
         self._hf_ds_config = None
         self.engine = None
 
@@ -36,7 +40,7 @@ class DeepSpeedStrategy:
         from transformers import AutoModelForCausalLM
         from transformers.integrations import HfDeepSpeedConfig
 
-        if self.cfg.zero_stage == 3:
+        if self.zero_stage == 3:
             self._size_zero3_buckets(path)
             self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)  # must stay alive while from_pretrained runs
         model = AutoModelForCausalLM.from_pretrained(path, dtype=self.comm.dtype,
@@ -65,7 +69,7 @@ class DeepSpeedStrategy:
 
     def register_external_parameter(self, module, param) -> None:
         """Let `module`'s forward use a parameter owned by another module (ZeRO-3 gathers it)."""
-        if self.cfg.zero_stage == 3:
+        if self.zero_stage == 3:
             import deepspeed
 
             deepspeed.zero.register_external_parameter(module, param)
@@ -98,7 +102,7 @@ class DeepSpeedStrategy:
         import deepspeed
 
         config = {k: v for k, v in self.ds_config.items() if k not in ("optimizer", "gradient_clipping")}
-        if self.cfg.zero_stage != 3:
+        if self.zero_stage != 3:
             config["zero_optimization"] = {"stage": 0}
         self.engine, *_ = deepspeed.initialize(model=module, config=config)
         return self.engine
@@ -153,7 +157,7 @@ class DeepSpeedStrategy:
 
     def layout(self) -> dict:
         """What a checkpoint's files depend on: the rank count and the ZeRO stage."""
-        return {"world_size": self.comm.world_size, "zero_stage": self.cfg.zero_stage}
+        return {"world_size": self.comm.world_size, "zero_stage": self.zero_stage}
 
     def use_universal_checkpoints(self) -> None:
         """Load checkpoints through their universal conversion (another rank count than they were
@@ -171,7 +175,7 @@ class DeepSpeedStrategy:
         """
         from ..adapters import is_peft, merged_state, save_adapter
 
-        if self.cfg.zero_stage == 3:
+        if self.zero_stage == 3:
             state = self.engine._zero3_consolidated_16bit_state_dict()  # collective
         else:
             state = self.engine.module.state_dict() if self.comm.rank == 0 else None
@@ -238,10 +242,10 @@ def _drop_zero3_globals() -> None:
             cell.cell_contents.cache_clear()
 
 
-def deepspeed_config(ds, t, world_size: int, precision: str, on_gpu: bool) -> dict:
-    """The DeepSpeed config of the typed options, with deepspeed.extra merged in key by key
-    (nested keys join their section, not replace it)."""
-    zero = {"stage": ds.zero_stage, "stage3_gather_16bit_weights_on_model_save": True}
+def deepspeed_config(ds, t, world_size: int, precision: str, on_gpu: bool, zero_stage: int) -> dict:
+    """The DeepSpeed config of the typed options (zero_stage: deepspeed.zero_stage resolved), with
+    deepspeed.extra merged in key by key (nested keys join their section, not replace it)."""
+    zero = {"stage": zero_stage, "stage3_gather_16bit_weights_on_model_save": True}
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
     if ds.offload_params:
