@@ -159,6 +159,14 @@ class TrainLoopConfig:
     # Put examples of similar length in the same optimizer step (less padding); steps are
     # still drawn in random order, and every example is used once per epoch.
     group_by_length: bool = False
+    # Pad each micro-batch's width up to a multiple of this many tokens, so that kernels planned or
+    # compiled per shape (cuDNN attention, torch.compile) meet a few widths, not one per batch.
+    # 0: 128 on a GPU, 1 (no rounding) elsewhere.
+    pad_to_multiple_of: int = 0
+    # Pass the padding mask to the model. Right-padded causal batches need none (a real token never
+    # attends to the padding after it), and without one attention runs its plain causal kernel and the
+    # model builds no mask; the losses are the same.
+    padding_mask: bool = False
     # Plain-NTP methods (ntp, s3ft): pack each micro-batch's examples into as few rows of
     # data.max_length tokens as fit, with position ids restarting per example and no
     # attention across examples. The loss is the same as unpacked; padding is not computed.
@@ -317,6 +325,15 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def resolve_pad_multiple(pad_to_multiple_of: int) -> int:
+    """train.pad_to_multiple_of, 0 resolved: 128 where CUDA is (few attention shapes), else 1."""
+    if pad_to_multiple_of:
+        return pad_to_multiple_of
+    import torch
+
+    return 128 if torch.cuda.is_available() else 1
+
+
 def resolve_precision(precision: str) -> str:
     """auto: bf16 where CUDA is, fp32 on CPU."""
     if precision != "auto":
@@ -428,7 +445,7 @@ def validate(cfg) -> None:
     for key in ("micro_batch_size", "grad_accum", "epochs", "lr", "adam_eps", "log_every", "sequence_parallel"):
         positive(f"train.{key}", getattr(t, key))
     for key in ("eval_every", "save_every", "stop_after_steps", "keep_checkpoints", "max_grad_norm", "export_count",
-                "loss_chunk_size", "weight_decay", "max_nonfinite_steps"):
+                "loss_chunk_size", "weight_decay", "max_nonfinite_steps", "pad_to_multiple_of"):
         positive(f"train.{key}", getattr(t, key), zero_ok=True)
     if t.max_steps != -1:
         positive("train.max_steps", t.max_steps)  # -1: train.epochs decides

@@ -9,7 +9,8 @@ import hashlib
 # and weights unchanged (the layout test in tests/test_train_e2e.py), so a resumed run may change them
 # and a stage fingerprint ignores them.
 SPEED_SWITCHES = {"train.gradient_checkpointing": False, "train.compile": False, "train.loss_backend": "auto",
-                  "train.loss_chunk_size": 0, "model.attn_implementation": "sdpa"}
+                  "train.loss_chunk_size": 0, "train.pad_to_multiple_of": 0, "train.padding_mask": False,
+                  "model.attn_implementation": "sdpa"}
 
 
 def examples_hash(examples) -> "hashlib._Hash":

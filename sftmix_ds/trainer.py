@@ -195,8 +195,8 @@ class Recipe:
             log.warning("resume on another rank count with dropout (e.g. peft.dropout): each rank's random stream "
                         "cannot carry over to a new rank count, so the dropout masks from here on differ from an "
                         "uninterrupted run's and so, slightly, do the losses and weights (equal with dropout 0)")
-        self.engine = self.strategy.prepare(LossModule(self.model, self.method.loss_terms, self.strategy),
-                                            self.total_steps)
+        self.engine = self.strategy.prepare(LossModule(self.model, self.method.loss_terms, self.strategy,
+                                                       padding_mask=t.padding_mask), self.total_steps)
         check_head(self.engine, sample_ids(self.train_set, self.comm.device), cfg.model.name)
         log.info("%s: %d train / %d eval examples, %d ranks%s, global batch %d, %d steps, %s, ZeRO-%d",
                  cfg.method.name, len(self.train_set), sum(map(len, self.eval_sets.values())), self.world_size,
@@ -249,9 +249,10 @@ class Recipe:
         return record
 
     def _train_step(self) -> dict:
-        """One optimizer step over the accumulation window. Two host collectives per step, whatever
-        grad_accum is: the normalisers (and the method's batch stats) before the first forward,
-        and the loss sums with the non-finite and preemption flags before the last backward."""
+        """One optimizer step over the accumulation window. The host prepares every micro-batch (collate,
+        token counts) and moves them to the device before the first kernel; then nothing is read back until
+        the optimizer step is enqueued: the normalisers are summed over ranks on the device, and one read at
+        the end brings back the loss sums, the non-finite and preemption flags and the gradient norm."""
         started = time.perf_counter()
         epoch, in_epoch = self.batches.locate(self.step)
         plan = self.batches.plan(epoch)
@@ -264,10 +265,13 @@ class Recipe:
                           "tokens": int(b["attention_mask"].sum())})
         if self.rank % self.t.sequence_parallel:  # a sequence-parallel group's ranks share its batches: count once
             local = {k: 0 for k in local}
-        totals = self.comm.all_reduce_sum(dict(local))
-        norms = {n: totals[n] for n in self.names}
+        on_device = [to_device(b, self.comm.device) for b in micro]
+        totals = self.comm.sum_on_device(dict(local))
+        norms = {n: totals[n].clamp_min(1).float() for n in self.names}
         lr = self.strategy.lr()  # the rate this step uses; the scheduler advances inside the step
-        sums, skipped = self._loss_step(micro, norms)
+        sums, values = self._loss_step(on_device, norms)
+        got = self.comm.read({**totals, **sums, "grad_norm": self.strategy.grad_norm()})
+        skipped = got["nonfinite"] > 0 and self._non_finite_loss(micro, values)
         self.step += 1
         if self.rank == 0:
             append_jsonl(self.samples_path, {"step": self.step, "ids": [
@@ -277,51 +281,64 @@ class Recipe:
         if overflow:
             log.warning("step %d: fp16 loss scale overflow: DeepSpeed skipped the update and lowered the scale",
                         self.step)
-        self.guard.check_grad_norm(self.step, self.strategy.grad_norm(), skipped or overflow, self.ckpt_root)
+        grad_norm = None if skipped else got["grad_norm"]
+        self.guard.check_grad_norm(self.step, grad_norm, skipped or overflow, self.ckpt_root)
         maybe_die("after_step", self.rank, self.step)
         elapsed = time.perf_counter() - started
         record = {"step": self.step, "epoch": epoch + (in_epoch + 1) / plan.steps_per_epoch, "lr": lr,
-                  "grad_norm": self.strategy.grad_norm(), "tokens_per_s": totals["tokens"] / elapsed,
-                  "tokens_per_s_per_device": totals["tokens"] / elapsed / self.comm.world_size,
+                  "grad_norm": got["grad_norm"], "tokens_per_s": got["tokens"] / elapsed,
+                  "tokens_per_s_per_device": got["tokens"] / elapsed / self.comm.world_size,
                   "step_s": elapsed, "peak_mem_gb": self.strategy.peak_memory_gb()}
         if self.comm.on_gpu:
             record["peak_mem_reserved_gb"] = self.strategy.peak_reserved_gb()
         if overflow:
             record["overflow_skipped"] = True
-        record.update({f"loss/{n}": 0.0 if skipped else sums[f"loss/{n}"] / max(norms[n], 1) for n in self.names})
-        record.update({f"tokens/{n}": int(norms[n]) for n in self.names})
+        record.update({f"loss/{n}": 0.0 if skipped else got[f"loss/{n}"] / max(got[n], 1) for n in self.names})
+        record.update({f"tokens/{n}": int(got[n]) for n in self.names})
         record["loss"] = sum(self.method.weights[n] * record[f"loss/{n}"] for n in self.names)
-        record.update(self.method.step_metrics(totals))
+        record.update(self.method.step_metrics({k: got[k] for k in local}))
         if skipped:
             record["skipped"] = True
-        self.signalled = sums["preempted"] > 0
+        self.signalled = got["preempted"] > 0
         return record
 
     def _loss_step(self, micro: list, norms: dict) -> tuple:
-        """Forward and backward of each micro-batch. The loss values stay on the device until the
-        last forward; they are then summed over ranks once and checked for NaN/inf before the last
-        backward, whose optimizer step is the only one that changes the weights.
-        Returns (the summed terms and flags, whether the step was skipped)."""
+        """Forward and backward of each micro-batch and the optimizer step, with nothing read on the host.
+        The loss values are summed over ranks on the device after the last forward; a NaN/inf on any rank
+        makes the last backward's loss NaN, so the gradient norm is NaN and DeepSpeed skips the update: a
+        non-finite step changes no weight. Where DeepSpeed makes no such check (ZeRO-0, or the check turned
+        off in deepspeed.extra) the flag is read before the last backward instead, which is then not run.
+        Returns (the summed terms and flags on the device, each micro-batch's terms [micro, terms])."""
         values = []
         for i, b in enumerate(micro):
-            terms = self.engine(**to_device(b, self.comm.device))
+            terms = self.engine(**b)
             values.append(maybe_poison(torch.stack([terms[n].detach().double() for n in self.names]), self.rank,
                                        self.step + 1))
-            loss = sum(self.method.weights[n] * terms[n] / max(norms[n], 1) for n in self.names)
+            loss = sum(self.method.weights[n] * terms[n] / norms[n] for n in self.names)
             if i < len(micro) - 1:
                 self.strategy.backward_and_step(loss)
         stacked = torch.stack(values)
-        bad = ~torch.isfinite(stacked).all(1)
-        sums = self.comm.all_reduce_sum({**{f"loss/{n}": stacked[:, j].sum() for j, n in enumerate(self.names)},
-                                             "nonfinite": bad.sum(), "preempted": float(self.preempted.raised)})
-        if sums["nonfinite"] > 0:
-            mine = [(b["ids"], dict(zip(self.names, v))) for b, v, is_bad in zip(micro, stacked.tolist(), bad.tolist())
-                    if is_bad]
-            where = [(r, [i for i in ids if i], v) for r, part in enumerate(self.comm.all_gather_object(mine))
-                     for ids, v in part]
-            return sums, self.guard.non_finite_loss(self.step + 1, where)  # skip: no update for this step
+        sums = self.comm.sum_on_device({**{f"loss/{n}": stacked[:, j].sum() for j, n in enumerate(self.names)},
+                                        "nonfinite": (~torch.isfinite(stacked).all(1)).sum(),
+                                        "preempted": float(self.preempted.raised)})
+        if self.strategy.skips_nonfinite_updates():
+            loss = loss * torch.where(sums["nonfinite"] > 0, float("nan"), 1.0)
+        elif sums["nonfinite"] > 0:  # a host-device synchronisation, where DeepSpeed would apply a NaN update
+            return sums, stacked
         self.strategy.backward_and_step(loss)
-        return sums, False
+        return sums, stacked
+
+    def _non_finite_loss(self, micro: list, values: torch.Tensor) -> bool:
+        """A step with a NaN/inf loss on some rank (its update not applied): the guard stops the run or
+        skips the step; the message names each rank's examples and values."""
+        bad = ~torch.isfinite(values).all(1)
+        mine = [(b["ids"], dict(zip(self.names, v))) for b, v, is_bad in zip(micro, values.tolist(), bad.tolist())
+                if is_bad]
+        where = [(r, [i for i in ids if i], v) for r, part in enumerate(self.comm.all_gather_object(mine))
+                 for ids, v in part]
+        if self.strategy.skips_nonfinite_updates() and self.strategy.update_applied():
+            raise RuntimeError(f"step {self.step + 1}: DeepSpeed applied an update with a non-finite gradient norm")
+        return self.guard.non_finite_loss(self.step + 1, where)
 
     def _after_step(self, record: dict) -> bool:
         """Eval, logs, exports and checkpoints after a step, as OpenRLHF's save_logs_and_checkpoints;

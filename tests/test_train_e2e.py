@@ -24,9 +24,10 @@ BASE = ["model=tiny", "method=ntp", "train.max_steps=2", "train.lr=1e-3", "train
 # The same global batch of 4 split four ways: (micro, accum, ranks, zero stage).
 LAYOUTS = {"m4a1r1z3": (4, 1, 0, 3), "m2a2r1z2": (2, 2, 0, 2), "m1a2r2z3": (1, 2, 2, 3), "m2a1r2z2": (2, 1, 2, 2),
            "m4a1r1z3_speed": (4, 1, 0, 3)}
-# The speed switches change how the same math is computed, not the result.
+# The speed switches change how the same math is computed, not the result (the reference passes the
+# padding mask, the others by default do not).
 SPEED = ["train.packing=true", "train.gradient_checkpointing=true", "train.compile=true",
-         "model.attn_implementation=eager"]
+         "model.attn_implementation=eager", "train.pad_to_multiple_of=128"]
 
 
 def weights(run_dir):
@@ -39,7 +40,7 @@ def runs(tmp_path_factory):
     out = {}
     for name, (mb, accum, nproc, zero) in LAYOUTS.items():
         out[name] = str(root / name)
-        extra = {"m4a1r1z3": ["logger=wandb"], "m4a1r1z3_speed": SPEED}.get(name, [])
+        extra = {"m4a1r1z3": ["logger=wandb", "train.padding_mask=true"], "m4a1r1z3_speed": SPEED}.get(name, [])
         train_cli(BASE + [f"train.micro_batch_size={mb}", f"train.grad_accum={accum}", f"deepspeed=zero{zero}",
                           f"output_dir={out[name]}"] + extra, nproc=nproc)
     return out
@@ -136,13 +137,17 @@ def test_local_multirun_gives_each_point_its_folder_and_shares_stage1(tmp_path):
 
 
 # Counts the library's own host collectives (Collectives' all_reduce / all_gather_object / barrier;
-# DeepSpeed's internal ones are not counted) inside each optimizer step of a real run.
+# DeepSpeed's internal ones are not counted) inside each optimizer step of a real run, and the operations
+# that on a GPU make the host wait for the device (a tensor read on the host: .item(), .tolist(), bool();
+# a shape that depends on the data: nonzero, a boolean mask) between the first forward and the optimizer
+# step (Recipe._loss_step), by whose code asked for them, and in the step's read at its end.
 COUNT_COLLECTIVES = """
-import json, sys, torch.distributed
+import collections, json, sys, torch, torch.distributed
+from torch.utils._python_dispatch import TorchDispatchMode
 import sftmix_ds.engine.collectives as collectives_module
 from sftmix_ds.trainer import Recipe
 
-calls, per_step = [0], []
+calls, per_step, syncs = [0], [], []
 class Counting:
     def __getattr__(self, name):
         fn = getattr(torch.distributed, name)
@@ -153,22 +158,68 @@ class Counting:
             return fn(*a, **k)
         return counted
 collectives_module.dist = Counting()
+
+def owner():
+    frame = sys._getframe(2)
+    while frame is not None:
+        for package in ("sftmix_ds", "deepspeed", "transformers"):
+            if f"/{package}/" in frame.f_code.co_filename:
+                return package
+        frame = frame.f_back
+    return "other"
+
+SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::is_nonzero")
+class Syncs(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = collections.Counter()
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        masked = name.startswith("aten::index") and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                                                        for i in (args[1] if len(args) > 1 else ()) or ())
+        if name in SYNC_OPS or masked:
+            self.count[owner()] += 1
+        return func(*args, **(kwargs or {}))
+
+tolist = torch.Tensor.tolist
+active = []
+def counted_tolist(self):
+    if active:
+        active[-1].count[owner() + " tolist"] += 1
+    return tolist(self)
+torch.Tensor.tolist = counted_tolist
+
+def counting(method, key):
+    def run(self, *a, **k):
+        mode = Syncs()
+        active.append(mode)
+        try:
+            with mode:
+                return method(self, *a, **k)
+        finally:
+            active.pop()
+            syncs[-1][key] = dict(mode.count)
+    return run
+Recipe._loss_step = counting(Recipe._loss_step, "loss_step")
+collectives_module.Collectives.read = counting(collectives_module.Collectives.read, "read")
+
 train_step = Recipe._train_step
 def counted_step(self):
     before = calls[0]
+    syncs.append({})
     record = train_step(self)
     per_step.append(calls[0] - before)
     return record
 Recipe._train_step = counted_step
 import atexit
-atexit.register(lambda: print("PER_STEP", json.dumps(per_step)))
+atexit.register(lambda: print("PER_STEP", json.dumps(per_step), "SYNCS", json.dumps(syncs)))
 from sftmix_ds.cli import train_main
 train_main()
 """
 
 
 @pytest.mark.parametrize("method,grad_accum", [("ntp", 1), ("ntp", 4), ("sftmix", 4)])
-def test_two_host_collectives_per_step_whatever_the_accumulation(method, grad_accum, tmp_path):
+def test_two_host_collectives_and_one_host_read_per_step_whatever_the_accumulation(method, grad_accum, tmp_path):
     import subprocess
     import sys
 
@@ -181,8 +232,18 @@ def test_two_host_collectives_per_step_whatever_the_accumulation(method, grad_ac
                           cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    per_step = json.loads(proc.stdout.split("PER_STEP", 1)[1])
-    assert per_step == [2, 2, 2]  # was 4 + grad_accum (ntp) and 5 + grad_accum (sftmix)
+    per_step, syncs = proc.stdout.split("PER_STEP", 1)[1].split("SYNCS")
+    assert json.loads(per_step) == [2, 2, 2]  # was 4 + grad_accum (ntp) and 5 + grad_accum (sftmix)
+    syncs = json.loads(syncs)
+    print(syncs)  # DeepSpeed's own (its check of the gradient norm) are counted, not asserted
+    for step in syncs:
+        # Between the first forward and the optimizer step the library reads nothing from the device (was: a
+        # boolean mask per forward, the fused loss's unpaired rows and its upstream gradients, and the loss
+        # sums and flags before the last backward); everything is read once, at the end. transformers checks
+        # the position ids for packed sequences once per forward (DeepSpeed's own are counted, not asserted).
+        assert {k: n for k, n in step["loss_step"].items() if not k.startswith(("deepspeed", "transformers"))} == {}
+        assert step["loss_step"].get("transformers", 0) <= grad_accum
+        assert step["read"] == {"sftmix_ds tolist": 1}
 
 
 def _uniform_confidence(tmp_path) -> str:

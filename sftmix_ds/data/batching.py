@@ -125,10 +125,17 @@ class Phases:
         return self._later
 
 
-def collate(examples: Sequence[Optional[Example]], pad_id: int) -> dict:
-    """Right-pad to the longest example; None slots become one-token padding examples without loss."""
+def padded_width(length: int, multiple: int) -> int:
+    """`length` rounded up to a multiple of `multiple`: a few padded widths instead of one per batch, so
+    kernels planned or compiled per shape (cuDNN attention, torch.compile) meet few shapes."""
+    return -(-length // multiple) * multiple
+
+
+def collate(examples: Sequence[Optional[Example]], pad_id: int, multiple: int = 1) -> dict:
+    """Right-pad to the longest example (rounded up to a multiple of `multiple`); None slots become
+    one-token padding examples without loss."""
     rows = [(e.input_ids, e.labels) if e is not None else ([pad_id], [IGNORE]) for e in examples]
-    width = max(len(ids) for ids, _ in rows)
+    width = padded_width(max(len(ids) for ids, _ in rows), multiple)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -137,10 +144,10 @@ def collate(examples: Sequence[Optional[Example]], pad_id: int) -> dict:
         labels[i, :len(lab)] = torch.tensor(lab)
         attention_mask[i, :len(ids)] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-            "ids": [e.id if e is not None else None for e in examples]}
+            "response_index": response_index(labels), "ids": [e.id if e is not None else None for e in examples]}
 
 
-def pack(examples: Sequence[Optional[Example]], pad_id: int, width: int) -> dict:
+def pack(examples: Sequence[Optional[Example]], pad_id: int, width: int, multiple: int = 1) -> dict:
     """Examples packed into as few rows of at most `width` tokens as fit (wider for an example
     longer than that), balanced: longest first, each onto the least-filled row, so the rows end
     near the same length and little of the batch is padding. position_ids restart at 0 for every
@@ -150,7 +157,8 @@ def pack(examples: Sequence[Optional[Example]], pad_id: int, width: int) -> dict
     placements[i] = (row, start, length) of examples[i] (None for an empty slot)."""
     real = sorted((e for e in examples if e is not None), key=lambda e: -len(e.input_ids))
     if not real:
-        return {**collate(examples[:1], pad_id), "position_ids": torch.zeros((1, 1), dtype=torch.long),
+        empty = collate(examples[:1], pad_id, multiple)
+        return {**empty, "position_ids": torch.zeros(empty["input_ids"].shape, dtype=torch.long),
                 "placements": [None] * len(examples)}
     width = max(width, len(real[0].input_ids))
     n_rows = math.ceil(sum(len(e.input_ids) for e in real) / width)
@@ -163,7 +171,7 @@ def pack(examples: Sequence[Optional[Example]], pad_id: int, width: int) -> dict
         if max(fill) <= width:
             break
         n_rows += 1  # balancing overfilled a row: one more (at len(real) rows every example has its own)
-    longest = max(fill)
+    longest = padded_width(max(fill), multiple)
     input_ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), longest), IGNORE, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
@@ -181,8 +189,16 @@ def pack(examples: Sequence[Optional[Example]], pad_id: int, width: int) -> dict
         attention_mask[r, :start] = 1
         position_ids[r, start:] = torch.arange(longest - start)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "position_ids": position_ids,
-            "ids": [e.id if e is not None else None for e in examples],
+            "response_index": response_index(labels), "ids": [e.id if e is not None else None for e in examples],
             "placements": [where[id(e)] if e is not None else None for e in examples]}
+
+
+def response_index(labels: torch.Tensor) -> torch.Tensor:
+    """Flat positions (row x width + column), in row-major order, of the hidden states whose next token
+    is a response token. Found with the batch on the host, so that selecting them on the device has no
+    shape that depends on the data there (a boolean mask would make the host wait for the device)."""
+    rows, columns = (labels[:, 1:] != IGNORE).nonzero(as_tuple=True)
+    return rows * labels.shape[1] + columns
 
 
 def response_rows(hidden: torch.Tensor, batch: dict) -> tuple:
@@ -190,7 +206,11 @@ def response_rows(hidden: torch.Tensor, batch: dict) -> tuple:
     next token is a response token, in row-major order, with those tokens. Under sequence
     parallelism (batch["shard"]) these are this rank's positions, their targets shifted before
     the sequence was sliced."""
-    shard = batch.get("shard")
+    shard, index = batch.get("shard"), batch.get("response_index")
+    if shard is None and index is not None:
+        width = hidden.shape[1]
+        return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, index), batch["labels"].reshape(-1)[index + 1],
+                torch.div(index, width, rounding_mode="floor"))
     if shard is None:
         target, hidden = batch["labels"][:, 1:], hidden[:, :-1]
     else:

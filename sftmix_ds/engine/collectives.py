@@ -61,6 +61,26 @@ class Collectives:
         dist.all_reduce(t)
         return t.cpu()
 
+    def sum_on_device(self, values: dict) -> dict:
+        """{name: 0-d float64 tensor on this rank's device}: the values (0-d tensors or numbers) summed
+        over ranks in one collective, with nothing read back on the host."""
+        stacked = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device).reshape(())
+                               for v in values.values()])
+        dist.all_reduce(stacked)
+        return dict(zip(values, stacked.unbind()))
+
+    def read(self, values: dict) -> dict:
+        """{name: float} of 0-d tensors, numbers and Nones, the tensors brought to the host in one copy per
+        device they are on (a device's copy is a host-device synchronisation, however many values)."""
+        out = {k: None if v is None else float(v) for k, v in values.items() if not isinstance(v, torch.Tensor)}
+        by_device = {}
+        for k, v in values.items():
+            if isinstance(v, torch.Tensor):
+                by_device.setdefault(v.device, {})[k] = v.detach().reshape(()).double()
+        for tensors in by_device.values():
+            out.update(zip(tensors, torch.stack(list(tensors.values())).tolist()))
+        return {k: out[k] for k in values}
+
     def any_rank(self, flag: bool) -> bool:
         """True on every rank when `flag` is true on any (so all ranks take the same branch)."""
         return bool(self.all_reduce_sum([float(flag)]).item() > 0)

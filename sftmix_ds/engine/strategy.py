@@ -113,9 +113,20 @@ class DeepSpeedStrategy:
         self.engine.backward(loss * self.comm.world_size, scale_wrt_gas=False)
         self.engine.step()
 
-    def grad_norm(self) -> Optional[float]:
-        norm = self.engine.get_global_grad_norm()
-        return None if norm is None else float(norm)
+    def grad_norm(self):
+        """The last step's global gradient norm as DeepSpeed keeps it (a tensor on the device, a number, or
+        None where it is not computed): read on the host with the step's other values."""
+        return self.engine.get_global_grad_norm()
+
+    def skips_nonfinite_updates(self) -> bool:
+        """Whether DeepSpeed leaves the weights as they were after a step whose gradient norm is NaN/inf
+        (ZeRO 1-3 check it unless deepspeed.extra turns the norm or, in bf16, the check off)."""
+        zero, bf16 = self.ds_config["zero_optimization"], self.ds_config.get("bf16", {})
+        checked = not bf16.get("enabled") or bf16.get("check_grad_overflow", True)
+        return self.zero_stage >= 1 and zero.get("compute_grad_norm", True) and checked
+
+    def update_applied(self) -> bool:
+        return self.engine.was_step_applied()
 
     def peak_memory_gb(self) -> float:
         """Peak accelerator memory allocated (GPU), else this process's peak resident memory."""
@@ -132,7 +143,7 @@ class DeepSpeedStrategy:
     def update_skipped(self) -> bool:
         """Whether the last step's update was skipped by fp16 loss scaling (an overflow: DeepSpeed lowers
         the scale and reports an infinite gradient norm; the weights are untouched)."""
-        return self.engine.fp16_enabled() and not self.engine.was_step_applied()
+        return self.engine.fp16_enabled() and not self.update_applied()
 
     def lr(self) -> float:
         return self.engine.get_lr()[0]

@@ -21,11 +21,14 @@ from ..models import head_contract
 
 
 class LossModule(nn.Module):
-    def __init__(self, lm: nn.Module, loss_terms, strategy):
-        """loss_terms(hidden [B, T, d], head (losses.Head), batch) -> {name: summed loss}."""
+    def __init__(self, lm: nn.Module, loss_terms, strategy, padding_mask: bool = True):
+        """loss_terms(hidden [B, T, d], head (losses.Head), batch) -> {name: summed loss}.
+        padding_mask: pass the batches' padding mask to the model (train.padding_mask); false: none, which
+        is exact for right-padded rows, as a real token never attends to the padding after it."""
         super().__init__()
         self.lm = lm
         self.loss_terms = loss_terms
+        self.padding_mask = padding_mask
         self.scale, self.softcap = head_contract(lm)
         out = lm.get_output_embeddings()
         strategy.register_external_parameter(self, out.weight)
@@ -44,9 +47,9 @@ class LossModule(nn.Module):
         """loss_terms: another function of the same signature for this call (scoring during training)."""
         if compare_logits:
             return self._logit_error(input_ids)
-        if position_ids is not None:  # packed rows: with attention_mask=None, position_ids mark the examples
-            attention_mask = None
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, **extra}
+        if position_ids is not None or not self.padding_mask:  # packed rows: position_ids mark the examples
+            attention_mask = None
         if self.sequence is not None:
             if position_ids is not None and self._flash():  # one row of packed examples (hidden_states says why)
                 input_ids, labels, position_ids = (t.reshape(1, -1) for t in (input_ids, labels, position_ids))

@@ -36,7 +36,9 @@ def example_nll(hidden: torch.Tensor, head: Head, batch: dict, chunk_size: int =
     nll = token_nll(rows, head, targets, chunk_size)
     n = hidden.shape[0]
     sums = torch.zeros(n, dtype=torch.float32, device=hidden.device).index_add_(0, row_example, nll)
-    return {"nll_sum": sums, "count": torch.bincount(row_example, minlength=n)}
+    counts = torch.zeros(n, dtype=torch.long, device=hidden.device).index_add_(0, row_example,
+                                                                               torch.ones_like(row_example))
+    return {"nll_sum": sums, "count": counts}
 
 
 def scoring_plan(examples: Sequence[Example], batch_size: int, world_size: int, rank: int) -> List[List[int]]:
@@ -66,19 +68,21 @@ def score_nll(engine, comm, examples: Sequence[Example], batch_size: int, pad_id
     (each sequence-parallel group scores its share, each of its ranks one slice of every sequence).
     `engine` wraps a sftmix_ds LossModule (its own loss is not used: this one computes
     example_nll, so a training engine can score too); its train/eval mode is left as it was."""
-    results = []
     nll_terms = partial(example_nll, chunk_size=chunk_size)
     was_training = engine.training
     engine.eval()
+    ids, sums, counts = [], [], []
     with torch.no_grad():
         for indices in scoring_plan(examples, batch_size, comm.data_parallel_size, comm.data_parallel_rank):
             batch = collate([examples[i] for i in indices] or [None], pad_id)
             out = engine(**to_device(batch, comm.device), loss_terms=nll_terms)
-            for i, s, c in zip(indices, out["nll_sum"].tolist(), out["count"].tolist()):
-                results.append((examples[i].id, (s, c)))
+            ids += [examples[i].id for i in indices]
+            sums.append(out["nll_sum"][:len(indices)])  # the results stay on the device until the last batch
+            counts.append(out["count"][:len(indices)])
             if progress is not None:
                 progress.update(1)
     engine.train(was_training)
+    results = list(zip(ids, zip(torch.cat(sums).tolist(), torch.cat(counts).tolist()))) if ids else []
     gathered = comm.all_gather_object(results)
     nll = {}
     for i, (s, c) in (r for part in gathered for r in part):  # sequence parallelism: a part from each slice
@@ -100,7 +104,7 @@ def score_model(deepspeed_cfg, train_cfg, comm, model_path: str, examples: Seque
 
     strategy = DeepSpeedStrategy(deepspeed_cfg, train_cfg, comm)
     engine = strategy.prepare_inference(LossModule(strategy.load_model(model_path, attn_implementation), example_nll,
-                                                   strategy))
+                                                   strategy, padding_mask=train_cfg.padding_mask))
     check_head(engine, sample_ids(examples, comm.device), model_path)
     n_batches = len(scoring_plan(examples, batch_size, comm.data_parallel_size, comm.data_parallel_rank))
     with tqdm(total=n_batches, desc=desc, disable=comm.rank != 0) as bar:

@@ -77,8 +77,10 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _chunks(M: int, pair_a: torch.Tensor, pair_b: torch.Tensor, chunk_size: int) -> List[Tuple[torch.Tensor, int]]:
-    """Chunks as (row indices, number of pairs): pair chunks hold [a_k..., b_k...], then unpaired rows.
+def _chunks(M: int, pair_a: torch.Tensor, pair_b: torch.Tensor, chunk_size: int,
+            rest: Optional[torch.Tensor] = None) -> List[Tuple[torch.Tensor, int]]:
+    """Chunks as (row indices, number of pairs): pair chunks hold [a_k..., b_k...], then unpaired rows
+    (`rest`, when the caller knows them: finding them here makes the host wait for the device).
 
     Each row's NTP term is counted at its first occurrence only, so rows listed
     in several pairs (or pairs with a == b) are not counted twice.
@@ -89,10 +91,13 @@ def _chunks(M: int, pair_a: torch.Tensor, pair_b: torch.Tensor, chunk_size: int)
     for s in range(0, pair_a.numel(), pairs_per_chunk):
         chunks.append((torch.cat([pair_a[s:s + pairs_per_chunk], pair_b[s:s + pairs_per_chunk]]),
                        min(pairs_per_chunk, pair_a.numel() - s)))
-    paired = torch.zeros(M, dtype=torch.bool, device=device)
-    paired[pair_a] = True
-    paired[pair_b] = True
-    rest = torch.nonzero(~paired).flatten()
+    if rest is None and pair_a.numel() == 0:
+        rest = torch.arange(M, device=device)
+    elif rest is None:
+        paired = torch.zeros(M, dtype=torch.bool, device=device)
+        paired[pair_a] = True
+        paired[pair_b] = True
+        rest = torch.nonzero(~paired).flatten()
     for s in range(0, rest.numel(), chunk_size):
         chunks.append((rest[s:s + chunk_size], 0))
     return chunks
@@ -153,7 +158,7 @@ def _chunk_terms(h: torch.Tensor, head: Head, y: torch.Tensor, count: torch.Tens
     G.scatter_add_(1, y_safe[:, None], -(g_ntp * valid)[:, None])
     if head.softcap is not None:  # d cap(u) / du = 1 - (cap(u) / c)^2
         G.mul_(1 - (z / head.softcap).square())
-    if n_pairs and g_mix != 0:
+    if n_pairs:
         G_mix = torch.softmax(z_mix, dim=-1).mul_((wa + wb)[:, None])
         G_mix.scatter_add_(1, ya[:, None], -wa[:, None])
         G_mix.scatter_add_(1, yb[:, None], -wb[:, None])
@@ -244,8 +249,9 @@ def pick_backend(backend: str, device: torch.device) -> str:
 
 class _FusedSFTMixLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, pair_a, pair_b, lam, scale, softcap, chunk_size, backend, ntp_rows):
-        chunks = _chunks(hidden.shape[0], pair_a, pair_b, chunk_size)
+    def forward(ctx, hidden, weight, bias, labels, pair_a, pair_b, lam, scale, softcap, chunk_size, backend, ntp_rows,
+                unpaired):
+        chunks = _chunks(hidden.shape[0], pair_a, pair_b, chunk_size, unpaired)
         counts = _first_occurrence(chunks, hidden.shape[0])
         if ntp_rows is not None:
             counts = [count & ntp_rows[rows] for (rows, _), count in zip(chunks, counts)]
@@ -269,7 +275,7 @@ class _FusedSFTMixLoss(torch.autograd.Function):
     def backward(ctx, g_ntp, g_mix):
         hidden, weight, bias, labels, lam32 = ctx.saved_tensors
         head = Head(weight, bias, ctx.scale, ctx.softcap)
-        g_ntp, g_mix = float(g_ntp), float(g_mix)
+        # g_ntp, g_mix stay 0-d tensors on the device: reading them here would stall the backward
         acc = _acc(hidden.dtype)
         # A frozen head (LoRA) needs no dW: that matmul, its [V, d] buffer and its reduction are skipped.
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
@@ -289,13 +295,13 @@ class _FusedSFTMixLoss(torch.autograd.Function):
                 grad_b.add_(G.sum(0, dtype=acc))
         cast = lambda g, like: None if g is None else g.to(like.dtype)
         return (cast(grad_h, hidden), cast(grad_w, weight), cast(grad_b, bias), None, None, None, None, None, None,
-                None, None, None)
+                None, None, None, None)
 
 
 def fused_sftmix_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, pair_a: torch.Tensor,
                       pair_b: torch.Tensor, lam: torch.Tensor, chunk_size: int = 0, backend: str = "auto",
                       bias: Optional[torch.Tensor] = None, scale: float = 1.0, softcap: Optional[float] = None,
-                      ntp_rows: Optional[torch.Tensor] = None):
+                      ntp_rows: Optional[torch.Tensor] = None, unpaired: Optional[torch.Tensor] = None):
     """(ntp_sum, mix_sum) as fp32 scalars (fp64 for fp64 inputs); see the module docstring.
     Gradients to hidden, weight and bias are exact.
 
@@ -306,6 +312,8 @@ def fused_sftmix_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
     bias [V], scale, softcap: the rest of the model's head (see the module docstring).
     ntp_rows [M] bool: the rows whose NTP term counts (default all); the others only take part in
     pairs (under sequence parallelism, partner rows whose own rank counts their NTP term).
+    unpaired [M - rows in pairs]: the rows in no pair, ascending, where the caller knows them (default:
+    found here, which on a GPU makes the host wait for the device).
     """
     if pair_a.shape != pair_b.shape or pair_a.shape != lam.shape:
         raise ValueError(f"pair_a {tuple(pair_a.shape)}, pair_b {tuple(pair_b.shape)} and lam {tuple(lam.shape)} "
@@ -313,7 +321,7 @@ def fused_sftmix_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
     chunk_size = chunk_size or auto_chunk_rows(weight.shape[0], hidden.device)
     return _FusedSFTMixLoss.apply(hidden, weight, bias, labels, pair_a.long(), pair_b.long(), lam, float(scale),
                                   None if softcap is None else float(softcap), chunk_size,
-                                  pick_backend(backend, hidden.device), ntp_rows)
+                                  pick_backend(backend, hidden.device), ntp_rows, unpaired)
 
 
 def reference_sftmix_loss(hidden, weight, labels, pair_a, pair_b, lam, bias=None, scale=1.0, softcap=None):

@@ -30,14 +30,18 @@ class RunOptions:
     chunk_size: int = 0  # the fused loss's rows per chunk (train.loss_chunk_size; 0: automatic)
     loss_backend: str = "auto"  # train.loss_backend
     pack_width: int = 0  # pack rows of this many tokens (data.max_length with train.packing; 0: pad)
+    pad_multiple: int = 1  # pad widths up to a multiple of this (train.pad_to_multiple_of, resolved)
     seed: int = 0  # train.seed
     output_dir: str = "."  # where the run's outputs go
 
     @classmethod
     def of(cls, cfg) -> "RunOptions":
+        from ..config import resolve_pad_multiple
+
         t = cfg.train
         return cls(chunk_size=t.loss_chunk_size, loss_backend=t.loss_backend,
-                   pack_width=cfg.data.max_length if t.packing else 0, seed=t.seed, output_dir=cfg.output_dir)
+                   pack_width=cfg.data.max_length if t.packing else 0,
+                   pad_multiple=resolve_pad_multiple(t.pad_to_multiple_of), seed=t.seed, output_dir=cfg.output_dir)
 
 
 def build_method(cfg) -> "Method":

@@ -31,7 +31,8 @@ class NTP(Method):
 
     def collate(self, examples, pad_id: int, key: tuple = (0, 0)) -> dict:
         width = self.options.pack_width
-        return pack(examples, pad_id, width) if width else collate(examples, pad_id)
+        return pack(examples, pad_id, width, self.options.pad_multiple) if width else \
+            collate(examples, pad_id, self.options.pad_multiple)
 
     def token_counts(self, batch: dict) -> dict:
         return {"ntp": response_tokens(batch["labels"])}

@@ -22,7 +22,7 @@ from ..common import evenly_spaced
 from ..config import ConfigError, model_config_path, one_of, positive
 from ..confidence import CONFIDENT, OnlineSplit, read_confidence_file, run_confidence_stage, stage_root
 from ..data import example_ids
-from ..data.batching import PairBatches, Phases, aligned_pairs, collate, pack, response_rows
+from ..data.batching import PairBatches, Phases, aligned_pairs, response_rows
 from ..losses import Head, fused_sftmix_loss
 from .base import MethodConfig, RunOptions
 from .ntp import NTP, lengths_if_grouped
@@ -182,17 +182,19 @@ class SFTMix(NTP):
                              .beta(alpha, alpha) for a, b in pairs], dtype=torch.float32)
 
     def collate(self, examples, pad_id: int, key: tuple = (0, 0)) -> dict:
+        batch = super().collate(examples, pad_id, key)
         if not self.paired(key[0]):  # online warm-up: plain NTP batches
-            return super().collate(examples, pad_id, key)
-        width = self.options.pack_width
-        batch = pack(examples, pad_id, width) if width else collate(examples, pad_id)
+            return batch
         k = len(examples) // 2
         pair_a, pair_b, pair_of_row = aligned_pairs(batch["labels"], k, batch.pop("placements", None))
         ids = [(e.id if e is not None else "") for e in examples]
         lam = self.draw_lam(list(zip(ids[:k], ids[k:])), key)
         present = torch.tensor([examples[j] is not None and examples[k + j] is not None for j in range(k)],
                                dtype=torch.bool)
-        batch.update(pair_a=pair_a, pair_b=pair_b, lam=lam[pair_of_row], pair_lam=lam[present])
+        in_pair = torch.zeros(len(batch["response_index"]), dtype=torch.bool)
+        in_pair[pair_a] = in_pair[pair_b] = True
+        batch.update(pair_a=pair_a, pair_b=pair_b, lam=lam[pair_of_row], pair_lam=lam[present],
+                     unpaired=(~in_pair).nonzero().flatten())
         return batch
 
     def token_counts(self, batch: dict) -> dict:
@@ -207,10 +209,13 @@ class SFTMix(NTP):
             return {**super().loss_terms(hidden, head, batch), "mix": hidden.new_zeros((), dtype=torch.float32)}
         rows, targets, _ = response_rows(hidden, batch)
         pair_a, pair_b, lam, ntp_rows = batch["pair_a"], batch["pair_b"], batch["lam"].float(), None
+        unpaired = batch.get("unpaired")
         if batch.get("shard") is not None:  # sequence parallelism: each pair mixed where its first row is
             rows, targets, pair_a, pair_b, lam, ntp_rows = batch["shard"].partners(rows, targets, pair_a, pair_b, lam)
+            unpaired = None
         ntp_sum, mix_sum = fused_sftmix_loss(rows, head.weight, targets, pair_a, pair_b, lam, self.options.chunk_size,
-                                             self.options.loss_backend, head.bias, head.scale, head.softcap, ntp_rows)
+                                             self.options.loss_backend, head.bias, head.scale, head.softcap, ntp_rows,
+                                             unpaired)
         return {"ntp": ntp_sum, "mix": mix_sum}
 
     def batch_stats(self, batch: dict) -> dict:
