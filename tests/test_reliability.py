@@ -164,6 +164,27 @@ def test_nan_loss_stop_and_skip_policies(tmp_path):
     assert proc.returncode == 2 and "step 4: non-finite loss" in proc.stderr and "3 steps in a row" in proc.stderr
 
 
+@pytest.mark.parametrize("zero_stage", [0, 2, 3])
+def test_a_skipped_nan_step_changes_no_weight(zero_stage, tmp_path):
+    """The NaN is found on the device and the update skipped without the host reading the loss before the
+    backward (ZeRO 1-3: DeepSpeed's check of the gradient norm; ZeRO-0: the flag read first): one skipped
+    step exports the initial weights, bitwise."""
+    from sftmix_ds.config import load_model_config
+    from sftmix_ds.models import prepare_model
+
+    run = str(tmp_path / "run")
+    proc = train_cli(["model=tiny", "method=ntp", "train.max_steps=1", "train.nonfinite=skip", "train.export_dtype=fp32",
+                      f"deepspeed.zero_stage={zero_stage}", f"output_dir={run}"], env={"SFTMIX_FAULT": "nan_loss:0:1"})
+    assert "step 1: non-finite loss on rank 0: {'ntp': nan}" in proc.stderr and "step skipped" in proc.stderr
+    assert lines(os.path.join(run, "samples.jsonl"))[0]["skipped"] is True
+    cache = os.path.join(os.environ.get("SFTMIX_CACHE", os.path.expanduser("~/.cache/sftmix_ds")), "models")
+    base = load_file(os.path.join(prepare_model(load_model_config("tiny"), cache), "model.safetensors"))
+    trained = load_file(os.path.join(run, "model", "model.safetensors"))
+    assert trained.keys() == base.keys()
+    for k in base:
+        assert torch.equal(trained[k], base[k].float()), k
+
+
 def _step4_files(run):
     return os.path.join(run, "checkpoints", "step_4")
 
