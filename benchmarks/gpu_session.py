@@ -1,4 +1,4 @@
-"""The first GPU session: what matters most first, inside one deadline, results kept as they come.
+"""A GPU session: what matters most first, inside one deadline, results kept as they come.
 
 On the lent offline CUDA host (no network; torch, triton and an older transformers installed),
 from the project root, with the wheels `bash benchmarks/make_wheelhouse.sh .whl` built here:
@@ -10,13 +10,14 @@ its own timeout, all under the global deadline (a stage that cannot get 20 s is 
 rewrites OUT/summary.md after every stage, so a session cut short keeps what it finished:
   1. environment: GPU, driver, versions;
   2. GPU tests: the loss tests (Triton kernels compiled on the GPU against the reference, the
-     fp32 weight-gradient accumulation, CUDA chunk sizes);
-  3. kernel checks at SmolLM2's and Llama-3's head shapes (M=16384 rows, d=2048, V=49152 and
-     128256): Triton and torch backends against full logits, time and memory (benchmarks/sftmix.py --full);
-  4. ntp and sftmix throughput and MFU on llama1b_random at 2,048 tokens against TRL's
-     SFTTrainer, padded and padding-free (benchmarks/throughput.py). MFU counts 6 x (parameters
-     - input embedding) + 6 x layers x hidden x sequence FLOPs per token against 989 TFLOP/s
-     (H100/H200 dense bf16).
+     fp32 weight-gradient accumulation, CUDA chunk sizes) and the speed switches' equality tests;
+  3. speed switches on llama1b_random at 2,048 tokens, micro-batch 4 (benchmarks/levers.py): TRL's
+     SFTTrainer without DeepSpeed and under ZeRO-3, sftmix_ds ntp at its defaults and with each switch
+     set back (ZeRO-3, the padding mask, no width rounding) or turned on (packing, compile, LoRA), and
+     sftmix; every step's time, tokens/s and MFU (6 x (parameters - input embedding) + 6 x layers x
+     hidden x sequence FLOPs per token against 989 TFLOP/s, H100/H200 dense bf16), in order of value,
+     each run started only while the stage's deadline leaves a minute;
+  4. kernel checks at SmolLM2's and Llama-3's head shapes (benchmarks/sftmix.py --full), if time is left.
 Models are random-init (llama1b_random) with the tokenizer that ships in the repo: nothing to download.
 """
 import argparse
@@ -38,12 +39,12 @@ STAGES = [  # (name, command, timeout s, result files it writes under the repo)
                      "torch.cuda.get_device_properties(0).total_memory / 2**30, 'GiB')"], 60, []),
     ("nvidia-smi", ["nvidia-smi"], 30, []),
     ("gpu tests", [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_losses.py",
-                   "tests/test_heads.py"], 150, []),
+                   "tests/test_heads.py", "tests/test_speed.py"], 120, []),
+    ("speed switches llama1b_random", [PY, "benchmarks/levers.py", "--model", "llama1b_random", "--seq", "2048",
+                                       "--steps", "8", "--warmup", "2", "--micro-batch", "4", "--deadline", "380"], 400,
+     ["benchmarks/results/levers_gpu.md", "benchmarks/results/levers_gpu.json"]),
     ("kernel checks (V=49152, 128256)", [PY, "benchmarks/sftmix.py", "--full", "--model", "tiny"], 150,
      ["benchmarks/results/sftmix_gpu.md"]),
-    ("throughput llama1b_random", [PY, "benchmarks/throughput.py", "--models", "llama1b_random", "--seq", "2048",
-                                   "--steps", "8", "--warmup", "2", "--micro-batch", "4"], 330,
-     ["benchmarks/results/throughput_gpu.md"]),
 ]
 
 
@@ -74,7 +75,7 @@ def main() -> int:
 
     def write_summary():
         with open(os.path.join(a.out, "summary.md"), "w") as f:
-            f.write("# First GPU session\n\n| stage | result | wall (s) |\n|---|---|---|\n")
+            f.write("# GPU session\n\n| stage | result | wall (s) |\n|---|---|---|\n")
             f.writelines(f"| {name} | {result} | {wall:.0f} |\n" for name, result, wall in rows)
 
     for name, cmd, timeout, results in STAGES:

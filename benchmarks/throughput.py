@@ -6,14 +6,18 @@
 For each model (random weights, no download) every run is a separate process on
 the same synthetic data (example lengths uniform in [seq/4, seq], tokenized once
 by sftmix_ds, so both trainers see the same token ids and loss masks):
-  - sftmix_ds method=ntp and method=sftmix through launch/train.py (ZeRO-3);
-  - TRL SFTTrainer with DeepSpeed ZeRO-3, fed the examples in sftmix_ds's step
-    order, so the first steps' losses must agree. TRL 1.16 always installs its own
+  - sftmix_ds method=ntp and method=sftmix (--methods) through launch/train.py, at its defaults
+    (deepspeed.zero_stage=auto: ZeRO-2 on one process; --zero 3 for ZeRO-3);
+  - TRL SFTTrainer (--trl-zero: without DeepSpeed, the plain Trainer's fastest single-device
+    setting, or under ZeRO-2/3), fed the examples in sftmix_ds's step order, so the first steps'
+    losses must agree. Both use torch's AdamW, fused on CUDA (DeepSpeed 0.19.8's FusedAdam JIT
+    build fails on torch 2.11 / CUDA 13: ValueError on the arch entry '...0a'). TRL 1.16 always installs its own
     fused, chunked LM head (no full logits; `add_fused_lm_head`); it runs with padded
     batches and, with --trl-variants padding_free, also padding-free (each micro-batch
     flattened into one row with restarting position ids: its fastest layout here).
 Tokens/s count real (non-padding) tokens per device (one process: per device is
-the whole), median over the steps after --warmup; peak memory is what the CUDA
+the whole), median over the steps after --warmup (every step's time is kept in the JSON
+results beside the table); peak memory is what the CUDA
 allocator had allocated and reserved. Writes benchmarks/results/throughput_<gpu|cpu>.md,
 rewritten after every run, so a run cut short keeps the rows it finished.
 """
@@ -85,19 +89,20 @@ def common_overrides(a, model: str, data: str) -> list:
             f"data.max_length={a.seq}", "data.overlong=truncate", f"train.max_steps={a.steps}",
             f"train.micro_batch_size={a.micro_batch}", f"train.grad_accum={a.grad_accum}", f"train.lr={a.lr}",
             "train.warmup_ratio=0", "train.save_every=0", "train.eval_every=0", "train.export_final=false",
-            f"train.gradient_checkpointing={str(a.gradient_checkpointing).lower()}", "deepspeed=zero3", "resume=none"]
+            f"train.gradient_checkpointing={str(a.gradient_checkpointing).lower()}", "resume=none"]
 
 
 def run_sftmix_ds(a, model: str, method: str, data: str, folder: str) -> dict:
     out = os.path.join(folder, f"run_{method}")
     extra = [f"method.confidence_file={os.path.join(folder, 'confidence.jsonl')}"] if method == "sftmix" else []
+    zero = [] if a.zero == "auto" else [f"deepspeed.zero_stage={a.zero}"]
     cmd = [sys.executable, os.path.join(ROOT, "launch", "train.py"), f"method={method}", f"output_dir={out}",
-           *common_overrides(a, model, data), *extra, *a.overrides]
+           *common_overrides(a, model, data), *zero, *extra, *a.overrides]
     _run(cmd)
     with open(os.path.join(out, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
     timed = records[a.warmup:]
-    return {"losses": [r["loss/ntp"] for r in records],
+    return {"losses": [r["loss/ntp"] for r in records], "step_times": [r["step_s"] for r in records],
             "tokens_per_s": statistics.median(r["tokens_per_s_per_device"] for r in timed),
             "step_s": statistics.median(r["step_s"] for r in timed),
             "peak_mem_gb": max(r["peak_mem_gb"] for r in records),
@@ -151,13 +156,15 @@ def trl_worker(spec: dict) -> None:
     step_tokens = [sum(len(e.input_ids) for e in rows[s * batches.step_size:(s + 1) * batches.step_size])
                    for s in range(t.max_steps)]
     bf16 = resolve_precision(t.precision) == "bf16"
-    ds_config = {"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto",
-                                       "stage3_prefetch_bucket_size": "auto",
-                                       "stage3_param_persistence_threshold": "auto"},
+    zero = {"stage": spec["trl_zero"], "reduce_bucket_size": "auto"}
+    if spec["trl_zero"] == 3:
+        zero.update(stage3_prefetch_bucket_size="auto", stage3_param_persistence_threshold="auto")
+    # torch's AdamW (fused on CUDA) under DeepSpeed too: its FusedAdam build fails on torch 2.11 / CUDA 13
+    ds_config = {"zero_optimization": zero,
                  "bf16": {"enabled": "auto"}, "gradient_clipping": "auto", "train_micro_batch_size_per_gpu": "auto",
                  "gradient_accumulation_steps": "auto", "optimizer": {"type": "AdamW", "params": {
-                     "lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto",
-                     "torch_adam": not torch.cuda.is_available()}}}
+                     "lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto", "torch_adam": True,
+                     **({"fused": True} if torch.cuda.is_available() else {})}}} if spec["trl_zero"] else None
     args = SFTConfig(output_dir=os.path.join(os.path.dirname(spec["result"]), "trl"), max_steps=t.max_steps,
                      per_device_train_batch_size=t.micro_batch_size, gradient_accumulation_steps=t.grad_accum,
                      learning_rate=t.lr, lr_scheduler_type="cosine", warmup_steps=0, weight_decay=t.weight_decay,
@@ -198,7 +205,8 @@ def trl_worker(spec: dict) -> None:
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
     reserved = torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None
     with open(spec["result"], "w") as f:
-        json.dump({"losses": losses, "tokens_per_s": statistics.median(step_tokens[s] / timer.times[s] for s in timed),
+        json.dump({"losses": losses, "step_times": timer.times,
+                   "tokens_per_s": statistics.median(step_tokens[s] / timer.times[s] for s in timed),
                    "step_s": statistics.median(timer.times[s] for s in timed), "peak_mem_gb": peak,
                    "peak_reserved_gb": reserved}, f)
 
@@ -241,6 +249,11 @@ def main():
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--gradient-checkpointing", action="store_true", help="on for both trainers")
     ap.add_argument("--no-peer", action="store_true", help="skip TRL")
+    ap.add_argument("--methods", nargs="+", choices=["ntp", "sftmix"], default=["ntp", "sftmix"],
+                    help="sftmix_ds's methods (sftmix needs an even --micro-batch)")
+    ap.add_argument("--zero", choices=["auto", "2", "3"], default="auto", help="sftmix_ds's deepspeed.zero_stage")
+    ap.add_argument("--trl-zero", type=int, choices=[0, 2, 3], default=0,
+                    help="TRL under DeepSpeed ZeRO-2/3, or 0: the plain Trainer (its fastest on one device)")
     ap.add_argument("--trl-variants", nargs="+", choices=["padded", "padding_free"],
                     default=["padded", "padding_free"] if gpu else ["padded"])
     ap.add_argument("--out", help="the results file (default: benchmarks/results/throughput_<gpu|cpu>.md)")
@@ -251,7 +264,8 @@ def main():
     n_examples = a.examples or a.steps * a.micro_batch * a.grad_accum
     lines = [f"# Training throughput: {device}", "",
              f"`python benchmarks/throughput.py {' '.join(sys.argv[1:])}`: sequence {a.seq} (examples "
-             f"{a.seq // 4}..{a.seq} tokens), micro-batch {a.micro_batch}, grad accum {a.grad_accum}, ZeRO-3, "
+             f"{a.seq // 4}..{a.seq} tokens), micro-batch {a.micro_batch}, grad accum {a.grad_accum}, sftmix_ds "
+             f"deepspeed.zero_stage={a.zero}, TRL {f'ZeRO-{a.trl_zero}' if a.trl_zero else 'without DeepSpeed'}, "
              f"{'bf16' if gpu else 'fp32'}, 1 process, "
              f"gradient checkpointing {'on' if a.gradient_checkpointing else 'off'}; "
              f"median over steps {a.warmup + 1}..{a.steps}; torch {torch.__version__}, "
@@ -269,14 +283,14 @@ def main():
         with open(out, "w") as f:
             f.write("\n".join(lines + ["", *checks]) + "\n")
 
+    all_runs = {}
     for model in a.models:
         arch, path, n_params = model_size(model)
         fpt = flops_per_token(arch, n_params, a.seq)
         runs = {}
         with tempfile.TemporaryDirectory(prefix=f"bench-{model}-") as folder:
             data = make_data(folder, path, n_examples, a.seq)
-            trainers = {"sftmix_ds ntp": lambda: run_sftmix_ds(a, model, "ntp", data, folder),
-                        "sftmix_ds sftmix": lambda: run_sftmix_ds(a, model, "sftmix", data, folder)}
+            trainers = {f"sftmix_ds {m}": lambda m=m: run_sftmix_ds(a, model, m, data, folder) for m in a.methods}
             for variant in [] if a.no_peer else a.trl_variants:
                 trainers[f"TRL SFTTrainer ({variant})"] = lambda v=variant: run_trl(a, model, data, folder, v)
             for name, run in trainers.items():
@@ -287,11 +301,15 @@ def main():
                              f"{r['step_s']:.3f} | {mfu} | {r['peak_mem_gb']:.2f}{reserved} | "
                              f"{', '.join(f'{x:.4f}' for x in r['losses'][:3])} |")
                 write()
-        ntp, mix = runs["sftmix_ds ntp"], runs["sftmix_ds sftmix"]
-        checks.append(f"- {model}: sftmix / ntp time per token {ntp['tokens_per_s'] / mix['tokens_per_s']:.3f}x "
-                      "(bar: <= 1.02x; per token because sftmix's pairing puts other examples in each step)")
+        all_runs[model] = runs
+        with open(os.path.splitext(out)[0] + ".json", "w") as f:
+            json.dump(all_runs, f, indent=1)
+        ntp, mix = runs.get("sftmix_ds ntp"), runs.get("sftmix_ds sftmix")
+        if ntp and mix:
+            checks.append(f"- {model}: sftmix / ntp time per token {ntp['tokens_per_s'] / mix['tokens_per_s']:.3f}x "
+                          "(bar: <= 1.02x; per token because sftmix's pairing puts other examples in each step)")
         peers = {name: r for name, r in runs.items() if name.startswith("TRL")}
-        if peers:
+        if peers and ntp:
             best_name, best = max(peers.items(), key=lambda item: item[1]["tokens_per_s"])
             diff = max(abs(x - y) for r in peers.values() for x, y in zip(ntp["losses"][:3], r["losses"][:3]))
             checks.append(f"- {model}: sftmix_ds ntp / {best_name} (TRL's fastest here) tokens/s "

@@ -87,6 +87,11 @@ class DeepSpeedConfig:
     zero_stage: Any = "auto"
     offload_optimizer: bool = False
     offload_params: bool = False
+    # ZeRO-3: gather each decoder block's parameters at once when it starts (DeepSpeed's leaf modules),
+    # instead of hooking every layer inside it: a few hooks per block, not dozens, and a compiled block
+    # with no DeepSpeed hook inside. A block's parameters are whole on each rank while it runs (one
+    # Llama-3-8B block: 0.4 GB in bf16).
+    gather_per_block: bool = True
     # Minutes a collective may wait before the job fails instead of hanging.
     timeout_minutes: int = 30
     # Seconds without a heartbeat from a rank before the others call it lost and exit (engine/peers.py);

@@ -10,7 +10,7 @@ import hashlib
 # and a stage fingerprint ignores them.
 SPEED_SWITCHES = {"train.gradient_checkpointing": False, "train.compile": False, "train.loss_backend": "auto",
                   "train.loss_chunk_size": 0, "train.pad_to_multiple_of": 0, "train.padding_mask": False,
-                  "model.attn_implementation": "sdpa"}
+                  "model.attn_implementation": "sdpa", "deepspeed.gather_per_block": True}
 
 
 def examples_hash(examples) -> "hashlib._Hash":

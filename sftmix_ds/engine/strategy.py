@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from ..common import UserError, out_of_space, torch_dtype
+from ..common import ConfigError, UserError, out_of_space, torch_dtype
 from ..config import resolve_zero_stage
 from ..models import attention_implementation, decoder_blocks
 from .collectives import Collectives
@@ -46,11 +46,17 @@ class DeepSpeedStrategy:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=self.comm.dtype,
                                                      attn_implementation=attention_implementation(path,
                                                                                                   attn_implementation))
+        if self.zero_stage == 3 and self.cfg.gather_per_block:
+            self._gather_per_block(model)
         if self.train_cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.train_cfg.compile:
+            if self.zero_stage == 3 and not self.cfg.gather_per_block:
+                raise ConfigError("train.compile under ZeRO-3 needs deepspeed.gather_per_block=true: DeepSpeed's "
+                                  "hooks on every layer inside a compiled block make it recompile at every step")
             for block in decoder_blocks(model):
-                block.compile(dynamic=True)
+                # The block's own forward: hooks on the block (ZeRO-3's gathering) stay outside the graph.
+                block.forward = torch.compile(block.forward, dynamic=True)
         model.config.use_cache = False
         return model
 
@@ -66,6 +72,19 @@ class DeepSpeedStrategy:
             zero.setdefault("reduce_bucket_size", hidden * hidden)
             zero.setdefault("stage3_prefetch_bucket_size", int(0.9 * hidden * hidden))
             zero.setdefault("stage3_param_persistence_threshold", 10 * hidden)
+
+    def _gather_per_block(self, model) -> None:
+        """The decoder blocks' class as ZeRO-3 leaf modules (deepspeed.gather_per_block), beside DeepSpeed's
+        own list (MoE blocks); a list given in deepspeed.extra wins."""
+        from deepspeed.runtime.zero.leaf_module_config import DEFAULT_LEAF_MODULE_CLASSES
+
+        try:
+            block = type(decoder_blocks(model)[0])
+        except UserError as e:  # an unusual layout: every module keeps its own hooks
+            log.info("deepspeed.gather_per_block: %s; gathering module by module", e)
+            return
+        leaf = self.ds_config["zero_optimization"].setdefault("leaf_module", {})
+        leaf.setdefault("classes", [*DEFAULT_LEAF_MODULE_CLASSES, f"{block.__module__}.{block.__qualname__}"])
 
     def register_external_parameter(self, module, param) -> None:
         """Let `module`'s forward use a parameter owned by another module (ZeRO-3 gathers it)."""

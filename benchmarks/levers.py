@@ -1,0 +1,119 @@
+"""What each speed switch does, sftmix_ds against TRL's SFTTrainer on the same tokens in the same order.
+
+    python benchmarks/levers.py        # CPU: the host-overhead proxy (tiny_deep: 16 layers, d=64, 4 x 128 tokens)
+    python benchmarks/levers.py --model llama1b_random --seq 2048 --steps 8 --deadline 400   # one GPU
+
+On CPU the model is many narrow layers whose compute is small, so a step's time is mostly what the
+trainer does around the math (per-module hooks, Python, host reads). A CPU never waits for itself, so
+this proxy does not see where a GPU's host waits for the device; the same script on a GPU does (it is
+a stage of benchmarks/gpu_session.py). Every run is its own process (benchmarks/throughput.py's
+runners), in order of value, each started only while --deadline leaves a minute for it: TRL without
+DeepSpeed (the plain Trainer, its fastest on one device) and under ZeRO-3, then sftmix_ds at its
+defaults and with one switch at a time set back to its old value (or, for compile and LoRA, turned on),
+then SFTMix. Every step's time is kept (the first step, and any step slower than 1.5x the median, show).
+Writes benchmarks/results/levers_<cpu|gpu>.md (and .json), rewritten after every run.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import throughput  # noqa: E402
+
+# (name, sftmix_ds method, overrides), in order of value: the defaults, then one switch at a time.
+SFTMIX_DS = [("sftmix_ds ntp (defaults: ZeRO-2 on one rank, no padding mask)", "ntp", []),
+             ("sftmix_ds ntp, deepspeed.zero_stage=3", "ntp", ["deepspeed.zero_stage=3"]),
+             ("sftmix_ds ntp, deepspeed.zero_stage=3 deepspeed.gather_per_block=false", "ntp",
+              ["deepspeed.zero_stage=3", "deepspeed.gather_per_block=false"]),
+             ("sftmix_ds ntp, train.padding_mask=true", "ntp", ["train.padding_mask=true"]),
+             ("sftmix_ds sftmix (defaults)", "sftmix", []),
+             ("sftmix_ds ntp, train.packing=true", "ntp", ["train.packing=true"]),
+             ("sftmix_ds ntp, train.pad_to_multiple_of=1", "ntp", ["train.pad_to_multiple_of=1"]),
+             ("sftmix_ds ntp, train.compile=true", "ntp", ["train.compile=true"]),
+             ("sftmix_ds ntp, peft=lora", "ntp", ["peft=lora"])]
+TRL = [("TRL SFTTrainer, no DeepSpeed", 0), ("TRL SFTTrainer, ZeRO-3", 3)]
+RUN_S = 60  # a run is started only with this much of --deadline left
+
+
+def main():
+    import torch
+
+    gpu = torch.cuda.is_available()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="tiny_deep")
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--micro-batch", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--deadline", type=float, default=3600, help="seconds for all the runs")
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results",
+                                                  f"levers_{'gpu' if gpu else 'cpu'}.md"))
+    args = ap.parse_args()
+    started = time.monotonic()
+    base = dict(seq=args.seq, steps=args.steps, warmup=args.warmup, micro_batch=args.micro_batch, grad_accum=1,
+                lr=1e-5, gradient_checkpointing=False, zero="auto", trl_zero=0, overrides=[])
+    arch, path, n_params = throughput.model_size(args.model)
+    device = torch.cuda.get_device_name() if gpu else f"CPU ({os.cpu_count()} cores)"
+    peak = throughput.peak_flops(device) if gpu else None
+    flops = throughput.flops_per_token(arch, n_params, args.seq)
+    lines = [f"# Speed switches: {device}", "",
+             f"`python benchmarks/levers.py {' '.join(sys.argv[1:])}`: {args.model} "
+             f"({arch['num_hidden_layers']} layers, hidden {arch['hidden_size']}, vocabulary {arch['vocab_size']}, "
+             f"{n_params / 1e6:.1f}M parameters), micro-batch {args.micro_batch}, sequence {args.seq} (examples "
+             f"{args.seq // 4}..{args.seq} tokens), {'bf16' if gpu else 'fp32'}, 1 process; median step over steps "
+             f"{args.warmup + 1}..{args.steps}; tokens/s count real tokens; torch {torch.__version__}, "
+             f"python {platform.python_version()}.", "", f"MFU: {throughput.MFU_FORMULA}.", "",
+             "| trainer | step (s) | / TRL's fastest | tokens/s | MFU | first losses | every step (s) |",
+             "|---|---|---|---|---|---|---|"]
+    results = {}
+
+    def write():
+        best = min((r["step_s"] for name, r in results.items() if name.startswith("TRL") and "step_s" in r),
+                   default=None)
+        rows = []
+        for name, r in results.items():
+            if "failed" in r:
+                rows.append(f"| {name} | {r['failed']} | | | | | |")
+                continue
+            ratio = f"{r['step_s'] / best:.2f}x" if best else "n/a"
+            mfu = f"{100 * r['tokens_per_s'] * flops / peak:.1f}%" if peak else "n/a"
+            times = ", ".join(f"{t:.3f}" for t in r["step_times"])
+            losses = ", ".join(f"{x:.4f}" for x in r["losses"][:3])
+            rows.append(f"| {name} | {r['step_s']:.4f} | {ratio} | {r['tokens_per_s']:.0f} | {mfu} | {losses} | "
+                        f"{times} |")
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines + rows) + "\n")
+        with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
+            json.dump(results, f, indent=1)
+
+    runs = [(name, lambda a: throughput.run_trl(a, args.model, data, folder, "padded"), {"trl_zero": zero})
+            for name, zero in TRL]
+    runs += [(name, lambda a, m=method: throughput.run_sftmix_ds(a, args.model, m, data, folder),
+              {"overrides": overrides}) for name, method, overrides in SFTMIX_DS]
+    with tempfile.TemporaryDirectory(prefix="levers-") as folder:
+        data = throughput.make_data(folder, path, args.steps * args.micro_batch, args.seq)
+        for name, run, settings in runs:
+            if args.deadline - (time.monotonic() - started) < RUN_S:
+                results[name] = {"failed": "skipped: the deadline"}
+                continue
+            try:
+                r = run(argparse.Namespace(**{**base, **settings}))
+            except SystemExit as e:  # a run that failed: its stderr's tail, and the next run
+                results[name] = {"failed": "failed: see the .json", "error": str(e)[-2000:]}
+                write()
+                continue
+            r["step_s"] = statistics.median(r["step_times"][args.warmup:])
+            results[name] = r
+            write()
+    print(open(args.out).read())
+
+
+if __name__ == "__main__":
+    main()
