@@ -173,8 +173,9 @@ def test_a_skipped_nan_step_changes_no_weight(zero_stage, tmp_path):
     from sftmix_ds.models import prepare_model
 
     run = str(tmp_path / "run")
-    proc = train_cli(["model=tiny", "method=ntp", "train.max_steps=1", "train.nonfinite=skip", "train.export_dtype=fp32",
-                      f"deepspeed.zero_stage={zero_stage}", f"output_dir={run}"], env={"SFTMIX_FAULT": "nan_loss:0:1"})
+    proc = train_cli(["model=tiny", "method=ntp", "train.max_steps=1", "train.nonfinite=skip",
+                      "train.export_dtype=fp32", f"deepspeed.zero_stage={zero_stage}", f"output_dir={run}"],
+                     env={"SFTMIX_FAULT": "nan_loss:0:1"})
     assert "step 1: non-finite loss on rank 0: {'ntp': nan}" in proc.stderr and "step skipped" in proc.stderr
     assert lines(os.path.join(run, "samples.jsonl"))[0]["skipped"] is True
     cache = os.path.join(os.environ.get("SFTMIX_CACHE", os.path.expanduser("~/.cache/sftmix_ds")), "models")
