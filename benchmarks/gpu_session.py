@@ -17,7 +17,9 @@ rewrites OUT/summary.md after every stage, so a session cut short keeps what it 
      sftmix; every step's time, tokens/s and MFU (6 x (parameters - input embedding) + 6 x layers x
      hidden x sequence FLOPs per token against 989 TFLOP/s, H100/H200 dense bf16), in order of value,
      each run started only while the stage's deadline leaves a minute;
-  4. kernel checks at SmolLM2's and Llama-3's head shapes (benchmarks/sftmix.py --full), if time is left.
+  4. memory: ntp on llama1b_random at micro-batch 16 x 2,048 tokens with the default settings (peak
+     allocated and reserved);
+  5. kernel checks at SmolLM2's and Llama-3's head shapes (benchmarks/sftmix.py --full), if time is left.
 Models are random-init (llama1b_random) with the tokenizer that ships in the repo: nothing to download.
 """
 import argparse
@@ -43,6 +45,11 @@ STAGES = [  # (name, command, timeout s, result files it writes under the repo)
     ("speed switches llama1b_random", [PY, "benchmarks/levers.py", "--model", "llama1b_random", "--seq", "2048",
                                        "--steps", "8", "--warmup", "2", "--micro-batch", "4", "--deadline", "380"], 400,
      ["benchmarks/results/levers_gpu.md", "benchmarks/results/levers_gpu.json"]),
+    ("memory llama1b_random micro-batch 16", [PY, "benchmarks/throughput.py", "--models", "llama1b_random", "--seq",
+                                              "2048", "--steps", "4", "--warmup", "1", "--micro-batch", "16",
+                                              "--methods", "ntp", "--no-peer", "--out",
+                                              "benchmarks/results/memory_gpu.md"], 150,
+     ["benchmarks/results/memory_gpu.md", "benchmarks/results/memory_gpu.json"]),
     ("kernel checks (V=49152, 128256)", [PY, "benchmarks/sftmix.py", "--full", "--model", "tiny"], 150,
      ["benchmarks/results/sftmix_gpu.md"]),
 ]

@@ -8,9 +8,9 @@ trainer does around the math (per-module hooks, Python, host reads). A CPU never
 this proxy does not see where a GPU's host waits for the device; the same script on a GPU does (it is
 a stage of benchmarks/gpu_session.py). Every run is its own process (benchmarks/throughput.py's
 runners), in order of value, each started only while --deadline leaves a minute for it: TRL without
-DeepSpeed (the plain Trainer, its fastest on one device) and under ZeRO-3, then sftmix_ds at its
-defaults and with one switch at a time set back to its old value (or, for compile and LoRA, turned on),
-then SFTMix. Every step's time is kept (the first step, and any step slower than 1.5x the median, show).
+DeepSpeed (the plain Trainer, its fastest on one device), sftmix_ds at its defaults and with one
+switch at a time set back to its old value (or, for compile and LoRA, turned on), SFTMix, and TRL
+under ZeRO-3. Every step's time is kept (the first step, and any step slower than 1.5x the median, show).
 Writes benchmarks/results/levers_<cpu|gpu>.md (and .json), rewritten after every run.
 """
 import argparse
@@ -27,18 +27,19 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import throughput  # noqa: E402
 
-# (name, sftmix_ds method, overrides), in order of value: the defaults, then one switch at a time.
-SFTMIX_DS = [("sftmix_ds ntp (defaults: ZeRO-2 on one rank, no padding mask)", "ntp", []),
-             ("sftmix_ds ntp, deepspeed.zero_stage=3", "ntp", ["deepspeed.zero_stage=3"]),
-             ("sftmix_ds ntp, deepspeed.zero_stage=3 deepspeed.gather_per_block=false", "ntp",
-              ["deepspeed.zero_stage=3", "deepspeed.gather_per_block=false"]),
-             ("sftmix_ds ntp, train.padding_mask=true", "ntp", ["train.padding_mask=true"]),
-             ("sftmix_ds sftmix (defaults)", "sftmix", []),
-             ("sftmix_ds ntp, train.packing=true", "ntp", ["train.packing=true"]),
-             ("sftmix_ds ntp, train.pad_to_multiple_of=1", "ntp", ["train.pad_to_multiple_of=1"]),
-             ("sftmix_ds ntp, train.compile=true", "ntp", ["train.compile=true"]),
-             ("sftmix_ds ntp, peft=lora", "ntp", ["peft=lora"])]
-TRL = [("TRL SFTTrainer, no DeepSpeed", 0), ("TRL SFTTrainer, ZeRO-3", 3)]
+# In order of value: (name, "trl" and its ZeRO stage (0: no DeepSpeed), or a sftmix_ds method and overrides).
+RUNS = [("TRL SFTTrainer, no DeepSpeed", "trl", 0),
+        ("sftmix_ds ntp (defaults: ZeRO-2 on one rank, no padding mask)", "ntp", []),
+        ("sftmix_ds ntp, deepspeed.zero_stage=3", "ntp", ["deepspeed.zero_stage=3"]),
+        ("sftmix_ds ntp, train.padding_mask=true", "ntp", ["train.padding_mask=true"]),
+        ("sftmix_ds sftmix (defaults)", "sftmix", []),
+        ("sftmix_ds ntp, train.compile=true", "ntp", ["train.compile=true"]),
+        ("sftmix_ds ntp, deepspeed.zero_stage=3 deepspeed.gather_per_block=false", "ntp",
+         ["deepspeed.zero_stage=3", "deepspeed.gather_per_block=false"]),
+        ("sftmix_ds ntp, train.packing=true", "ntp", ["train.packing=true"]),
+        ("sftmix_ds ntp, train.pad_to_multiple_of=1", "ntp", ["train.pad_to_multiple_of=1"]),
+        ("sftmix_ds ntp, peft=lora", "ntp", ["peft=lora"]),
+        ("TRL SFTTrainer, ZeRO-3", "trl", 3)]
 RUN_S = 60  # a run is started only with this much of --deadline left
 
 
@@ -89,22 +90,37 @@ def main():
             rows.append(f"| {name} | {r['step_s']:.4f} | {ratio} | {r['tokens_per_s']:.0f} | {mfu} | {losses} | "
                         f"{times} |")
         with open(args.out, "w") as f:
-            f.write("\n".join(lines + rows) + "\n")
+            f.write("\n".join(lines + rows + [""] + checks(best)) + "\n")
         with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
             json.dump(results, f, indent=1)
 
-    runs = [(name, lambda a: throughput.run_trl(a, args.model, data, folder, "padded"), {"trl_zero": zero})
-            for name, zero in TRL]
-    runs += [(name, lambda a, m=method: throughput.run_sftmix_ds(a, args.model, m, data, folder),
-              {"overrides": overrides}) for name, method, overrides in SFTMIX_DS]
+    def checks(best) -> list:
+        out = []
+        ntp, mix = results.get(RUNS[1][0], {}), results.get("sftmix_ds sftmix (defaults)", {})
+        if "step_s" in ntp:
+            times, median = ntp["step_times"], ntp["step_s"]
+            out.append(f"- sftmix_ds ntp at its defaults: first step {times[0]:.2f} s, slowest later step "
+                       f"{max(times[1:]) / median:.2f}x the median (bars: 3 s after the engine is built; 1.5x)")
+            if best:
+                out.append(f"- its step against TRL's fastest: {ntp['step_s'] / best:.2f}x (bar: <= 0.5x)")
+            if "step_s" in mix:
+                out.append(f"- sftmix / ntp time per token {ntp['tokens_per_s'] / mix['tokens_per_s']:.3f}x "
+                           "(bar: <= 1.02x)")
+        return out
+
     with tempfile.TemporaryDirectory(prefix="levers-") as folder:
         data = throughput.make_data(folder, path, args.steps * args.micro_batch, args.seq)
-        for name, run, settings in runs:
+        for name, trainer, setting in RUNS:
             if args.deadline - (time.monotonic() - started) < RUN_S:
                 results[name] = {"failed": "skipped: the deadline"}
                 continue
             try:
-                r = run(argparse.Namespace(**{**base, **settings}))
+                if trainer == "trl":
+                    r = throughput.run_trl(argparse.Namespace(**{**base, "trl_zero": setting}), args.model, data,
+                                           folder, "padded")
+                else:
+                    r = throughput.run_sftmix_ds(argparse.Namespace(**{**base, "overrides": setting}), args.model,
+                                                 trainer, data, folder)
             except SystemExit as e:  # a run that failed: its stderr's tail, and the next run
                 results[name] = {"failed": "failed: see the .json", "error": str(e)[-2000:]}
                 write()

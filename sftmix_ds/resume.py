@@ -24,9 +24,10 @@ RUN_FILE = "run.json"  # in OUTPUT_DIR: run_record of the run, written when it s
 # The data files are compared by the examples they give, not by their paths. An entry ending in
 # "." or "_" covers every key it begins.
 RESUMABLE_CHANGES = ("output_dir", "resume", "resume_force", "model_cache_dir", "logger.", "eval", "data.cache_dir",
-                     # the layout, as long as the global batch (compared on its own) is kept:
+                     # the layout, as long as the global batch (compared on its own) is kept (a checkpoint
+                     # loads under its own ZeRO stage only: fit_layout says so):
                      "train.micro_batch_size", "train.grad_accum", "train.sequence_parallel",
-                     "train.allow_new_global_batch",
+                     "train.allow_new_global_batch", "deepspeed.zero_stage",
                      "data.train_files", "data.eval_files", "data.eval_sets", "method.stage_dir",
                      "method.confidence_source", "method.confidence_file", "method.targets_file",
                      "method.allow_unsandboxed_code",

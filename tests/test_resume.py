@@ -70,6 +70,7 @@ def test_speed_switches_and_where_things_go_may_change_the_math_may_not():
     base = identity()
     assert resumable_change("train.compile") and resumable_change("model.attn_implementation")
     assert resumable_change("train.eval_every") and not resumable_change("train.lr")
+    assert resumable_change("deepspeed.zero_stage")  # auto resolves it; a checkpoint loads under its own
     assert identity_changes(base, identity(changed(compile=True, grad_accum=4, save_every=1))) == []
     assert identity_changes(base, identity({**SETTINGS, "output_dir": "b"})) == []
     assert identity_changes(base, identity(changed(lr=1e-3))) == ["train.lr: 0.0001 -> 0.001"]
