@@ -149,6 +149,22 @@ def test_usr1_with_two_nodes_saves_once_and_requeues(both_nodes, tmp_path):
     assert (out / "model" / "model.safetensors").exists()
 
 
+def test_the_sbatch_script_as_written_runs_from_a_fresh_clone(both_nodes, tmp_path):
+    """Only the resources this cluster lacks are overridden on the command line (no GPUs, 2 cores a
+    node); the log goes where the script says, logs/ in the clone, which Slurm does not create."""
+    import subprocess
+
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", ROOT, str(clone)], check=True)
+    proc = both_nodes.run(["sbatch", "--parsable", "--wait", "--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=0",
+                           "--cpus-per-task=1", f"--chdir={clone}", str(clone / "launch" / "slurm" / "train.sbatch"),
+                           "model=tiny", "method=ntp", "train.max_steps=2", "data.eval_files=[]"], check=False)
+    job = proc.stdout.strip().split(";")[0]
+    log = clone / "logs" / f"sftmix-{job}.out"
+    assert proc.returncode == 0 and log.exists(), f"{proc.stderr[-2000:]}\n{read_log(log)[-4000:]}"
+    assert (clone / "outputs" / f"slurm-sftmix-{job}" / "model" / "model.safetensors").exists(), read_log(log)[-4000:]
+
+
 def test_hydra_multirun_through_submitit_with_two_node_points(both_nodes, tmp_path):
     sweep = tmp_path / "sweep"
     both_nodes.run([sys.executable, os.path.join(ROOT, "launch", "train.py"), "-m", "hydra/launcher=slurm",
