@@ -133,6 +133,10 @@ class TrainLoopConfig:
     eval_each_epoch: bool = False  # also at the end of every epoch
     eval_on_start: bool = False  # also before the first step (logged as step 0)
     save_every: int = 0  # steps; 0: no intermediate checkpoints
+    # Also a checkpoint when this many minutes of training have passed since the last one (or the
+    # start), all ranks agreeing on the step; 0: off. A lost node or a time limit then costs at most
+    # this much training.
+    save_every_minutes: float = 30.0
     keep_checkpoints: int = 2
     # Stop cleanly (after a checkpoint) at this step, e.g. before a Slurm time
     # limit; a later run with resume=auto continues. 0: run to the end.
@@ -450,7 +454,7 @@ def validate(cfg) -> None:
     for key in ("micro_batch_size", "grad_accum", "epochs", "lr", "adam_eps", "log_every", "sequence_parallel"):
         positive(f"train.{key}", getattr(t, key))
     for key in ("eval_every", "save_every", "stop_after_steps", "keep_checkpoints", "max_grad_norm", "export_count",
-                "loss_chunk_size", "weight_decay", "max_nonfinite_steps", "pad_to_multiple_of"):
+                "save_every_minutes", "loss_chunk_size", "weight_decay", "max_nonfinite_steps", "pad_to_multiple_of"):
         positive(f"train.{key}", getattr(t, key), zero_ok=True)
     if t.max_steps != -1:
         positive("train.max_steps", t.max_steps)  # -1: train.epochs decides

@@ -33,7 +33,8 @@ RESUMABLE_CHANGES = ("output_dir", "resume", "resume_force", "model_cache_dir", 
                      "method.allow_unsandboxed_code",
                      "deepspeed.timeout_minutes", "deepspeed.peer_timeout_s", "deepspeed.build_lock_wait_minutes",
                      "train.log_every",
-                     "train.eval_", "train.save_every", "train.keep_checkpoints", "train.stop_after_steps",
+                     "train.eval_", "train.save_every", "train.save_every_minutes", "train.keep_checkpoints",
+                     "train.stop_after_steps",
                      "train.export_", "train.nonfinite", "train.max_nonfinite_steps", *SPEED_SWITCHES)
 
 

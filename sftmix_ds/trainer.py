@@ -223,6 +223,7 @@ class Recipe:
                 keep_steps_up_to(path, self.step)
         self.guard = NonFiniteGuard(t.nonfinite, t.max_nonfinite_steps, t.grad_accum)
         self.preempted = PreemptionFlag()
+        self.last_save = time.monotonic()  # train.save_every_minutes counts from here
         self.bar = tqdm(total=self.total_steps, initial=self.step, disable=self.rank != 0,
                         desc=f"train {cfg.method.name}", dynamic_ncols=True)
 
@@ -300,7 +301,12 @@ class Recipe:
         if skipped:
             record["skipped"] = True
         self.signalled = got["preempted"] > 0
+        self.save_due = got["save_due"] > 0  # any rank's clock: every rank saves at this step
         return record
+
+    def _save_due(self) -> bool:
+        minutes = self.t.save_every_minutes
+        return bool(minutes) and time.monotonic() - self.last_save >= 60 * minutes
 
     def _loss_step(self, micro: list, norms: dict) -> tuple:
         """Forward and backward of each micro-batch and the optimizer step, with nothing read on the host.
@@ -320,7 +326,8 @@ class Recipe:
         stacked = torch.stack(values)
         sums = self.comm.sum_on_device({**{f"loss/{n}": stacked[:, j].sum() for j, n in enumerate(self.names)},
                                         "nonfinite": (~torch.isfinite(stacked).all(1)).sum(),
-                                        "preempted": float(self.preempted.raised)})
+                                        "preempted": float(self.preempted.raised),
+                                        "save_due": float(self._save_due())})
         if self.strategy.skips_nonfinite_updates():
             loss = loss * torch.where(sums["nonfinite"] > 0, float("nan"), 1.0)
         elif sums["nonfinite"] > 0:  # a host-device synchronisation, where DeepSpeed would apply a NaN update
@@ -359,11 +366,12 @@ class Recipe:
             self.strategy.export(os.path.join(self.cfg.output_dir, f"model_step_{step}"), self.model, self.tokenizer,
                                  t.export_dtype, prefix=PREFIX)
         stopping = step < self.total_steps and (self.signalled or (t.stop_after_steps and step >= t.stop_after_steps))
-        if (t.save_every and step % t.save_every == 0) or stopping:
+        if (t.save_every and step % t.save_every == 0) or (self.save_due and step < self.total_steps) or stopping:
             self.checkpoints.save(self.ckpt_root, step, {"step": step, "method": self.method.state()},
                                   t.keep_checkpoints,
                                   meta={"identity": self.identity, "global_batch": self.batches.global_batch,
                                         "micro_batch_size": t.micro_batch_size, "grad_accum": t.grad_accum})
+            self.last_save = time.monotonic()
         if stopping:
             why = "SIGUSR1 (preemption or time limit)" if self.signalled else "train.stop_after_steps"
             log.info("stopping at step %d after a checkpoint, for %s; resume=auto continues", step, why)

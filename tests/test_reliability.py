@@ -164,6 +164,16 @@ def test_nan_loss_stop_and_skip_policies(tmp_path):
     assert proc.returncode == 2 and "step 4: non-finite loss" in proc.stderr and "3 steps in a row" in proc.stderr
 
 
+def test_time_based_checkpoints_are_saved_at_steps_every_rank_agrees_on(tmp_path):
+    """train.save_every_minutes: the ranks' clocks travel with the step's flags, so both ranks save at
+    the same steps (a rank saving alone would hang the other); none at the last step, the export follows."""
+    run = tmp_path / "run"
+    train_cli(["model=tiny", "method=ntp", "train.max_steps=3", "train.micro_batch_size=2",
+               "train.save_every_minutes=1e-9", "train.keep_checkpoints=5", f"output_dir={run}"], nproc=2)
+    saved = sorted(p.parent.name for p in (run / "checkpoints").glob("step_*/complete.json"))
+    assert saved == ["step_1", "step_2"]
+
+
 @pytest.mark.parametrize("zero_stage", [0, 2, 3])
 def test_a_skipped_nan_step_changes_no_weight(zero_stage, tmp_path):
     """The NaN is found on the device and the update skipped without the host reading the loss before the

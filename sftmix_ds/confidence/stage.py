@@ -46,8 +46,8 @@ def fingerprint(cfg, ref_model_cfg, examples, world_size: int) -> str:
                 "checkpoints": cfg.method.checkpoints, "score_checkpoints": list(cfg.method.score_checkpoints),
                 "train": without_speed_switches("train", OmegaConf.to_container(cfg.train, resolve=True)),
                 "world_size": world_size, "precision": resolve_precision(cfg.train.precision)}
-    for volatile in ("log_every", "eval_every", "eval_each_epoch", "eval_on_start", "save_every", "keep_checkpoints",
-                     "stop_after_steps", "export_dtype", "export_count", "epochs", "max_steps"):
+    for volatile in ("log_every", "eval_every", "eval_each_epoch", "eval_on_start", "save_every", "save_every_minutes",
+                     "keep_checkpoints", "stop_after_steps", "export_dtype", "export_count", "epochs", "max_steps"):
         settings["train"].pop(volatile, None)
     h.update(json.dumps(settings, sort_keys=True).encode())
     return h.hexdigest()[:16]
