@@ -39,6 +39,30 @@ def test_zero_stage_auto_is_zero2_on_one_rank_zero3_on_several_and_the_checkpoin
         validate(cfg_with("deepspeed.zero_stage=two"))
 
 
+RECIPES = sorted(f[:-len(".yaml")] for f in os.listdir(os.path.join(CONF_DIR, "recipe")))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_validates_with_a_tiny_stand_in_and_keeps_its_papers_settings(recipe):
+    """Each recipe with the tiny model standing in for its 7-8B one and the shipped data standing in for
+    the user's: it validates, and its header states what it was sized for and what to override."""
+    data = os.path.join(ROOT, "sftmix_ds", "builtin_data", "arith_train.jsonl")
+    cfg = cfg_with(f"recipe={recipe}", "model=tiny", f"data.train_files=[{data}]")
+    validate(cfg)
+    t = cfg.train
+    with open(os.path.join(CONF_DIR, "recipe", f"{recipe}.yaml")) as f:
+        header = f.read()
+    assert "Sized for" in header and "Yours to set: data.train_files" in header and "arXiv" in header
+    gpus = 8 if cfg.peft.kind == "none" else 1  # full fine-tuning on a node of 8, LoRA on one GPU
+    assert t.micro_batch_size * t.grad_accum * gpus == 32 and t.gradient_checkpointing and t.save_every_minutes
+    if cfg.method.name == "sftmix":  # the SFTMix paper's settings
+        assert (cfg.method.mu, cfg.method.alpha, t.weight_decay, t.warmup_ratio, t.epochs) == (0.2, 0.5, 0.1, 0.1, 3)
+        assert t.micro_batch_size % 2 == 0 and (t.lr == 2e-6 or cfg.peft.kind == "lora")
+    else:
+        assert cfg.method.name == "s3ft" and cfg.peft.kind == "lora" and cfg.peft.r == 8  # the S3FT paper's
+    assert cfg_with(f"recipe={recipe}", "train.lr=1e-5").train.lr == 1e-5  # the command line still wins
+
+
 @pytest.mark.parametrize("group,option", [("model", "tiny"), ("model", "llama3_8b"), ("deepspeed", "zero2"),
                                           ("deepspeed", "zero3_offload"), ("logger", "wandb"), ("data", "jsonl")])
 def test_every_group_option_composes(group, option):
@@ -87,7 +111,8 @@ def test_cli_rejects_bad_config_and_bad_data_before_training(tmp_path):
     assert "Traceback" not in proc.stderr and "train:" not in proc.stderr  # stopped before training
 
 
-GROUPS = sorted(g for g in os.listdir(CONF_DIR) if os.path.isdir(os.path.join(CONF_DIR, g)) and g != "hydra")
+GROUPS = sorted(g for g in os.listdir(CONF_DIR)  # recipes have a test of their own
+                if os.path.isdir(os.path.join(CONF_DIR, g)) and g not in ("hydra", "recipe"))
 OPTIONS = [(g, f[:-len(".yaml")]) for g in GROUPS for f in sorted(os.listdir(os.path.join(CONF_DIR, g)))]
 
 
@@ -98,7 +123,7 @@ def test_every_option_of_every_group_validates_with_every_method(group, option, 
     if (group, option) == ("data", "jsonl"):
         overrides.append(f"data.train_files=[{os.path.join(ROOT, 'sftmix_ds', 'builtin_data', 'arith_train.jsonl')}]")
     cfg = cfg_with(*overrides)
-    if (group, option) == ("model", "llama3_8b") and not os.environ.get("LLAMA3_8B_PATH"):
+    if cfg.model.source == "hf" and not os.path.isdir(cfg.model.path):
         with pytest.raises(ConfigError, match=r"model\.path"):  # a real checkpoint the user must point to
             validate(cfg)
     else:
