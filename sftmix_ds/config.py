@@ -201,6 +201,10 @@ class HarnessConfig:
     include_path: List[str] = field(default_factory=list)  # folders of lm-eval task YAMLs
     batch_size: int = 16
     limit: int = 0  # the first N documents of each task; 0: all
+    # Generation settings for every task, over each task's own (its generation_kwargs: max_gen_toks,
+    # until, ...), e.g. {max_gen_toks: 512}. Empty: each task's own, and generation also stops at the
+    # chat template's end of turn.
+    gen_kwargs: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -411,7 +411,9 @@ class Recipe:
             results = evaluate_model(cfg, cfg.eval.model_path or self.export_dir, os.path.join(cfg.output_dir, "eval"),
                                      self.comm)
             summary = {f"eval/{g}/{n}": r["accuracy"] for g in ("tasks", "general") for n, r in results[g].items()}
-            summary.update({f"eval/lm_eval/{task}": r["value"] for task, r in results.get("harness", {}).items()})
+            for task, r in results.get("harness", {}).items():
+                summary[f"eval/lm_eval/{task}"] = r["value"]
+                summary.update({f"eval/lm_eval/{task}/{key}": m["value"] for key, m in r["metrics"].items()})
             if "perplexity" in results:
                 summary["eval/perplexity"] = results["perplexity"]["perplexity"]
             self.metrics.log_summary(summary)

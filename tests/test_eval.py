@@ -1,8 +1,10 @@
 """Evaluation: judged accuracy on a scripted model, and the real entry point on an exported model."""
 import json
+import os
 import sys
 
 import pytest
+import torch
 
 from sftmix_ds.data.formats import Conversation
 from sftmix_ds.eval import accuracy, markdown_table
@@ -36,7 +38,7 @@ def test_eval_entry_point_on_an_exported_model(tmp_path):
     same figures."""
     out = tmp_path / "run"
     evaluation = ["eval=arith", "eval.tasks.0.limit=4", "eval.general.0.limit=4", "eval.max_new_tokens=4",
-                  "eval.batch_size=1", "eval.harness.tasks=[sftmix_arith]", "eval.harness.limit=4"]
+                  "eval.batch_size=1", "eval.harness.tasks=[sftmix_arith,sftmix_arith_cot]", "eval.harness.limit=4"]
     launch_cli("train.py", ["model=tiny", "method=ntp", "train.max_steps=1", *evaluation, f"output_dir={out}"])
     with open(out / "eval" / "eval.json") as f:
         results = json.load(f)
@@ -50,6 +52,11 @@ def test_eval_entry_point_on_an_exported_model(tmp_path):
     summary = json.loads((out / "eval_summary.json").read_text())
     assert summary["eval/tasks/arith"] == results["tasks"]["arith"]["accuracy"]
     assert summary["eval/lm_eval/sftmix_arith"] == harness["value"]
+    cot = results["harness"]["sftmix_arith_cot"]  # every metric and filter, in eval.json, eval.md and the summary
+    assert set(cot["metrics"]) == {"exact_match,strict_match", "exact_match,last_number"}
+    assert "| lm-eval sftmix_arith_cot exact_match (last_number) |" in markdown_table(results)
+    assert summary["eval/lm_eval/sftmix_arith_cot/exact_match,last_number"] == cot["metrics"][
+        "exact_match,last_number"]["value"]
     again = tmp_path / "again"  # launch/eval.py on the export, over 2 ranks, gives the same figures
     launch_cli("eval.py", ["model=tiny", *evaluation, f"eval.model_path={out / 'model'}", f"output_dir={again}"],
                nproc=2)
@@ -73,7 +80,8 @@ def test_the_shipped_lm_eval_tasks_ask_the_projects_questions():
     sys.path.insert(0, SHIPPED_TASKS)
     from utils import PLACES, held_out
 
-    assert shipped_tasks() == ["sftmix_arith", "sftmix_capitals", "sftmix_study_general", "sftmix_study_indomain"]
+    assert shipped_tasks() == ["sftmix_arith", "sftmix_arith_cot", "sftmix_capitals", "sftmix_study_general",
+                              "sftmix_study_indomain"]
     for place, file in (("builtin", "arith_eval.jsonl"), ("builtin", "capitals.jsonl"), ("study", "general.jsonl")):
         docs = held_out(place, file)["test"]
         convs = load_conversations([os.path.join(PLACES[place], file)])
@@ -112,6 +120,31 @@ def test_lm_eval_and_the_projects_judges_agree_on_the_same_answers(tmp_path):
                 assert m["correct"] and re.search(re.escape(s["target"]) + r"\W*\w", s["response"]), s
     assert compared >= 12, proc.stderr[-2000:]
     assert results["general"]["capitals"]["accuracy"] > 0.3  # a real model: the comparison is not vacuous
+
+
+@pytest.mark.e2e
+def test_lm_eval_tasks_generate_with_their_own_settings_unless_overridden():
+    """The chain-of-thought task asks for 256 new tokens, not eval.max_new_tokens (the tiny random model
+    never stops early, so its answers show the budget); eval.harness.gen_kwargs overrides every task's."""
+    from omegaconf import OmegaConf
+
+    from sftmix_ds.config import HarnessConfig, load_model_config
+    from sftmix_ds.eval.harness import run_harness
+    from sftmix_ds.models import load_tokenizer, prepare_model
+
+    cache = os.path.join(os.environ.get("SFTMIX_CACHE", os.path.expanduser("~/.cache/sftmix_ds")), "models")
+    path = prepare_model(load_model_config("tiny"), cache)
+    tokenizer, _ = load_tokenizer(path)
+
+    def answer_lengths(**gen_kwargs):
+        harness = OmegaConf.structured(HarnessConfig(tasks=["sftmix_arith_cot"], limit=2, batch_size=2,
+                                                     gen_kwargs=gen_kwargs))
+        out = run_harness(harness, path, tokenizer, torch.device("cpu"), torch.float32, "<|im_end|>")
+        return [len(tokenizer(s["response"], add_special_tokens=False)["input_ids"])
+                for s in out["sftmix_arith_cot"]["samples"]]
+
+    assert min(answer_lengths()) > 48
+    assert max(answer_lengths(max_gen_toks=8)) <= 10  # re-tokenizing decoded text may split a token or two
 
 
 @pytest.mark.e2e

@@ -57,24 +57,25 @@ def shipped_tasks() -> List[str]:
     return sorted(f[:-5] for f in os.listdir(SHIPPED_TASKS) if f.endswith(".yaml") and not f.startswith("_"))
 
 
-def run_harness(harness_cfg, model_path: str, tokenizer, device, dtype, max_new_tokens: int,
-                stop: Optional[str]) -> dict:
-    """{task: {metric, value, stderr, n, filter, samples: [{id, response, extracted, target, correct}]}},
-    greedy, each question rendered with the model's chat template as its one user turn (check_tasks
-    has vetted the tasks first)."""
+def run_harness(harness_cfg, model_path: str, tokenizer, device, dtype, end_of_turn: Optional[str]) -> dict:
+    """{task: {metric, value, stderr, n, filter, metrics, samples: [{id, response, extracted, target, correct}]}}:
+    the task's first metric and filter, and in `metrics` every metric and filter it reports
+    ({"metric,filter": {value, stderr}}); each question rendered with the model's chat template as its
+    one user turn, generated with the task's own settings (its max_gen_toks, until, few-shot) under
+    eval.harness.gen_kwargs, and stopped at the template's end of turn too (check_tasks has vetted the
+    tasks first)."""
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
     from transformers import AutoModelForCausalLM
 
     # A loaded model, not a path: from a path HFLM starts accelerate, which would join (or, from the
     # launcher's environment, try to start) a process group the other ranks are not part of.
     network = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
-    model = HFLM(pretrained=network, tokenizer=tokenizer, batch_size=harness_cfg.batch_size)
-    gen_kwargs = {"max_gen_toks": max_new_tokens, "do_sample": False, **({"until": [stop]} if stop else {})}
+    end_id = tokenizer.convert_tokens_to_ids(end_of_turn) if end_of_turn else None
+    model = end_of_turn_lm(network, tokenizer, harness_cfg.batch_size, end_id)
     try:
         out = lm_eval.simple_evaluate(model=model, tasks=list(harness_cfg.tasks),
                                       task_manager=task_manager(list(harness_cfg.include_path)),
-                                      apply_chat_template=True, gen_kwargs=gen_kwargs,
+                                      apply_chat_template=True, gen_kwargs=dict(harness_cfg.gen_kwargs) or None,
                                       limit=harness_cfg.limit or None, log_samples=True, random_seed=0,
                                       numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
     except Exception as e:
@@ -86,13 +87,39 @@ def run_harness(harness_cfg, model_path: str, tokenizer, device, dtype, max_new_
             continue
         key = metrics[0]
         metric, filter_name = key.split(",", 1)
-        stderr = values.get(f"{metric}_stderr,{filter_name}")
         samples = [{"id": s["doc"].get("id", s["doc_id"]), "response": s["resps"][0][0],
                     "extracted": s["filtered_resps"][0], "target": s["target"], "correct": bool(s[metric])}
                    for s in out.get("samples", {}).get(task, []) if s.get("filter") == filter_name]
-        results[task] = {"metric": metric, "filter": filter_name, "value": values[key],
-                         "stderr": stderr if isinstance(stderr, float) else None,
+        every = {k: {"value": values[k], "stderr": _stderr(values, k)} for k in metrics}
+        results[task] = {"metric": metric, "filter": filter_name, "value": values[key], "stderr": _stderr(values, key),
                          "n": out.get("n-samples", {}).get(task, {}).get("effective", len(samples)),
-                         "samples": samples}
-        log.info("lm-eval %s: %s (%s) %.3f", task, metric, filter_name, values[key])
+                         "metrics": every, "samples": samples}
+        log.info("lm-eval %s: %s", task, ", ".join(f"{k} {v['value']:.3f}" for k, v in every.items()))
     return results
+
+
+def _stderr(values: dict, key: str) -> Optional[float]:
+    metric, filter_name = key.split(",", 1)
+    stderr = values.get(f"{metric}_stderr,{filter_name}")
+    return stderr if isinstance(stderr, float) else None
+
+
+def end_of_turn_lm(network, tokenizer, batch_size: int, end_of_turn_id: Optional[int]):
+    """lm-eval's HFLM on a loaded model, whose generation also stops at the chat template's end of turn
+    (<|eot_id|>, <end_of_turn>...): lm-eval stops at the tokenizer's end of sequence, which for some
+    templates is another token."""
+    from lm_eval.models.huggingface import HFLM
+
+    class EndOfTurnHFLM(HFLM):
+        @property
+        def eot_token_id(self) -> int:
+            return self.tokenizer.eos_token_id if end_of_turn_id is None else end_of_turn_id
+
+        @property
+        def prefix_token_id(self) -> int:  # loglikelihood contexts keep lm-eval's own choice
+            if self.custom_prefix_token_id is not None:
+                return self.custom_prefix_token_id
+            return self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else \
+                self.tokenizer.eos_token_id
+
+    return EndOfTurnHFLM(pretrained=network, tokenizer=tokenizer, batch_size=batch_size)

@@ -86,7 +86,7 @@ def harness_on_rank0(e, model_path: str, chat_template: Optional[str], comm: Col
     path = os.path.join(out_dir, "harness.json")
     if comm.rank == 0:
         tokenizer, _ = load_tokenizer(model_path, chat_template)
-        results = run_harness(e.harness, model_path, tokenizer, comm.device, comm.dtype, e.max_new_tokens,
+        results = run_harness(e.harness, model_path, tokenizer, comm.device, comm.dtype,
                               end_of_turn_token(tokenizer))
         os.makedirs(out_dir, exist_ok=True)
         write_json_atomic(path, results, indent=1)
@@ -106,6 +106,11 @@ def markdown_table(results: dict) -> str:
     for task, r in results.get("harness", {}).items():
         stderr = f" ± {r['stderr']:.3f}" if r["stderr"] is not None else ""
         lines.append(f"| lm-eval {task} {r['metric']} ({r['filter']}) | {r['value']:.3f}{stderr} | {r['n']} |")
+        for key, other in r["metrics"].items():  # the task's other metrics and filters
+            if key != f"{r['metric']},{r['filter']}":
+                stderr = f" ± {other['stderr']:.3f}" if other["stderr"] is not None else ""
+                metric, filter_name = key.split(",", 1)
+                lines.append(f"| lm-eval {task} {metric} ({filter_name}) | {other['value']:.3f}{stderr} | {r['n']} |")
     if "perplexity" in results:
         p = results["perplexity"]
         lines.append(f"| held-out perplexity | {p['perplexity']:.3f} | {p['n']} |")
