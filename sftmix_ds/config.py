@@ -306,6 +306,8 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("sftmix_ds_data", lambda name: os.path.join(BUILTIN_DATA, name))
         OmegaConf.register_new_resolver("sftmix_ds_model_tag", model_tag)
         OmegaConf.register_new_resolver("sftmix_ds_data_tag", data_tag)
+        # A Slurm sweep point's tasks per node: one per GPU (at least one: a CPU-only point).
+        OmegaConf.register_new_resolver("sftmix_ds_tasks_per_node", lambda gpus: max(1, int(gpus or 0)))
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(group="model", name="model_schema", node=ModelConfig)

@@ -39,6 +39,15 @@ def test_zero_stage_auto_is_zero2_on_one_rank_zero3_on_several_and_the_checkpoin
         validate(cfg_with("deepspeed.zero_stage=two"))
 
 
+def test_a_slurm_sweep_point_runs_one_task_per_gpu_set_in_one_place():
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        for extra, tasks in (([], 1), (["hydra.launcher.gpus_per_node=8"], 8)):
+            launcher = compose(config_name="train", overrides=["hydra/launcher=slurm", *extra],
+                               return_hydra_config=True).hydra.launcher
+            assert (launcher.tasks_per_node, launcher.gpus_per_node) == (tasks, 8 if extra else 0)
+
+
 RECIPES = sorted(f[:-len(".yaml")] for f in os.listdir(os.path.join(CONF_DIR, "recipe")))
 
 
