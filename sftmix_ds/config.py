@@ -396,6 +396,12 @@ def positive(key: str, value: float, zero_ok: bool = False) -> None:
     in_range(key, value, 0, low_open=not zero_ok)
 
 
+# Bounds on numbers that size allocations (far above any real run's).
+MAX_MIXTURE_WEIGHT = 10_000  # epochs of one source in one epoch of a mixture
+MAX_PROCESSES = 1024  # data.num_proc
+MAX_RANK_BATCH = 1 << 20  # examples one rank takes per optimizer step (micro-batch x accumulation)
+MAX_PAD_MULTIPLE = 1 << 16  # tokens
+
 # deepspeed.extra may add any DeepSpeed key, but not one that a typed option already sets.
 OWNED_DEEPSPEED_KEYS = {
     "train_micro_batch_size_per_gpu": "train.micro_batch_size", "gradient_accumulation_steps": "train.grad_accum",
@@ -444,9 +450,9 @@ def validate(cfg) -> None:
     if d.weights and len(d.weights) != len(d.train_files):
         raise ConfigError(f"data.weights: {len(d.weights)} weights for {len(d.train_files)} data.train_files; give "
                           "one per file, in order")
-    for w in d.weights:
-        positive("data.weights", w)
-    positive("data.num_proc", d.num_proc, zero_ok=True)
+    for w in d.weights:  # each source's epochs in one epoch of the mixture (its size is bounded once loaded)
+        in_range("data.weights", w, 0, MAX_MIXTURE_WEIGHT, low_open=True)
+    in_range("data.num_proc", d.num_proc, 0, MAX_PROCESSES)
     for name, files in d.eval_sets.items():
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or not files:
             raise ConfigError(f"data.eval_sets.{name}: a set needs a name of letters, digits, '_', '.' or '-' and "
@@ -464,6 +470,9 @@ def validate(cfg) -> None:
         positive(f"train.{key}", getattr(t, key), zero_ok=True)
     if t.max_steps != -1:
         positive("train.max_steps", t.max_steps)  # -1: train.epochs decides
+    # Numbers that size what is allocated per step: bounded before anything is.
+    in_range("train.micro_batch_size x train.grad_accum", t.micro_batch_size * t.grad_accum, 1, MAX_RANK_BATCH)
+    in_range("train.pad_to_multiple_of", t.pad_to_multiple_of, 0, MAX_PAD_MULTIPLE)
     in_range("train.warmup_ratio", t.warmup_ratio, 0, 1, high_open=True)
     in_range("train.min_lr_ratio", t.min_lr_ratio, 0, 1)
     if len(t.betas) != 2:

@@ -39,6 +39,18 @@ def test_zero_stage_auto_is_zero2_on_one_rank_zero3_on_several_and_the_checkpoin
         validate(cfg_with("deepspeed.zero_stage=two"))
 
 
+@pytest.mark.parametrize("key", ["data.weights", "data.num_proc", "train.micro_batch_size", "train.grad_accum",
+                                 "train.pad_to_multiple_of"])
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "1e15", "1000000000000000"])
+def test_numbers_that_size_allocations_are_bounded_before_anything_allocates(key, value):
+    override = f"{key}=[{value}]" if key == "data.weights" else f"{key}={value}"
+    if value == "0" and key in ("data.num_proc", "train.pad_to_multiple_of"):  # 0: automatic
+        validate(cfg_with(override))
+        return
+    with pytest.raises((ConfigError, ConfigCompositionException), match=key.split(".")[1]):
+        validate(cfg_with(override))
+
+
 def test_a_slurm_sweep_point_runs_one_task_per_gpu_set_in_one_place():
     register_configs()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):

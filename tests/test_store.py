@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from sftmix_ds.data import TokenStore, examples_digest, load_conversations, load_examples
+from sftmix_ds.data import DataError, TokenStore, examples_digest, load_conversations, load_examples
 from sftmix_ds.data.store import StoreWriter, open_store, pack_chunk
 from sftmix_ds.data.tokenize import tokenize_conversations
 
@@ -222,6 +222,35 @@ def test_a_mixture_takes_each_source_for_its_epochs_seeded(tmp_path, tokenizer):
     assert same.ids == mix.ids and same.digest == mix.digest
     assert other.ids[2 * len(a):] != drawn and other.digest != mix.digest
     assert Mixture([a, b], ["a", "b"], [1, 1], seed=3).ids == a.ids + b.ids
+
+
+def test_a_mixture_of_overlapping_sources_or_of_too_many_examples_is_refused_before_it_allocates(tmp_path, tokenizer):
+    from sftmix_ds.data.mixture import MAX_EXAMPLES, Mixture
+
+    a = load_examples([os.path.join(BUILTIN, "arith_eval.jsonl")], tokenizer, cache_dir=str(tmp_path), **SETTINGS)
+    with pytest.raises(DataError, match=r"data.train_files: x.jsonl and x.jsonl share the example id .*: a "
+                                        r"mixture's sources must not overlap \(the same file twice\?"):
+        Mixture([a, a], ["x.jsonl", "x.jsonl"], [1, 1], seed=0)
+    weight = MAX_EXAMPLES // len(a) + 1
+    with pytest.raises(DataError, match=rf"data.weights=\[{weight}\]: the mixture would hold [0-9,]+ examples"):
+        Mixture([a], ["x.jsonl"], [weight], seed=0)
+
+
+@pytest.mark.e2e
+def test_mixture_weights_and_repeated_files_are_refused_through_the_entry_point(tmp_path):
+    from .helpers import train_cli
+
+    data = os.path.join(BUILTIN, "arith_eval.jsonl")
+    base = ["model=tiny", "method=ntp", "data=jsonl", "train.max_steps=1", f"output_dir={tmp_path / 'run'}"]
+    for weights, message in (("[1e15]", "data.weights=1000000000000000.0: must be in (0, 10000]"),
+                             ("[nan]", "data.weights=nan: must be a finite number"),
+                             ("[0]", "data.weights=0.0: must be in (0, 10000]"),
+                             ("[-1]", "data.weights=-1.0: must be in (0, 10000]")):
+        proc = train_cli(base + [f"data.train_files=[{data}]", f"data.weights={weights}"], check=False)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    proc = train_cli(base + [f"data.train_files=[{data},{data}]", "data.weights=[1,1]"], check=False)
+    assert proc.returncode == 2 and f"data.train_files: {data} and {data} share the example id" in proc.stderr
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")  # refused before anything trained
 
 
 @pytest.mark.e2e

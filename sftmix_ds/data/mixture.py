@@ -17,11 +17,15 @@ from typing import List
 
 import numpy as np
 
+from .formats import DataError
 from .store import Example, TokenStore
+
+MAX_EXAMPLES = 100_000_000  # in one epoch of a mixture: its plan holds an index per example
 
 
 class Mixture(Sequence):
     def __init__(self, sources: List[TokenStore], names: List[str], weights: List[float], seed: int):
+        check_mixture(sources, names, weights)
         source, index, copy = [], [], []
         self.counts = []
         for k, (store, weight) in enumerate(zip(sources, weights)):
@@ -63,6 +67,22 @@ class Mixture(Sequence):
     def _flat_index(self) -> np.ndarray:
         starts = np.cumsum([0] + [len(s) for s in self.sources])
         return starts[self.source] + self.index
+
+
+def check_mixture(sources: List[TokenStore], names: List[str], weights: List[float]) -> None:
+    """Before anything is allocated: the mixture's size is bounded, and its sources share no id (the same
+    file twice would train its examples twice under one id; a heavier weight is the way to repeat)."""
+    size = sum(int(w) * len(s) + round((w - int(w)) * len(s)) for s, w in zip(sources, weights))
+    if size > MAX_EXAMPLES:
+        raise DataError(f"data.weights={list(weights)}: the mixture would hold {size:,} examples an epoch, more "
+                        f"than {MAX_EXAMPLES:,}; lower the weights")
+    owner = {}
+    for k, store in enumerate(sources):
+        for example_id in store.ids:
+            if owner.setdefault(example_id, k) != k:
+                raise DataError(f"data.train_files: {names[owner[example_id]]} and {names[k]} share the example id "
+                                f"{example_id!r}: a mixture's sources must not overlap (the same file twice? "
+                                "give it a larger weight in data.weights instead)")
 
 
 def _copy_id(example_id: str, copy: int) -> str:
