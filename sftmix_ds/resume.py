@@ -14,33 +14,10 @@ from omegaconf import OmegaConf
 from .config import ConfigError
 from .data.tokenize import content_digest
 from .engine.checkpoint import complete_checkpoints
-from .identity import SPEED_SWITCHES, examples_hash
+from .identity import examples_hash, kept_settings
 
 log = logging.getLogger(__name__)
 RUN_FILE = "run.json"  # in OUTPUT_DIR: run_record of the run, written when it starts
-
-# Settings a resumed run may change: where things go, how often it logs, saves and evaluates,
-# and the speed switches (tested to leave the math unchanged).
-# The data files are compared by the examples they give, not by their paths. An entry ending in
-# "." or "_" covers every key it begins.
-RESUMABLE_CHANGES = ("output_dir", "resume", "resume_force", "model_cache_dir", "logger.", "eval", "data.cache_dir",
-                     # the layout, as long as the global batch (compared on its own) is kept (a checkpoint
-                     # loads under its own ZeRO stage only: fit_layout says so):
-                     "train.micro_batch_size", "train.grad_accum", "train.sequence_parallel",
-                     "train.allow_new_global_batch", "deepspeed.zero_stage",
-                     "data.train_files", "data.eval_files", "data.eval_sets", "method.stage_dir",
-                     "method.confidence_source", "method.confidence_file", "method.targets_file",
-                     "method.allow_unsandboxed_code",
-                     "deepspeed.timeout_minutes", "deepspeed.peer_timeout_s", "deepspeed.build_lock_wait_minutes",
-                     "train.log_every",
-                     "train.eval_", "train.save_every", "train.save_every_minutes", "train.keep_checkpoints",
-                     "train.stop_after_steps",
-                     "train.export_", "train.nonfinite", "train.max_nonfinite_steps", *SPEED_SWITCHES)
-
-
-def resumable_change(key: str) -> bool:
-    return any(key == c or key.startswith(c if c.endswith((".", "_")) else c + ".") for c in RESUMABLE_CHANGES)
-
 
 def finished(cfg) -> bool:
     """The final export is there (with LoRA and train.export_merged=false: the adapter folder)."""
@@ -64,22 +41,6 @@ def find_resume(cfg) -> list:
             log.warning("resume: passing over %s", why)
         return done[::-1]
     return [cfg.resume]
-
-
-def kept_settings(settings: dict) -> dict:
-    """Every setting of the resolved config (a plain dict), flattened to dotted keys, but
-    RESUMABLE_CHANGES."""
-    flat = {}
-
-    def walk(node, prefix=""):
-        for k, v in node.items():
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}.")
-            else:
-                flat[f"{prefix}{k}"] = v
-
-    walk(settings)
-    return {k: v for k, v in flat.items() if not resumable_change(k)}
 
 
 def run_identity(settings: dict, examples, method_identity: dict, global_batch: int) -> dict:

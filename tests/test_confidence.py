@@ -162,49 +162,44 @@ def test_two_ranks_zero3_score_like_one_process(stage1):
         assert a[i]["perplexities"] == pytest.approx(ref[i]["perplexities"], rel=1e-6)
 
 
-def test_a_speed_switch_reuses_stage_1_and_default_fingerprints_are_unchanged():
-    """The speed switches resume may change (one list, sftmix_ds.identity) leave the stage-1 fingerprint
-    as it is, so switching one on between two SFTMix runs reuses the reference epoch and scoring; a
-    setting of the math does not; and with default switches the fingerprint is the one computed
-    before the list existed (every key hashed), so existing stage-1 folders are still found."""
-    import hashlib
-    import struct
+def test_every_setting_a_resumed_run_may_change_leaves_the_stage_1_fingerprint_unchanged():
+    """One list (sftmix_ds.identity.RESUMABLE_CHANGES) for resume and stage 1: every train or model key on it
+    can change (bookkeeping, speed switches, the non-finite policy) and SFTMix's stage 1 is reused; so is
+    another layout with the same global batch (a resubmission on other nodes); a setting of the math
+    (the learning rate, the global batch) is another stage 1."""
+    from dataclasses import fields
 
-    import numpy as np
     from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
 
-    from sftmix_ds.config import CONF_DIR, register_configs, resolve_precision
+    from sftmix_ds.config import CONF_DIR, ModelConfig, TrainLoopConfig, register_configs
     from sftmix_ds.confidence.stage import fingerprint
+    from sftmix_ds.identity import resumable_change
 
     register_configs()
     examples = [Example(f"e{i}", [1, 2, 3 + i], [-100, 2, 3 + i]) for i in range(5)]
 
-    def fp(*overrides):
+    def fp(*overrides, world_size=2):
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             cfg = compose(config_name="train", overrides=["method=sftmix", "model=tiny", *overrides])
-        return cfg, fingerprint(cfg, cfg.model, examples, 2)
+        return fingerprint(cfg, cfg.model, examples, world_size)
 
-    cfg, default = fp()
-    switched = fp("train.compile=true", "train.gradient_checkpointing=true", "train.loss_backend=torch",
-                  "train.loss_chunk_size=7", "model.attn_implementation=eager")[1]
-    assert switched == default
-    assert fp("train.lr=1e-3")[1] != default
-    # The fingerprint as it was computed before the list existed (the examples by their digest, fed
-    # one by one as naively as possible here, then every setting).
-    examples_bytes = b"".join(struct.pack("<qqq", len(e.id), len(e.input_ids), 1) + e.id.encode()
-                              + np.array(e.input_ids, "<i8").tobytes() + np.array([[1, 3]], "<i8").tobytes()
-                              for e in examples)
-    h = hashlib.sha256(hashlib.sha256(examples_bytes).hexdigest().encode())
-    train = OmegaConf.to_container(cfg.train, resolve=True)
-    for volatile in ("log_every", "eval_every", "eval_each_epoch", "eval_on_start", "save_every", "keep_checkpoints",
-                     "stop_after_steps", "export_dtype", "export_count", "epochs", "max_steps"):
-        train.pop(volatile, None)
-    model = {**OmegaConf.to_container(cfg.model, resolve=True), "attn_implementation": "sdpa"}  # as recorded
-    h.update(json.dumps({"model": model, "checkpoints": 4,
-                         "score_checkpoints": [], "train": train, "world_size": 2,
-                         "precision": resolve_precision(cfg.train.precision)}, sort_keys=True).encode())
-    assert default == h.hexdigest()[:16]
+    other_value = {bool: lambda v: str(not v).lower(), int: lambda v: str(v + 3), float: lambda v: str(v + 0.5)}
+    strings = {"loss_backend": "torch", "nonfinite": "skip", "export_dtype": "fp16", "attn_implementation": "eager"}
+    layout = ("micro_batch_size", "grad_accum", "sequence_parallel")  # compared through the global batch
+    default, changed = fp(), []
+    for section, schema in (("train", TrainLoopConfig), ("model", ModelConfig)):
+        for f in fields(schema):
+            key = f"{section}.{f.name}"
+            if not resumable_change(key) or f.name in layout:
+                continue
+            value = strings.get(f.name) or other_value[type(f.default)](f.default)
+            changed.append(key)
+            assert fp(f"{key}={value}") == default, key
+    assert {"train.nonfinite", "train.max_nonfinite_steps", "train.save_every", "train.compile",
+            "model.attn_implementation"} <= set(changed)
+    assert fp("train.micro_batch_size=4", "train.grad_accum=2", world_size=1) == fp("train.micro_batch_size=4")
+    assert fp("train.micro_batch_size=2") != default  # a global batch of 4, not 16
+    assert fp("train.lr=1e-3") != default and fp("train.epochs=3") == default  # the reference run is one epoch
 
 
 def test_reference_run_config_uses_the_reference_model():

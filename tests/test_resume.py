@@ -5,7 +5,8 @@ import pytest
 
 from sftmix_ds.config import ConfigError
 from sftmix_ds.data.tokenize import Example
-from sftmix_ds.resume import fit_layout, identity_changes, resumable_change, run_identity, same_run_problem
+from sftmix_ds.identity import resumable_change
+from sftmix_ds.resume import fit_layout, identity_changes, run_identity, same_run_problem
 
 META = {"world_size": 2, "zero_stage": 3, "global_batch": 8, "micro_batch_size": 2, "grad_accum": 2}
 

@@ -26,7 +26,7 @@ from ..engine import Collectives, after_rank0_wrote, dist_env
 from ..faults import maybe_delay
 from ..models import load_tokenizer, prepare_model
 from ..common import write_json_atomic
-from ..identity import examples_hash, without_speed_switches
+from ..identity import examples_hash, kept_settings
 from ..inference import perplexities, score_model
 from ..tracking import log_stage_summary
 from .split import confidence_records, plot_confidence, random_split_records, summarize, write_confidence_file
@@ -41,14 +41,19 @@ def reference_model_config(cfg):
 
 
 def fingerprint(cfg, ref_model_cfg, examples, world_size: int) -> str:
-    h = examples_hash(examples)
-    settings = {"model": without_speed_switches("model", OmegaConf.to_container(ref_model_cfg, resolve=True)),
+    """Stage 1's identity: the examples, the reference model, the scoring points, and every training
+    setting that changes the reference run's math: not those a resumed run may change (identity.py, one
+    list for both), nor the run's length (the reference run is one epoch), and the global batch in place
+    of the layout, so the same run on other nodes (an sbatch resubmission) reuses it."""
+    t = cfg.train
+    train = kept_settings(OmegaConf.to_container(t, resolve=True), "train.")
+    for own in ("train.epochs", "train.max_steps"):
+        train.pop(own, None)
+    settings = {"model": kept_settings(OmegaConf.to_container(ref_model_cfg, resolve=True), "model."),
                 "checkpoints": cfg.method.checkpoints, "score_checkpoints": list(cfg.method.score_checkpoints),
-                "train": without_speed_switches("train", OmegaConf.to_container(cfg.train, resolve=True)),
-                "world_size": world_size, "precision": resolve_precision(cfg.train.precision)}
-    for volatile in ("log_every", "eval_every", "eval_each_epoch", "eval_on_start", "save_every", "save_every_minutes",
-                     "keep_checkpoints", "stop_after_steps", "export_dtype", "export_count", "epochs", "max_steps"):
-        settings["train"].pop(volatile, None)
+                "train": train, "global_batch": t.micro_batch_size * t.grad_accum * (world_size // t.sequence_parallel),
+                "precision": resolve_precision(t.precision)}
+    h = examples_hash(examples)
     h.update(json.dumps(settings, sort_keys=True).encode())
     return h.hexdigest()[:16]
 
