@@ -74,8 +74,8 @@ def check_lora_targets(model_path: str, peft_cfg) -> None:
     lora_targets(model, peft_cfg)
     frozen = unadapted_weights(model)
     if frozen:
-        log.warning("peft=lora: %s in %s's decoder blocks hold weights that are not linear layers (fused MoE "
-                    "experts); LoRA does not adapt them and they stay frozen", ", ".join(frozen),
+        log.warning("peft=lora: %s in %s's decoder blocks hold weights that are not linear layers (an MoE block's "
+                    "fused experts or its router); LoRA does not adapt them and they stay frozen", ", ".join(frozen),
                     type(model).__name__)
 
 

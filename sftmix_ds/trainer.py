@@ -139,18 +139,26 @@ class Recipe:
                                 allow_new_global_batch=t.allow_new_global_batch, sequence_parallel=t.sequence_parallel)
             self.universal, grad_accum = layout.universal, layout.grad_accum
         if (zero_stage, grad_accum) != (self.cfg.deepspeed.zero_stage, t.grad_accum):
-            self.cfg = copy.deepcopy(self.cfg)
-            with open_dict(self.cfg):
-                self.cfg.deepspeed.zero_stage = zero_stage
-                self.cfg.train.grad_accum = grad_accum
-            self.t = self.cfg.train
+            self._resolve({"deepspeed.zero_stage": zero_stage, "train.grad_accum": grad_accum})
+
+    def _resolve(self, values: dict) -> None:
+        """This run's config becomes a copy with `values` ({dotted key: value}) set, as config.yaml records."""
+        self.cfg = copy.deepcopy(self.cfg)
+        with open_dict(self.cfg):
+            for key, value in values.items():
+                OmegaConf.update(self.cfg, key, value, merge=False)
+        self.t = self.cfg.train
 
     def _setup_data(self) -> None:
         """Model files, tokenizer, tokenized splits and the method's stage: all before any process group."""
         cfg = self.cfg
         self.model_path = prepare_model(cfg.model, cfg.model_cache_dir)
-        check_sequence_parallel(cfg.train.sequence_parallel, self.model_path,
-                                attention_implementation(self.model_path, cfg.model.attn_implementation))
+        attention = attention_implementation(self.model_path, cfg.model.attn_implementation)
+        if cfg.model.attn_implementation == "auto":
+            log.info("attention: %s (model.attn_implementation=auto for %s)", attention, cfg.model.name)
+            self._resolve({"model.attn_implementation": attention})
+            cfg = self.cfg
+        check_sequence_parallel(cfg.train.sequence_parallel, self.model_path, attention)
         if cfg.peft.kind == "lora":
             check_lora_targets(self.model_path, cfg.peft)
         self.tokenizer, self.pad_id = load_tokenizer(self.model_path, cfg.model.chat_template)

@@ -152,8 +152,11 @@ def test_mistral_system_prompt_is_refused_not_dropped():
 
 
 def test_gemma2_refuses_a_system_turn_by_name():
-    with pytest.raises(DataError, match="conversation.jsonl:1: the chat template rejects this conversation.*System"):
+    with pytest.raises(DataError, match="conversation.jsonl:1: the chat template rejects this conversation.*System.*"
+                                        "put the system text at the start of the first user message, or leave it out"):
         encode(family_tokenizer("gemma2"), SYSTEM, "conversation.jsonl:1")
+    folded = [{"role": "user", "content": SYSTEM[0]["content"] + "\n\n" + SYSTEM[1]["content"]}, *SYSTEM[2:]]
+    assert supervised(family_tokenizer("gemma2"), folded) == expected("gemma2", folded)  # the way out trains
     assert supervised(family_tokenizer("gemma2"), MULTI) == expected("gemma2", MULTI)
 
 
@@ -164,7 +167,8 @@ def test_qwen3_single_turn_trains_the_reasoning_block_its_template_writes():
 
 def test_qwen3_multi_turn_is_refused_by_its_own_template_and_trained_by_the_shipped_one():
     tokenizer = family_tokenizer("qwen3")
-    with pytest.raises(DataError, match="renders assistant message 1 differently once later turns follow"):
+    with pytest.raises(DataError, match="renders assistant message 1 differently once later turns follow.*"
+                                        "model.chat_template=qwen3"):
         encode(tokenizer, MULTI, "conversation.jsonl:1")
     tokenizer.chat_template = chat_template_text("qwen3")
     reasoned = [MULTI[0], {"role": "assistant", "content": "<think>\nFrance: Paris.\n</think>\n\nParis."}, *MULTI[2:]]

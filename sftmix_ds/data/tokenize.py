@@ -30,7 +30,12 @@ def _render(tokenizer, messages: List[dict], where: str, **kwargs):
     try:
         return tokenizer.apply_chat_template(messages, **kwargs)
     except Exception as e:  # jinja raises whatever the template author chose
-        raise DataError(f"{where}: the chat template rejects this conversation ({type(e).__name__}: {e})") from None
+        hint = ""
+        if messages and messages[0]["role"] == "system" and "system" in str(e).lower():
+            hint = ("; this template takes no system turn (Gemma's, for one): put the system text at the start of "
+                    "the first user message, or leave it out (and data.system_prompt unset); either trains correctly")
+        raise DataError(f"{where}: the chat template rejects this conversation ({type(e).__name__}: {e})"
+                        f"{hint}") from None
 
 
 def _special_tokens(tokenizer) -> Tuple[str, ...]:
@@ -104,7 +109,8 @@ def assistant_spans(tokenizer, messages: List[dict], where: str,
             raise DataError(f"{where}: the chat template renders assistant message {i} differently once later turns "
                             "follow (Qwen3's template, for one, drops an earlier turn's reasoning), so its tokens "
                             "cannot be located by rendering prefixes; use a template marking assistant turns with "
-                            "{% generation %} ... {% endgeneration %} (model.chat_template), or single-turn data")
+                            "{% generation %} ... {% endgeneration %} (model.chat_template; for Qwen3 the shipped "
+                            "model.chat_template=qwen3), or single-turn data")
         answer, marker = _split_end_marker(turn[len(prompt):], special)
         spans.append((len(prompt), len(prompt) + len(answer) + len(marker)))
     return text, spans
