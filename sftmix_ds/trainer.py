@@ -21,7 +21,7 @@ from omegaconf import OmegaConf, open_dict
 from tqdm import tqdm
 
 from .adapters import adapter_summary, apply_lora, check_lora_targets
-from .common import UserError, atomic_file, evenly_spaced, to_device, write_json_atomic
+from .common import OutOfSpace, UserError, atomic_file, evenly_spaced, to_device, write_json_atomic
 from .config import ConfigError, resolve_zero_stage, validate
 from .data import load_split, train_split
 from .engine import (PREFIX, Checkpointer, Collectives, DeepSpeedStrategy, LossModule, check_data_parallel, check_head,
@@ -408,8 +408,16 @@ class Recipe:
             lora = cfg.peft.kind == "lora"
             merged = self.export_dir if t.export_merged or not lora else None
             adapter = os.path.join(cfg.output_dir, "adapter") if lora else None
-            self.strategy.export(merged, self.model, self.tokenizer, t.export_dtype, prefix=PREFIX,
-                                 adapter_dir=adapter)
+            try:
+                self.strategy.export(merged, self.model, self.tokenizer, t.export_dtype, prefix=PREFIX,
+                                     adapter_dir=adapter)
+            except OutOfSpace as e:
+                checkpoints = complete_checkpoints(self.ckpt_root)
+                where = (f"the newest complete checkpoint, {checkpoints[-1]}, is intact: free space and run again "
+                         "(resume=auto continues from it and exports)" if checkpoints else
+                         "no checkpoint was saved (train.save_every, train.save_every_minutes): free space and "
+                         "run again")
+                raise OutOfSpace(f"the final export: {e}; {where}") from None
             log.info("exported %s %s; final metrics %s", t.export_dtype,
                      " and ".join(f"{what} to {where}" for what, where in (("model", merged), ("adapter", adapter))
                                   if where), record)

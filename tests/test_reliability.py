@@ -358,6 +358,22 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
+def test_a_full_disk_at_the_final_export_is_a_clean_error_naming_what_is_intact(small_disk):
+    """The run trains, its logs fit, its export does not: exit 2 naming the folder and what to do, the
+    logs kept, no half-written model (safetensors raises its own error type there, not an OSError)."""
+    disk, resize = small_disk
+    resize("4m")  # the tiny model's export with its tokenizer takes about 10 MB
+    run = disk / "run"
+    proc = train_cli(["model=tiny", "method=ntp", "train.max_steps=2", "train.eval_every=0", f"output_dir={run}"],
+                     check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"the final export: {run}/model: no space left on its filesystem" in proc.stderr
+    assert "no checkpoint was saved (train.save_every, train.save_every_minutes): free space and run again" in \
+        proc.stderr
+    assert [r["step"] for r in lines(run / "metrics.jsonl")] == [1, 2]
+    assert not (run / "model").exists() and not list(run.glob("model*.tmp"))
+
+
 def test_a_full_disk_is_a_clean_error_and_loses_nothing(small_disk, tokenizer):
     """The token cache, a checkpoint save and the run after it, on a filesystem that fills up:
     clean errors naming the path, no half-written file, and the earlier checkpoint resumes."""

@@ -203,6 +203,8 @@ class DeepSpeedStrategy:
         (sftmix_ds.adapters) is exported merged to out_dir (None: not at all), and
         its adapter folder to adapter_dir when given.
         """
+        from safetensors import SafetensorError
+
         from ..adapters import is_peft, merged_state, save_adapter
 
         if self.zero_stage == 3:
@@ -223,7 +225,7 @@ class DeepSpeedStrategy:
                 if out_dir is not None:
                     _write_export(out_dir, {k: v.to(export_dtype) for k, v in state.items()}, model, tokenizer,
                                   export_dtype)
-            except (OSError, RuntimeError) as e:
+            except (OSError, RuntimeError, SafetensorError) as e:  # safetensors' own type for a failed write
                 for folder in (out_dir, adapter_dir):
                     if folder:
                         shutil.rmtree(f"{folder}.tmp", ignore_errors=True)
