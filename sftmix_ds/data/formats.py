@@ -302,6 +302,16 @@ def _json_field(record: dict, key: str, where: str):
     return value
 
 
+def _json_object(text: str, where: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where} is not valid JSON ({e.msg} at column {e.colno}): {text[:80]!r}") from None
+    if not isinstance(value, dict):
+        raise DataError(f"{where} must be a JSON object (the call's named arguments), got {type(value).__name__}")
+    return value
+
+
 def _tools(record: dict, where: str) -> Optional[list]:
     if not isinstance(record, dict) or not str(record.get("tools") or "").strip():  # absent, None, [] or ""
         return None
@@ -323,6 +333,8 @@ def _tool_calls(m: dict, at: str) -> list:
                 and isinstance(function.get("arguments"), (dict, str))):
             raise DataError(f"{at}: tool_calls[{k}]: expected {{'function': {{'name': str, 'arguments': object or "
                             "JSON text}}}")
+        if isinstance(function["arguments"], str):  # JSON text, as OpenAI writes it: checked, kept as written
+            _json_object(function["arguments"], f"{at}: tool_calls[{k}].function.arguments")
         entry = {"type": "function", "function": {"name": function["name"], "arguments": function["arguments"]}}
         if isinstance(call.get("id"), str):
             entry["id"] = call["id"]
