@@ -82,6 +82,30 @@ def test_contains_judge_for_open_answers():
     assert not contains({"answer": "Rome"}, "The capital is Romeo")
 
 
+def test_contains_judge_rejects_naming_another_questions_answer_too():
+    """Listing every capital of the set does not answer one question; another answer inside the gold
+    (York in New York) or the gold itself among the set's answers is no rival."""
+    capitals = ["Paris", "London", "Berlin", "Madrid", "Rome", "Tokyo", "Nairobi", "York", "New York"]
+    assert not contains({"answer": "Paris"}, "Paris London Berlin Madrid Rome Tokyo Nairobi", others=capitals)
+    assert contains({"answer": "Paris"}, "Paris London Berlin Madrid Rome Tokyo Nairobi")  # without the set
+    assert contains({"answer": "Paris"}, "The capital of France is Paris.", others=capitals)
+    assert contains({"answer": "New York"}, "It is New York.", others=capitals)
+    assert not contains({"answer": "York"}, "York, or New York", others=capitals)  # New York holds York: a rival
+
+
+def test_evaluation_gives_a_judge_that_takes_them_the_sets_other_answers():
+    from sftmix_ds.data.formats import Conversation
+    from sftmix_ds.eval import accuracy
+
+    golds = ["Paris", "Rome", "Tokyo"]
+    convs = [Conversation(f"c{i}", [{"role": "user", "content": "q"}, {"role": "assistant", "content": g}], "x", {})
+             for i, g in enumerate(golds)]
+    answers = ["Paris.", "Rome or Paris or Tokyo", "It is Tokyo"]
+    serial = lambda items, fn: fn(items)
+    result = accuracy(convs, lambda prompts: answers, contains, serial)
+    assert [e["correct"] for e in result["examples"]] == [True, False, True]
+
+
 def test_llm_judge_parses_a_verdict_and_counts_anything_else_as_no():
     prompts_seen = []
 

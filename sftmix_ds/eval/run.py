@@ -2,6 +2,8 @@
 and held-out response perplexity; results as eval.json and eval.md in the output folder."""
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
 import math
@@ -23,6 +25,8 @@ def accuracy(conversations, generate, judge, on_ranks, answer_field: str = "answ
     prompts = [c.messages[:-1] for c in conversations]
     answers = on_ranks(prompts, generate)
     records = [{**c.record, "answer": c.record.get(answer_field, c.messages[-1]["content"])} for c in conversations]
+    if "others" in inspect.signature(judge).parameters:  # a judge that rejects naming another question's answer
+        judge = functools.partial(judge, others=sorted({str(r["answer"]) for r in records}))
     verdicts = on_ranks(list(zip(records, answers)), lambda share: [bool(judge(r, a)) for r, a in share])
     return {"accuracy": sum(verdicts) / max(len(verdicts), 1), "n": len(verdicts),
             "examples": [{"id": c.id, "answer": a, "correct": v} for c, a, v in zip(conversations, answers, verdicts)]}

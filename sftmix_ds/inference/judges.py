@@ -12,7 +12,7 @@ import importlib
 import re
 from decimal import Decimal
 from fractions import Fraction
-from typing import Callable
+from typing import Callable, Sequence
 
 from .sandbox import isolation, run_tests
 
@@ -104,16 +104,24 @@ NEGATIONS = {"not", "no", "never", "nor", "neither", "isn", "wasn", "aren", "wer
 NEGATION_WINDOW = 3  # tokens before the answer that are looked at
 
 
-def contains(record: dict, candidate: str, field: str = "answer") -> bool:
+def contains(record: dict, candidate: str, field: str = "answer", others: Sequence[str] = ()) -> bool:
     """The normalised gold answer appears in the normalised candidate (short open answers), and no
     appearance is negated by one of NEGATIONS in the NEGATION_WINDOW tokens before it: what the
     judge cannot decide ("not Paris ... Paris") it rejects. ("can" counts for "can't", which the
-    normalisation splits.)"""
+    normalisation splits.) `others`: the other answers of the same evaluation set; a candidate naming
+    one of them as well (beyond those inside the gold) is rejected, so listing every capital does not
+    answer "the capital of France"."""
     gold = normalize(str(record[field])).split()
     words = normalize(candidate).split()
-    found = [i for i in range(len(words) - len(gold) + 1) if gold and words[i:i + len(gold)] == gold]
+    found = _places(words, gold)
     negated = any(NEGATIONS & set(words[max(0, i - NEGATION_WINDOW):i]) for i in found)
-    return bool(found) and not negated
+    rivals = (o for o in map(lambda text: normalize(str(text)).split(), others) if o and not _places(gold, o))
+    return bool(found) and not negated and not any(_places(words, rival) for rival in rivals)
+
+
+def _places(words: list, phrase: list) -> list:
+    """Where `phrase` (a list of words) starts in `words`."""
+    return [i for i in range(len(words) - len(phrase) + 1) if phrase and words[i:i + len(phrase)] == phrase]
 
 
 def extract_code(text: str) -> str:
