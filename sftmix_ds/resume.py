@@ -4,6 +4,7 @@ stage, global batch) maps onto the resuming run's. The recipe applies the decisi
 (engine/checkpoint.py) does the loading."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -58,6 +59,8 @@ def identity_changes(old: dict, new: dict) -> list:
     changes = []
     if old.get("data") != new["data"]:
         changes.append("the training examples differ (other data, tokenizer, max_length or method state)")
+    if old.get("model") and new.get("model") and old["model"] != new["model"]:
+        changes.append("the model folder's files differ (other weights: a file's size or modification time changed)")
     before, after = old.get("settings", {}), new["settings"]
     for key in sorted(set(before) | set(after)):
         if key == "global_batch" and key not in before:  # a checkpoint from before it was recorded
@@ -83,9 +86,23 @@ def same_run_problem(folder: str, meta: dict, identity: dict, allow_new_global_b
 
 def run_record(cfg) -> dict:
     """What a finished run in OUTPUT_DIR (RUN_FILE) is compared by before it counts as this run: every
-    setting but RESUMABLE_CHANGES, and the content of the training data files (not their names)."""
+    setting but RESUMABLE_CHANGES, the content of the training data files (not their names), and a
+    model folder's files (model.source=hf)."""
     return {"settings": kept_settings(OmegaConf.to_container(cfg, resolve=True)),
-            "data": content_digest(list(cfg.data.train_files))}
+            "data": content_digest(list(cfg.data.train_files)),
+            "model": model_files(cfg.model.path) if cfg.model.source == "hf" else None}
+
+
+def model_files(path: str) -> str:
+    """A model folder by its files' names, sizes and modification times (hashing gigabytes of weights at
+    every start would cost minutes): weights replaced under the same path are another model."""
+    h = hashlib.sha256()
+    for root, folders, files in os.walk(path):
+        folders.sort()
+        for name in sorted(files):
+            st = os.stat(os.path.join(root, name))
+            h.update(f"{os.path.relpath(os.path.join(root, name), path)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
 
 
 def check_finished_run(cfg) -> None:

@@ -149,3 +149,15 @@ def test_a_finished_run_counts_as_this_run_only_with_the_same_settings_and_data(
     moved.write_text('{"id": "a", "prompt": "1+2?", "completion": "3"}\n')
     with pytest.raises(ConfigError, match="the training examples differ"):
         check_finished_run(cfg(train_file=moved))
+    # A model folder (model.source=hf) is known by its files: weights replaced under the same path are
+    # another run's model, however the config reads.
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"weights of the first model")
+    hf = ("model.source=hf", f"model.path={model}", "model.name=mine")
+    (tmp_path / "run" / RUN_FILE).write_text(json.dumps(run_record(cfg(*hf))))
+    check_finished_run(cfg(*hf))
+    (model / "model.safetensors").write_bytes(b"weights of another, fine-tuned model")
+    with pytest.raises(ConfigError, match="the model folder's files differ"):
+        check_finished_run(cfg(*hf))
