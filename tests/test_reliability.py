@@ -164,6 +164,21 @@ def test_nan_loss_stop_and_skip_policies(tmp_path):
     assert proc.returncode == 2 and "step 4: non-finite loss" in proc.stderr and "3 steps in a row" in proc.stderr
 
 
+def test_a_chat_template_that_never_finishes_is_stopped_naming_it(tmp_path):
+    """Nested loops escape jinja's limit on one range: each conversation's rendering has a time limit, and
+    the run stops naming the template and what to fix, with nothing cached."""
+    template = tmp_path / "nested.jinja"
+    template.write_text("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+                        "{% for m in messages %}{{ m.content }}{% endfor %}")
+    proc = train_cli(["model=tiny", "method=ntp", "train.max_steps=1", f"model.chat_template={template}",
+                      f"data.cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'run'}"], check=False,
+                     timeout=300)  # a hang fails here
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "the chat template did not finish rendering this conversation in 10 s" in proc.stderr
+    assert "model.chat_template, or the model folder's tokenizer_config.json" in proc.stderr
+    assert not [p for p in (tmp_path / "cache").rglob("meta.json")]  # nothing cached
+
+
 def test_time_based_checkpoints_are_saved_at_steps_every_rank_agrees_on(tmp_path):
     """train.save_every_minutes: the ranks' clocks travel with the step's flags, so both ranks save at
     the same steps (a rank saving alone would hang the other); none at the last step, the export follows."""

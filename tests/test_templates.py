@@ -267,7 +267,8 @@ def test_tool_calls_are_trained_and_tool_results_are_not_in_both_record_formats(
         encode(tokenizer, conv.messages, conv.where, conv.tools)
     with pytest.raises(DataError, match="chat.jsonl:1: a conversation with tools; S3FT answers plain prompts"):
         require_final_answer([conv], "S3FT")
-    call = lambda arguments: {"role": "assistant", "tool_calls": [{"function": {"name": "add", "arguments": arguments}}]}
+    call = lambda arguments: {"role": "assistant",
+                              "tool_calls": [{"function": {"name": "add", "arguments": arguments}}]}
     bad = {"calls": ({"role": "assistant", "tool_calls": [{"function": {"name": "add"}}]}, "tool_calls\\[0\\]"),
            "not_json": (call("{{{not json"), "tool_calls\\[0\\].function.arguments is not valid JSON"),
            "not_object": (call("[1, 2]"), "tool_calls\\[0\\].function.arguments must be a JSON object"),

@@ -1,6 +1,7 @@
 """Chat template -> token ids + labels (-100 on every non-assistant token), cached in a token store."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -8,6 +9,8 @@ import logging
 import os
 import re
 import shutil
+import signal
+import threading
 from typing import Iterator, List, Optional, Tuple
 
 from filelock import FileLock
@@ -26,9 +29,42 @@ CACHE_VERSION = 2  # bump when the encoding below changes
 GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
-def _render(tokenizer, messages: List[dict], where: str, **kwargs):
+RENDER_LIMIT_S = 10.0  # one conversation's rendering; real templates take milliseconds
+
+
+class _TemplateTimeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float):
+    """Raise _TemplateTimeout in this thread after `seconds` (a chat template is code from outside: nested
+    loops escape jinja's range limit). Only the main thread can take a signal; elsewhere no limit."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(*_):
+        raise _TemplateTimeout
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
-        return tokenizer.apply_chat_template(messages, **kwargs)
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def render_chat(tokenizer, messages: List[dict], where: str, **kwargs):
+    """tokenizer.apply_chat_template under a time limit, its failures a DataError naming `where`."""
+    try:
+        with _time_limit(RENDER_LIMIT_S):
+            return tokenizer.apply_chat_template(messages, **kwargs)
+    except _TemplateTimeout:
+        raise DataError(f"{where}: the chat template did not finish rendering this conversation in "
+                        f"{RENDER_LIMIT_S:g} s (a loop that never ends, or nested loops over huge ranges); fix the "
+                        "template (model.chat_template, or the model folder's tokenizer_config.json)") from None
     except Exception as e:  # jinja raises whatever the template author chose
         hint = ""
         if messages and messages[0]["role"] == "system" and "system" in str(e).lower():
@@ -90,7 +126,8 @@ def assistant_spans(tokenizer, messages: List[dict], where: str,
     ends come from rendering prefixes of the conversation, checked against the whole rendering, so
     a template that renders a prefix differently is refused rather than guessed at.
     """
-    render = lambda msgs, gen: _render(tokenizer, msgs, where, tokenize=False, add_generation_prompt=gen, tools=tools)
+    render = lambda msgs, gen: render_chat(tokenizer, msgs, where, tokenize=False, add_generation_prompt=gen,
+                                           tools=tools)
     text = render(messages, False)
     special = _special_tokens(tokenizer)
     spans = []
@@ -143,8 +180,8 @@ def encode(tokenizer, messages: List[dict], where: str, tools: Optional[list] = 
         raise DataError(f"{where}: a conversation with tools, which the chat template does not render (it never "
                         "reads tools and tool_calls); use a template that does, e.g. model.chat_template=qwen3")
     if GENERATION_BLOCK.search(template):
-        out = _render(tokenizer, messages, where, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
-                      tools=tools)
+        out = render_chat(tokenizer, messages, where, tokenize=True, return_dict=True,
+                          return_assistant_tokens_mask=True, tools=tools)
         ids = list(out["input_ids"])
         return ids, [t if m else IGNORE for t, m in zip(ids, out["assistant_masks"])]
     text, spans = assistant_spans(tokenizer, messages, where, tools)

@@ -34,7 +34,9 @@ class Generator:
     def render(self, prompt) -> str:
         """A user message (str) or a list of messages -> the chat-templated prompt text."""
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        from ..data.tokenize import render_chat
+
+        return render_chat(self.tokenizer, messages, "a generation prompt", tokenize=False, add_generation_prompt=True)
 
     def cut_at_stop(self, text: str) -> str:
         for stop in self.stop_strings:
