@@ -81,6 +81,66 @@ def test_a_damaged_store_is_built_again(tmp_path, tokenizer):
     assert list(again) == expected
 
 
+def _rewrite(path, array):
+    """Overwrite a file in place with an array of its own size and dtype (damage meta.json cannot see)."""
+    with open(path, "r+b") as f:
+        f.write(np.ascontiguousarray(array).tobytes())
+
+
+def _forge_digests(folder):
+    """meta.json's digests made to match the files again: a store damaged so it passes every digest."""
+    from sftmix_ds.common import file_digest
+
+    with open(os.path.join(folder, "meta.json")) as f:
+        meta = json.load(f)
+    meta["files"] = {name: file_digest(os.path.join(folder, f"{name}.bin")) for name in meta["files"]}
+    with open(os.path.join(folder, "meta.json"), "w") as f:
+        json.dump(meta, f)
+
+
+def test_a_store_damaged_in_place_or_built_for_another_key_is_never_served(tmp_path, tokenizer):
+    """Same sizes, other bytes: token ids overwritten (one past the vocabulary), lengths of 10^9 in the
+    index; a store copied under another key's folder. Each is found (by its digest, or by its structure
+    when the digests were forged too) and built again."""
+    from sftmix_ds.data.store import store_problem
+
+    path = [os.path.join(BUILTIN, "arith_eval.jsonl")]
+    load = lambda: load_examples(path, tokenizer, cache_dir=str(tmp_path), **SETTINGS)
+    first = load()
+    expected, folder = list(first), first.folder
+    tokens = np.array(first.arrays["tokens"])
+    damaged = tokens.copy()
+    damaged[5] = len(tokenizer)  # an id the embedding does not have
+    _rewrite(os.path.join(folder, "tokens.bin"), damaged)
+    assert store_problem(folder) == "tokens.bin does not match its recorded digest (changed since it was built)"
+    _forge_digests(folder)
+    assert store_problem(folder) == f"a token id is at or past the vocabulary's {len(tokenizer)}"
+    assert list(load()) == expected and store_problem(folder) is None  # built again
+    index = np.array(load().index)
+    index[1:, 0] += 10**9
+    _rewrite(os.path.join(folder, "index.bin"), index)
+    _forge_digests(folder)
+    assert store_problem(folder) == "its index does not end at the arrays' sizes"
+    assert list(load()) == expected
+    other = tmp_path / "0123456789abcdef0123"
+    shutil.copytree(folder, other)  # an rsync'd cache under another key
+    assert store_problem(str(other)).startswith(f"built for the key {os.path.basename(folder)}")
+
+
+@pytest.mark.e2e
+def test_a_damaged_store_is_built_again_through_the_entry_point_with_a_warning(tmp_path):
+    from .helpers import read_metrics, train_cli
+
+    args = ["model=tiny", "method=ntp", "train.max_steps=1", f"data.cache_dir={tmp_path / 'cache'}"]
+    train_cli(args + [f"output_dir={tmp_path / 'first'}"])
+    for tokens in (tmp_path / "cache").glob("*/tokens.bin"):  # the training and the held-out store
+        _rewrite(tokens, np.fromfile(tokens, dtype=np.uint16)[::-1].copy())  # other tokens, the same sizes
+    proc = train_cli(args + [f"output_dir={tmp_path / 'second'}"])
+    assert "the token store there is not whole (tokens.bin does not match its recorded digest" in proc.stderr
+    assert "building it again" in proc.stderr
+    assert read_metrics(tmp_path / "second")[0]["loss"] == read_metrics(tmp_path / "first")[0]["loss"]
+
+
 def _build(folder, chunk, ready, go):
     writer = StoreWriter(folder, vocab_size=100)
     writer.add(chunk)

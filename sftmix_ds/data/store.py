@@ -29,9 +29,9 @@ from typing import Iterable, List, Optional, Tuple
 
 import numpy as np
 
-from ..common import IGNORE, out_of_space
+from ..common import IGNORE, file_digest, out_of_space
 
-STORE_VERSION = 1
+STORE_VERSION = 2  # 2: meta.json records its key, the vocabulary and every file's digest
 FILES = {"tokens": None, "spans": "<i4", "id_bytes": "u1", "index": "<i8"}  # tokens: meta["token_dtype"]
 
 
@@ -141,19 +141,51 @@ def _map(path: str, dtype: str, size: int) -> np.ndarray:
 
 
 def open_store(folder: str) -> Optional[TokenStore]:
-    """The store at `folder`, or None when there is none or it is incomplete (a file's size differs
-    from what meta.json records: truncated or damaged since)."""
+    """The store at `folder`, or None when there is none or it is not whole (store_problem)."""
+    return None if store_problem(folder) else TokenStore(folder)
+
+
+def store_problem(folder: str) -> Optional[str]:
+    """Why the store at `folder` must not be served (None: it is whole): missing, another version, built
+    under another key (a copied cache), a file whose size or content is not what meta.json recorded
+    (damaged in place since), or arrays that are not one consistent store."""
     if not os.path.isfile(os.path.join(folder, "meta.json")):
-        return None
+        return "no store"
     try:
         store = TokenStore(folder)
+        meta = store.meta
+        if meta["version"] != STORE_VERSION:
+            return f"a store of version {meta['version']} (this is {STORE_VERSION})"
+        if meta["key"] != os.path.basename(folder):
+            return f"built for the key {meta['key']} (another data file, tokenizer, template or setting)"
         for name, dtype in FILES.items():
-            expected = store.meta["sizes"][name] * np.dtype(dtype or store.meta["token_dtype"]).itemsize
-            if os.path.getsize(os.path.join(folder, f"{name}.bin")) != expected:
-                return None
-        return store if store.meta["version"] == STORE_VERSION else None
-    except (OSError, ValueError, KeyError):
-        return None
+            path = os.path.join(folder, f"{name}.bin")
+            expected = meta["sizes"][name] * np.dtype(dtype or meta["token_dtype"]).itemsize
+            if os.path.getsize(path) != expected:
+                return f"{name}.bin holds {os.path.getsize(path)} bytes, {expected} were written"
+            if file_digest(path) != meta["files"][name]:
+                return f"{name}.bin does not match its recorded digest (changed since it was built)"
+        return _structure_problem(store)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"unreadable ({type(e).__name__}: {e})"
+
+
+def _structure_problem(store: TokenStore) -> Optional[str]:
+    """Offsets that start at 0, never decrease and end at the arrays' sizes; label runs inside their
+    example; token ids below the vocabulary."""
+    index, sizes = store.index, store.meta["sizes"]
+    if len(index) == 0 or index[0].any() or (np.diff(index, axis=0) < 0).any():
+        return "its index does not run from 0 upwards"
+    if index[-1].tolist() != [sizes["tokens"], sizes["spans"] // 2, sizes["id_bytes"]]:
+        return "its index does not end at the arrays' sizes"
+    runs = store.spans
+    owner = np.repeat(np.arange(len(store)), np.diff(index[:, 1]))
+    if len(runs) and ((runs[:, 0] < 0) | (runs[:, 0] >= runs[:, 1]) | (runs[:, 1] > store.lengths[owner])).any():
+        return "a label run lies outside its example"
+    tokens = store.arrays["tokens"]
+    if tokens.size and int(tokens.max()) >= store.meta["vocab_size"]:
+        return f"a token id is at or past the vocabulary's {store.meta['vocab_size']}"
+    return None
 
 
 Chunk = Tuple[List[str], np.ndarray, np.ndarray, np.ndarray, np.ndarray]
@@ -202,7 +234,7 @@ class StoreWriter:
     """Appends chunks to a temporary folder beside `folder`; publish() renames it into place."""
 
     def __init__(self, folder: str, vocab_size: int):
-        self.folder, self.token_dtype = folder, token_dtype(vocab_size)
+        self.folder, self.token_dtype, self.vocab_size = folder, token_dtype(vocab_size), vocab_size
         self.limit = np.iinfo(self.token_dtype).max
         host = os.uname().nodename
         prefix = f"{folder}.tmp-{host}-"
@@ -215,19 +247,22 @@ class StoreWriter:
         self.sizes = dict.fromkeys(FILES, 0)
         self.ends = np.zeros(3, dtype=np.int64)  # tokens, spans, id bytes written so far
         self.digest = hashlib.sha256()
+        self.file_digests = {name: hashlib.blake2b(digest_size=16) for name in FILES}  # as common.file_digest
         self._write("index", self.ends)
 
     def _write(self, name: str, array: np.ndarray) -> None:
         dtype = FILES[name] or self.token_dtype
+        data = np.ascontiguousarray(array, dtype=dtype).tobytes()
+        self.file_digests[name].update(data)
         try:
-            self.files[name].write(np.ascontiguousarray(array, dtype=dtype).tobytes())
+            self.files[name].write(data)
         except OSError as e:
             raise out_of_space(self.folder, e) or e from None
         self.sizes[name] += array.size
 
     def add(self, chunk: Chunk) -> None:
         names, tokens, lengths, spans, counts = chunk
-        if tokens.size and (tokens.max() > self.limit or tokens.min() < 0):
+        if tokens.size and (tokens.max() >= min(self.vocab_size, self.limit + 1) or tokens.min() < 0):
             raise ValueError(f"token ids outside {self.token_dtype}: the tokenizer's size is wrong")
         raw = [n.encode() for n in names]
         self._write("tokens", tokens)
@@ -243,8 +278,9 @@ class StoreWriter:
     def publish(self, stats: dict) -> TokenStore:
         """Closes the files, writes meta.json and renames the folder into place; when another builder
         published first, its store is kept (same key, same content) and this one removed."""
-        meta = {"version": STORE_VERSION, "token_dtype": self.token_dtype, "sizes": self.sizes,
-                "digest": self.digest.hexdigest(), "stats": stats}
+        meta = {"version": STORE_VERSION, "key": os.path.basename(self.folder), "vocab_size": self.vocab_size,
+                "token_dtype": self.token_dtype, "sizes": self.sizes, "digest": self.digest.hexdigest(),
+                "files": {name: h.hexdigest() for name, h in self.file_digests.items()}, "stats": stats}
         try:
             for f in self.files.values():
                 f.flush()

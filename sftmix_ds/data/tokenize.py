@@ -20,7 +20,7 @@ from ..common import IGNORE, file_digest
 from ..faults import maybe_delay_build
 from .formats import Conversation, DataError, is_hub, load_conversations, load_hub_dataset
 from .mixture import Mixture
-from .store import Chunk, Example, StoreWriter, TokenStore, open_store, pack_chunk, unpack_chunk
+from .store import Chunk, Example, StoreWriter, TokenStore, pack_chunk, store_problem, unpack_chunk
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 2  # bump when the encoding below changes
@@ -348,10 +348,12 @@ def load_examples(paths: List[str], tokenizer, *, fmt: str, max_length: int, ove
     os.makedirs(cache_dir, exist_ok=True)
     folder = os.path.join(cache_dir, key)
     with FileLock(folder + ".lock"):
-        store = open_store(folder)
-        if store is None:
-            if os.path.exists(folder):
-                log.warning("%s: an incomplete token store (a file shorter than recorded); building it again", folder)
+        problem = store_problem(folder)
+        if problem is None:
+            store = TokenStore(folder)
+        else:
+            if os.path.exists(folder):  # never served: built again
+                log.warning("%s: the token store there is not whole (%s); building it again", folder, problem)
                 shutil.rmtree(folder)
             store = _build_store(folder, paths, tokenizer, settings, key, num_proc)
     log.info("%s: %d examples (max_length=%d; %s)", ", ".join(paths), len(store), max_length,
