@@ -195,7 +195,8 @@ class Recipe:
             with atomic_file(os.path.join(cfg.output_dir, "config.yaml")) as f:
                 f.write(OmegaConf.to_yaml(cfg, resolve=True))
             write_json_atomic(os.path.join(cfg.output_dir, RUN_FILE), run_record(cfg))
-        self.model = self.strategy.load_model(self.model_path, cfg.model.attn_implementation)
+        self.model = self.strategy.load_model(self.model_path, cfg.model.attn_implementation,
+                                              adapters=cfg.peft.kind == "lora")
         if cfg.peft.kind == "lora":
             self.model = apply_lora(self.model, cfg.peft)
             log.info("%s", adapter_summary(self.model))

@@ -35,8 +35,9 @@ class DeepSpeedStrategy:
         self._hf_ds_config = None
         self.engine = None
 
-    def load_model(self, path: str, attn_implementation: str = "auto"):
-        """A transformers model, built partitioned under ZeRO-3 (never whole on one rank)."""
+    def load_model(self, path: str, attn_implementation: str = "auto", adapters: bool = False):
+        """A transformers model, built partitioned under ZeRO-3 (never whole on one rank). adapters: LoRA
+        adapters will be added (their frozen base weights rule out gathering per block)."""
         from transformers import AutoModelForCausalLM
         from transformers.integrations import HfDeepSpeedConfig
 
@@ -46,14 +47,21 @@ class DeepSpeedStrategy:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=self.comm.dtype,
                                                      attn_implementation=attention_implementation(path,
                                                                                                   attn_implementation))
-        if self.zero_stage == 3 and self.cfg.gather_per_block:
+        per_block = self.zero_stage == 3 and self.cfg.gather_per_block
+        if per_block and adapters:  # DeepSpeed's leaf modules: its zero_grad fails on frozen weights
+            log.info("deepspeed.gather_per_block: off with LoRA adapters (DeepSpeed's leaf modules do not support "
+                     "frozen weights); ZeRO-3 gathers layer by layer")
+            per_block = False
+        if per_block:
             self._gather_per_block(model)
         if self.train_cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.train_cfg.compile:
-            if self.zero_stage == 3 and not self.cfg.gather_per_block:
-                raise ConfigError("train.compile under ZeRO-3 needs deepspeed.gather_per_block=true: DeepSpeed's "
-                                  "hooks on every layer inside a compiled block make it recompile at every step")
+            if self.zero_stage == 3 and not per_block:
+                raise ConfigError("train.compile under ZeRO-3 needs deepspeed.gather_per_block=true (and no "
+                                  "peft=lora): DeepSpeed's hooks on every layer inside a compiled block make it "
+                                  "recompile at every step; with LoRA use ZeRO-2 (deepspeed=zero2), or "
+                                  "train.compile=false")
             for block in decoder_blocks(model):
                 # The block's own forward: hooks on the block (ZeRO-3's gathering) stay outside the graph.
                 block.forward = torch.compile(block.forward, dynamic=True)
