@@ -291,12 +291,12 @@ class Recipe:
         if overflow:
             log.warning("step %d: fp16 loss scale overflow: DeepSpeed skipped the update and lowered the scale",
                         self.step)
-        grad_norm = None if skipped else got["grad_norm"]
+        grad_norm = None if skipped else got["grad_norm"]  # a skipped step's is DeepSpeed's inf, or the last one's
         self.guard.check_grad_norm(self.step, grad_norm, skipped or overflow, self.ckpt_root)
         maybe_die("after_step", self.rank, self.step)
         elapsed = time.perf_counter() - started
         record = {"step": self.step, "epoch": epoch + (in_epoch + 1) / plan.steps_per_epoch, "lr": lr,
-                  "grad_norm": got["grad_norm"], "tokens_per_s": got["tokens"] / elapsed,
+                  "grad_norm": grad_norm, "tokens_per_s": got["tokens"] / elapsed,
                   "tokens_per_s_per_device": got["tokens"] / elapsed / self.comm.world_size,
                   "step_s": elapsed, "peak_mem_gb": self.strategy.peak_memory_gb()}
         if self.comm.on_gpu:
