@@ -158,6 +158,7 @@ def test_lm_eval_reads_the_merged_export_as_the_adapted_model(runs, monkeypatch)
     want = [ll for ll, _ in adapted.loglikelihood(requests)]
     got = [ll for ll, _ in merged.loglikelihood(requests)]
     assert got == pytest.approx(want, rel=1e-5, abs=1e-5)
-    harness = OmegaConf.create({"tasks": ["sftmix_arith"], "include_path": [], "batch_size": 4, "limit": 4})
-    results = run_harness(harness, os.path.join(run_dir, "model"), tokenizer, "cpu", torch.float32, 8, "<|im_end|>")
+    harness = OmegaConf.create({"tasks": ["sftmix_arith"], "include_path": [], "batch_size": 4, "limit": 4,
+                                "gen_kwargs": {"max_gen_toks": 8}})
+    results = run_harness(harness, os.path.join(run_dir, "model"), tokenizer, "cpu", torch.float32, "<|im_end|>")
     assert len(results["sftmix_arith"]["samples"]) == 4
