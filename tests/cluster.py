@@ -163,9 +163,10 @@ class Cluster:
         with open(self.dir / f"{host}.out", "ab") as log:  # the daemon keeps its own descriptor
             return subprocess.Popen(self._in(host, args), env=self.env, stdout=log, stderr=subprocess.STDOUT)
 
-    def run(self, args: list[str], check: bool = True, timeout: float = 900, env: dict | None = None):
-        """A client command (sbatch, scontrol...) on the head node."""
-        proc = subprocess.run(self._in("head", args), env={**self.env, **(env or {})}, cwd=self.cwd,
+    def run(self, args: list[str], check: bool = True, timeout: float = 900, env: dict | None = None,
+            cwd: str | None = None):
+        """A client command (sbatch, scontrol...) on the head node, from `cwd` (default: the cluster's)."""
+        proc = subprocess.run(self._in("head", args), env={**self.env, **(env or {})}, cwd=cwd or self.cwd,
                               capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
             raise AssertionError(f"{' '.join(args)}: exit {proc.returncode}\n{proc.stderr[-3000:]}")

@@ -113,8 +113,10 @@ def test_semantic_checks_name_the_key(override, key):
 
 
 def test_local_rank_argument_is_stripped(monkeypatch):
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "")  # recorded, so the LOCAL_RANK set below is undone after the test
+    monkeypatch.delenv("LOCAL_RANK")  # (a leaked LOCAL_RANK=3 makes in-process lm-eval return nothing)
     assert strip_local_rank(["train.py", "--local_rank=3", "model=tiny"]) == ["train.py", "model=tiny"]
+    assert os.environ["LOCAL_RANK"] == "3"
     assert strip_local_rank(["train.py", "--local_rank", "1", "a=b"]) == ["train.py", "a=b"]
 
 

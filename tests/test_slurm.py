@@ -157,8 +157,8 @@ def test_the_sbatch_script_as_written_runs_from_a_fresh_clone(both_nodes, tmp_pa
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", ROOT, str(clone)], check=True)
     proc = both_nodes.run(["sbatch", "--parsable", "--wait", "--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=0",
-                           "--cpus-per-task=1", f"--chdir={clone}", str(clone / "launch" / "slurm" / "train.sbatch"),
-                           "model=tiny", "method=ntp", "train.max_steps=2", "data.eval_files=[]"], check=False)
+                           "--cpus-per-task=1", "launch/slurm/train.sbatch", "model=tiny", "method=ntp",
+                           "train.max_steps=2", "data.eval_files=[]"], check=False, cwd=str(clone))  # as a user would
     job = proc.stdout.strip().split(";")[0]
     log = clone / "logs" / f"sftmix-{job}.out"
     assert proc.returncode == 0 and log.exists(), f"{proc.stderr[-2000:]}\n{read_log(log)[-4000:]}"
