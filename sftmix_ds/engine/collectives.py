@@ -51,16 +51,6 @@ class Collectives:
         self.data_parallel_rank = self.rank // sequence_parallel
         self.sequence = sequence_group(sequence_parallel, self.rank, self.world_size) if sequence_parallel > 1 else None
 
-    def all_reduce_sum(self, values):
-        """Sums over ranks in one collective: of a list or tensor (-> a CPU float64 tensor), or of
-        a dict of scalars, Python numbers or 0-d tensors (-> a dict of floats, the same keys)."""
-        if isinstance(values, dict):
-            scalars = [torch.as_tensor(v, dtype=torch.float64, device=self.device).reshape(()) for v in values.values()]
-            return dict(zip(values, self.all_reduce_sum(torch.stack(scalars)).tolist()))
-        t = torch.as_tensor(values, dtype=torch.float64).to(self.device)
-        dist.all_reduce(t)
-        return t.cpu()
-
     def sum_on_device(self, values: dict) -> dict:
         """{name: 0-d float64 tensor on this rank's device}: the values (0-d tensors or numbers) summed
         over ranks in one collective, with nothing read back on the host. The numbers travel in one
@@ -89,7 +79,7 @@ class Collectives:
 
     def any_rank(self, flag: bool) -> bool:
         """True on every rank when `flag` is true on any (so all ranks take the same branch)."""
-        return bool(self.all_reduce_sum([float(flag)]).item() > 0)
+        return self.read(self.sum_on_device({"flag": float(flag)}))["flag"] > 0
 
     def all_gather_object(self, obj) -> list:
         out = [None] * self.world_size
