@@ -165,6 +165,13 @@ class TrainLoopConfig:
     gradient_checkpointing: bool = False
     # torch.compile each decoder block (the loss and ZeRO-3's hooks stay eager).
     compile: bool = False
+    # Long sequences on one device (docs/long_context.md). Compute each block's feed-forward in this many
+    # tiles of the micro-batch's tokens, recomputing one tile at a time in backward: the feed-forward's
+    # intermediates shrink by this factor. 0 or 1: whole. About tokens per micro-batch / hidden size.
+    mlp_tiles: int = 0
+    # Move what autograd saves for backward (with gradient checkpointing: each block's input) to host
+    # memory until backward needs it. Needs train.gradient_checkpointing=true.
+    offload_activations: bool = False
     # Put examples of similar length in the same optimizer step (less padding); steps are
     # still drawn in random order, and every example is used once per epoch.
     group_by_length: bool = False
@@ -401,6 +408,7 @@ MAX_MIXTURE_WEIGHT = 10_000  # epochs of one source in one epoch of a mixture
 MAX_PROCESSES = 1024  # data.num_proc
 MAX_RANK_BATCH = 1 << 20  # examples one rank takes per optimizer step (micro-batch x accumulation)
 MAX_PAD_MULTIPLE = 1 << 16  # tokens
+MAX_MLP_TILES = 1 << 16
 
 # deepspeed.extra may add any DeepSpeed key, but not one that a typed option already sets.
 OWNED_DEEPSPEED_KEYS = {
@@ -473,6 +481,8 @@ def validate(cfg) -> None:
     # Numbers that size what is allocated per step: bounded before anything is.
     in_range("train.micro_batch_size x train.grad_accum", t.micro_batch_size * t.grad_accum, 1, MAX_RANK_BATCH)
     in_range("train.pad_to_multiple_of", t.pad_to_multiple_of, 0, MAX_PAD_MULTIPLE)
+    in_range("train.mlp_tiles", t.mlp_tiles, 0, MAX_MLP_TILES)
+    check_long_context(t)
     in_range("train.warmup_ratio", t.warmup_ratio, 0, 1, high_open=True)
     in_range("train.min_lr_ratio", t.min_lr_ratio, 0, 1)
     if len(t.betas) != 2:
@@ -513,6 +523,17 @@ def validate(cfg) -> None:
     if cfg.eval is not None:
         check_eval(cfg.eval)
     method_class(cfg.method).check_config(cfg)
+
+
+def check_long_context(t) -> None:
+    """Combinations of the long-context switches that cannot work, named by their keys."""
+    if t.offload_activations and not t.gradient_checkpointing:
+        raise ConfigError("train.offload_activations=true: needs train.gradient_checkpointing=true (without it "
+                          "every intermediate of every block would cross to host memory and back: offload the "
+                          "blocks' inputs, recompute the rest)")
+    if t.compile and t.mlp_tiles > 1:
+        raise ConfigError("train.compile=true with train.mlp_tiles>1: the tiles' recomputation in backward cannot be "
+                          "compiled; compile is for speed at short lengths, tiles are for memory at long ones")
 
 
 def check_peft(cfg) -> None:

@@ -24,8 +24,10 @@ from .adapters import adapter_summary, apply_lora, check_lora_targets
 from .common import OutOfSpace, UserError, atomic_file, evenly_spaced, to_device, write_json_atomic
 from .config import ConfigError, resolve_zero_stage, validate
 from .data import load_split, train_split
+from .data.store import example_lengths
 from .engine import (PREFIX, Checkpointer, Collectives, DeepSpeedStrategy, LossModule, check_data_parallel, check_head,
                      check_sequence_parallel, complete_checkpoints, dist_env, read_complete, sample_ids)
+from .engine.long_context import check_fits, free_memory_bytes
 from .eval import eval_sets, evaluate_model
 from .inference import score, score_nll, scoring_plan
 from .methods.base import build_method
@@ -207,6 +209,12 @@ class Recipe:
         self.engine = self.strategy.prepare(LossModule(self.model, self.method.loss_terms, self.strategy,
                                                        padding_mask=t.padding_mask), self.total_steps)
         check_head(self.engine, sample_ids(self.train_set, self.comm.device), cfg.model.name)
+        longest = max(example_lengths(self.train_set))
+        log.info("activations: %s", check_fits(self.model.config.get_text_config(), t,
+                                               -(-t.micro_batch_size * longest // t.sequence_parallel),
+                                               self.comm.dtype.itemsize, free_memory_bytes(self.comm.device),
+                                               str(self.comm.device)))
+        self.offload_reported = False
         log.info("%s: %d train / %d eval examples, %d ranks%s, global batch %d, %d steps, %s, ZeRO-%d",
                  cfg.method.name, len(self.train_set), sum(map(len, self.eval_sets.values())), self.world_size,
                  f" (sequence parallel {t.sequence_parallel})" if t.sequence_parallel > 1 else "",
@@ -325,23 +333,28 @@ class Recipe:
         off in deepspeed.extra) the flag is read before the last backward instead, which is then not run.
         Returns (the summed terms and flags on the device, each micro-batch's terms [micro, terms])."""
         values = []
-        for i, b in enumerate(micro):
-            terms = self.engine(**b)
-            values.append(maybe_poison(torch.stack([terms[n].detach().double() for n in self.names]), self.rank,
-                                       self.step + 1))
-            loss = sum(self.method.weights[n] * terms[n] / norms[n] for n in self.names)
-            if i < len(micro) - 1:
-                self.strategy.backward_and_step(loss)
-        stacked = torch.stack(values)
-        sums = self.comm.sum_on_device({**{f"loss/{n}": stacked[:, j].sum() for j, n in enumerate(self.names)},
-                                        "nonfinite": (~torch.isfinite(stacked).all(1)).sum(),
-                                        "preempted": float(self.preempted.raised),
-                                        "save_due": float(self._save_due())})
-        if self.strategy.skips_nonfinite_updates():
-            loss = loss * torch.where(sums["nonfinite"] > 0, float("nan"), 1.0)
-        elif sums["nonfinite"] > 0:  # a host-device synchronisation, where DeepSpeed would apply a NaN update
-            return sums, stacked
-        self.strategy.backward_and_step(loss)
+        with self.strategy.saved_activations() as offload:
+            for i, b in enumerate(micro):
+                terms = self.engine(**b)
+                values.append(maybe_poison(torch.stack([terms[n].detach().double() for n in self.names]), self.rank,
+                                           self.step + 1))
+                loss = sum(self.method.weights[n] * terms[n] / norms[n] for n in self.names)
+                if i < len(micro) - 1:
+                    self.strategy.backward_and_step(loss)
+            stacked = torch.stack(values)
+            sums = self.comm.sum_on_device({**{f"loss/{n}": stacked[:, j].sum() for j, n in enumerate(self.names)},
+                                            "nonfinite": (~torch.isfinite(stacked).all(1)).sum(),
+                                            "preempted": float(self.preempted.raised),
+                                            "save_due": float(self._save_due())})
+            if self.strategy.skips_nonfinite_updates():
+                loss = loss * torch.where(sums["nonfinite"] > 0, float("nan"), 1.0)
+            elif sums["nonfinite"] > 0:  # a host-device synchronisation, where DeepSpeed would apply a NaN update
+                return sums, stacked
+            self.strategy.backward_and_step(loss)
+        if offload is not None and not self.offload_reported:
+            log.info("train.offload_activations: %.1f MiB of saved activations moved to host memory in step %d",
+                     offload.offloaded_bytes / 2**20, self.step + 1)
+            self.offload_reported = True
         return sums, stacked
 
     def _non_finite_loss(self, micro: list, values: torch.Tensor) -> bool:

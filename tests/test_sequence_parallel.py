@@ -104,6 +104,9 @@ RUNS = {"ntp": ("ntp", [], 2), "ntp_packed_zero2": ("ntp", ["train.packing=true"
         "sftmix": ("sftmix", ["train.save_every=2"], 2),
         "sftmix_packed_checkpointing": ("sftmix", ["train.packing=true", "train.gradient_checkpointing=true"], 2),
         "sftmix_lora": ("sftmix", ["peft=lora", "peft.dropout=0"], 2),
+        # long context on one device composed with sequence parallelism (ZeRO-3 gathering layer by layer)
+        "sftmix_long_context": ("sftmix", ["train.gradient_checkpointing=true", "train.mlp_tiles=3",
+                                           "train.offload_activations=true", "deepspeed.gather_per_block=false"], 2),
         # 2 data-parallel groups x 2 ranks sharing each sequence
         "sftmix_packed_4_ranks": ("sftmix", ["train.packing=true", "train.grad_accum=1"], 4)}
 

@@ -5,6 +5,7 @@ Nothing outside engine/ imports deepspeed.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ from ..common import ConfigError, UserError, out_of_space, torch_dtype
 from ..config import resolve_zero_stage
 from ..models import attention_implementation, decoder_blocks
 from .collectives import Collectives
+from .long_context import ActivationOffload, tile_feed_forwards
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,13 @@ class DeepSpeedStrategy:
             per_block = False
         if per_block:
             self._gather_per_block(model)
+        if self.train_cfg.mlp_tiles > 1:
+            # ZeRO-3 gathering module by module: every rank must call the feed-forward's layers equally often
+            every_tile = self.zero_stage == 3 and not per_block
+            tile_feed_forwards(decoder_blocks(model), self.train_cfg.mlp_tiles, every_tile)
+            log.info("train.mlp_tiles: each feed-forward in %d tiles of tokens%s", self.train_cfg.mlp_tiles,
+                     " (empty ones too: ZeRO-3 gathers layer by layer, so every rank makes the same calls)"
+                     if every_tile else "")
         if self.train_cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.train_cfg.compile:
@@ -133,6 +142,13 @@ class DeepSpeedStrategy:
             config["zero_optimization"] = {"stage": 0}
         self.engine, *_ = deepspeed.initialize(model=module, config=config)
         return self.engine
+
+    def saved_activations(self):
+        """The context of a step's forwards and backwards: train.offload_activations moves what they save for
+        backward to host memory."""
+        if not self.train_cfg.offload_activations:
+            return contextlib.nullcontext()
+        return ActivationOffload(self.comm.device)
 
     def backward_and_step(self, loss: torch.Tensor) -> None:
         """`loss` is already normalised by global token counts; DeepSpeed averages gradients
