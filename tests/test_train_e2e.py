@@ -335,3 +335,15 @@ def test_a_second_run_with_other_settings_in_a_finished_folder_is_refused(tmp_pa
     assert "this run is finished" in again.stderr
     other = train_cli(common + ["train.lr=0.001"], check=False)
     assert other.returncode == 2 and "holds a finished run with other data or settings (train.lr: " in other.stderr
+
+
+def test_the_model_trains_in_train_mode(tmp_path):
+    """from_pretrained gives a model in eval mode; trained so, dropout and gradient checkpointing are off
+    (an evaluation, which restores train mode afterwards, used to turn them on). With attention dropout
+    and no evaluation first, the first step's loss differs from dropout 0's."""
+    args = ["model=tiny", "method=ntp", "train.max_steps=1", "train.eval_every=0", "train.export_final=false",
+            "train.gradient_checkpointing=true"]
+    train_cli(args + [f"output_dir={tmp_path}/off"])
+    train_cli(args + ["+model.arch.attention_dropout=0.5", f"output_dir={tmp_path}/on"])
+    (off,), (on,) = read_metrics(str(tmp_path / "off")), read_metrics(str(tmp_path / "on"))
+    assert abs(on["loss"] - off["loss"]) > 1e-4 * off["loss"]

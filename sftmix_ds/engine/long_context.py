@@ -158,7 +158,7 @@ class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
         host, device, done = packed
         if done is not None:
             torch.cuda.current_stream(device).wait_event(done)
-        return host.to(device, non_blocking=True)
+        return host.to(device, non_blocking=True, copy=True)  # on CPU too: a new tensor, as on a GPU
 
 
 def activation_bytes_per_token(text_config, t, dtype_bytes: int) -> int:

@@ -126,6 +126,7 @@ class DeepSpeedStrategy:
             return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, total_steps, warmup,
                                                                                      t.min_lr_ratio))
 
+        module.train()  # from_pretrained gives a model in eval mode: no dropout, no gradient checkpointing
         self.engine, *_ = deepspeed.initialize(model=module, model_parameters=groups, config=self.ds_config,
                                                lr_scheduler=schedule)
         log.info("DeepSpeed runs ZeRO stage %d; effective config: %s", self.engine.zero_optimization_stage(),
