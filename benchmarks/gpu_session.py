@@ -19,7 +19,11 @@ rewrites OUT/summary.md after every stage, so a session cut short keeps what it 
      each run started only while the stage's deadline leaves a minute;
   4. memory: ntp on llama1b_random at micro-batch 16 x 2,048 tokens with the default settings (peak
      allocated and reserved);
-  5. kernel checks at SmolLM2's and Llama-3's head shapes (benchmarks/sftmix.py --full), if time is left.
+  5. kernel checks at SmolLM2's and Llama-3's head shapes (benchmarks/sftmix.py --full), if time is left;
+  6. long context on one device (benchmarks/long_context.py --grow): the longest ntp and sftmix sequence
+     of llama1b_random, then of llama8b_random with LoRA, every long-context switch on, one step at
+     doubling lengths from 16K tokens with peak memory at each, until a step fails or the stage's time
+     is up (a session with --deadline 540 reaches them only when the stages before finish early).
 Models are random-init (llama1b_random) with the tokenizer that ships in the repo: nothing to download.
 """
 import argparse
@@ -52,6 +56,11 @@ STAGES = [  # (name, command, timeout s, result files it writes under the repo)
      ["benchmarks/results/memory_gpu.md", "benchmarks/results/memory_gpu.json"]),
     ("kernel checks (V=49152, 128256)", [PY, "benchmarks/sftmix.py", "--full", "--model", "tiny"], 150,
      ["benchmarks/results/sftmix_gpu.md"]),
+    ("long context llama1b_random", [PY, "benchmarks/long_context.py", "--grow", "llama1b_random", "--deadline",
+                                     "240"], 250, ["benchmarks/results/long_context_gpu_llama1b_random.md"]),
+    ("long context llama8b_random LoRA", [PY, "benchmarks/long_context.py", "--grow", "llama8b_random", "--lora",
+                                          "--start", "65536", "--deadline", "400"], 410,
+     ["benchmarks/results/long_context_gpu_llama8b_random.md"]),
 ]
 
 

@@ -9,17 +9,26 @@ through the training entry point (one process, ZeRO-2, fp32). Two figures:
   step allocated and still held (a TorchDispatchMode follows each storage until it is freed), the
   optimizer step and the host copies of train.offload_activations not counted. This is what a GPU's
   allocator would hold for the step beyond the model, its gradients' buffers and its optimizer;
-  per token: the slope of a straight-line fit over the lengths, which drops what does not grow with
-  length (gradients, the loss's chunk);
+  per token: the slope between the two longest lengths, which drops what does not grow with length
+  (gradients, the loss's chunk: at short lengths they set the peak);
 - peak resident memory (the run's peak_mem_gb, with MALLOC_MMAP_THRESHOLD_ fixed as in
   sequence_parallel.py). On CPU the offloaded copies stay in the same memory, so offloading lowers
   device bytes, not this.
-The longest sequence under --budget-gb is read off a straight-line fit of each variant's peaks
-(attention on CPU is sdpa's flash kernel: memory linear in length).
+The longest sequence under --budget-gb is read off the line through each variant's peaks at the two
+longest lengths (attention on CPU is sdpa's flash kernel: memory linear in length).
 The model is a random Llama with the proportions of Llama-3.1-8B (32 blocks, feed-forward 3.5x the
 hidden size, 4 query heads per key/value head) at hidden size 128, so that the blocks' inputs weigh
 against one block's intermediates as they do at 8B.
 Writes benchmarks/results/long_context_cpu.{md,json,png}.
+
+    python benchmarks/long_context.py --grow llama1b_random --deadline 240          # a GPU stage
+    python benchmarks/long_context.py --grow llama8b_random --lora --deadline 300
+
+--grow: the longest sequence a model trains on this device with every switch on (gradient
+checkpointing, offload, train.mlp_tiles = tokens / hidden size): one step of ntp and of sftmix (a pair
+of two such sequences) at doubling lengths from --start until a step fails (out of memory, or the
+fit check refuses it) or the deadline; peak memory, step time and tokens/s at each length.
+Writes benchmarks/results/long_context_<gpu|cpu>_MODEL.{md,json}.
 """
 import argparse
 import json
@@ -104,32 +113,110 @@ train_main()
 """
 
 
-def run(variant: str, length: int, work: str, arch: dict) -> dict:
-    data = os.path.join(work, f"data_{length}.jsonl")
+def long_data(work: str, length: int, count: int) -> str:
+    """`count` conversations of about `length` tokens, and a confidence file that pairs them for sftmix."""
+    from sftmix_ds.confidence import confidence_records, write_confidence_file
+
+    data = os.path.join(work, f"data_{length}_{count}.jsonl")
     if not os.path.exists(data):
-        conversations(data, length, count=1)
+        conversations(data, length, count=count)
+        ids = [f"long-{length}-{i}" for i in range(count)]
+        write_confidence_file(data + ".confidence", confidence_records([{i: float(n) for n, i in enumerate(ids)}]),
+                              "benchmark")
+    return data
+
+
+def run(variant: str, length: int, work: str, arch: dict) -> dict:
+    """One measured ntp step of one sequence on the CPU model (see the docstring)."""
     out = os.path.join(work, f"run_{variant}_{length}")
-    shutil.rmtree(out, ignore_errors=True)
     args = ["model=tiny", "model.attn_implementation=sdpa", *(f"model.arch.{k}={v}" for k, v in arch.items()),
-            "data=jsonl", f"data.train_files=[{data}]", f"data.max_length={length + 64}", "method=ntp",
-            "train.max_steps=1", "train.micro_batch_size=1", "train.export_final=false", "train.eval_every=0",
-            "train.save_every_minutes=0", f"output_dir={out}", f"data.cache_dir={work}/cache",
             # ZeRO-2's reduce bucket (DeepSpeed's default 5e8 elements: 2 GB in fp32) would dwarf the activations
             "+deepspeed.extra.zero_optimization.reduce_bucket_size=1000000",
-            *VARIANTS[variant]]
+            # and the fused loss's chunk (auto: 2^24 logits, 256 MB of temporaries) the blocks' activations
+            "train.loss_chunk_size=32", *VARIANTS[variant]]
     script = os.path.join(work, "train_measured.py")
     if not os.path.exists(script):
         with open(script, "w") as f:
             f.write(SHIM.format(root=ROOT))
-    proc = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "WANDB_MODE": "disabled", "MALLOC_MMAP_THRESHOLD_": "131072"})
+    proc, record = one_step(script, args, "ntp", length, work, out, {"MALLOC_MMAP_THRESHOLD_": "131072"})
     if proc.returncode != 0:
         sys.exit(f"{variant} at {length} failed:\n{proc.stderr[-4000:]}")
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        record = json.loads(f.readline())
     device = [int(line.split()[1]) for line in proc.stderr.splitlines() if line.startswith("DEVICE_BYTES ")]
     return {"variant": variant, "length": length, "tokens": round(record["tokens_per_s"] * record["step_s"]),
             "device_gb": device[0] / 2**30, "peak_gb": record["peak_mem_gb"], "step_s": record["step_s"]}
+
+
+def one_step(script: str, args: list, method: str, length: int, work: str, out: str, env: dict, timeout=None):
+    """(the process, its metrics record or None) of one optimizer step on sequences of `length` tokens
+    (sftmix: a pair of them)."""
+    count = 2 if method == "sftmix" else 1
+    data = long_data(work, length, count)
+    shutil.rmtree(out, ignore_errors=True)
+    args = ["data=jsonl", f"data.train_files=[{data}]", f"data.max_length={length + 64}", f"method={method}",
+            "train.max_steps=1", f"train.micro_batch_size={count}", "train.export_final=false",
+            "train.eval_every=0", "train.save_every_minutes=0", f"output_dir={out}", f"data.cache_dir={work}/cache",
+            *([f"method.confidence_file={data}.confidence"] if method == "sftmix" else []), *args]
+    proc = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "WANDB_MODE": "disabled", **env})
+    metrics = os.path.join(out, "metrics.jsonl")
+    if proc.returncode != 0 or not os.path.exists(metrics):
+        return proc, None
+    with open(metrics) as f:
+        return proc, json.loads(f.readline())
+
+
+def grow(args) -> None:
+    """The longest sequence each method trains on this device with every switch on (see the docstring)."""
+    import math
+    import time
+
+    import torch
+    from omegaconf import OmegaConf
+
+    started, work = time.monotonic(), tempfile.mkdtemp(prefix="long_context_grow_")
+    hidden = OmegaConf.load(os.path.join(ROOT, "conf", "model", f"{args.grow}.yaml")).arch.hidden_size
+    kind = "gpu" if torch.cuda.is_available() else "cpu"
+    rows, stem = [], os.path.join(args.results, f"long_context_{kind}_{args.grow}")
+    for method in args.methods:
+        length = args.start
+        while args.deadline - (time.monotonic() - started) > 60:
+            tokens = length * (2 if method == "sftmix" else 1)
+            switches = [*CHECKPOINTED, "train.offload_activations=true",
+                        f"train.mlp_tiles={max(2, math.ceil(tokens / hidden))}"]
+            overrides = [f"model={args.grow}", *switches, *(["peft=lora"] if args.lora else [])]
+            try:
+                proc, record = one_step(os.path.join(ROOT, "launch", "train.py"), overrides, method, length, work,
+                                        os.path.join(work, f"{method}_{length}"), {},
+                                        timeout=args.deadline - (time.monotonic() - started))
+            except subprocess.TimeoutExpired:
+                rows.append({"method": method, "length": length, "result": "the deadline"})
+                break
+            if record is None:
+                why = [line for line in proc.stderr.splitlines() if "out of memory" in line.lower()
+                       or "cannot fit" in line or "Error" in line]
+                rows.append({"method": method, "length": length, "result": (why or ["failed"])[-1][:300]})
+                break
+            rows.append({"method": method, "length": length, "tokens": tokens, "result": "ok",
+                         "peak_gb": record["peak_mem_gb"], "peak_reserved_gb": record.get("peak_mem_reserved_gb"),
+                         "step_s": record["step_s"], "tokens_per_s": record["tokens_per_s"]})
+            print(json.dumps(rows[-1]), flush=True)
+            length *= 2
+        lines = [f"# Long context on one device: the longest sequence of {args.grow} ({kind})", "",
+                 f"`python benchmarks/long_context.py --grow {args.grow}{' --lora' if args.lora else ''} --start "
+                 f"{args.start} --deadline {args.deadline}`: one step per length, every switch on "
+                 "(gradient checkpointing, offload, train.mlp_tiles = tokens / hidden size), bf16 on a GPU; "
+                 "sftmix: a pair of sequences of that length in one micro-batch.", "",
+                 "| method | length | tokens | result | peak allocated GB | reserved GB | step s | tokens/s |",
+                 "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['method']} | {r['length']} | {r.get('tokens', '')} | {r['result']} | {r.get('peak_gb', '')} | "
+                  f"{r.get('peak_reserved_gb', '')} | {r.get('step_s', '')} | {r.get('tokens_per_s', '')} |"
+                  for r in rows]
+        os.makedirs(args.results, exist_ok=True)
+        with open(stem + ".md", "w") as f:
+            f.write("\n".join(lines) + "\n")
+        with open(stem + ".json", "w") as f:
+            json.dump(rows, f, indent=1)
+    shutil.rmtree(work, ignore_errors=True)
 
 
 def plot(rows, variants, path: str) -> None:
@@ -161,31 +248,47 @@ def main() -> None:
     parser.add_argument("--budget-gb", type=float, default=4.0, help="peak resident memory budget")
     parser.add_argument("--arch", type=json.loads, default=ARCH, help="the random Llama's model.arch (JSON)")
     parser.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results"))
+    parser.add_argument("--from-json", help="rewrite the report from this results JSON (no runs)")
+    parser.add_argument("--grow", help="a model config (conf/model): find its longest sequence instead")
+    parser.add_argument("--methods", nargs="+", default=["ntp", "sftmix"])
+    parser.add_argument("--start", type=int, default=16384)
+    parser.add_argument("--deadline", type=float, default=300, help="--grow: seconds for all its runs")
+    parser.add_argument("--lora", action="store_true", help="--grow: with peft=lora")
     args = parser.parse_args()
+    if args.grow:
+        return grow(args)
     work = tempfile.mkdtemp(prefix="long_context_bench_")
     rows = []
-    for variant in args.variants:
-        for length in args.lengths:
-            rows.append(run(variant, length, work, args.arch))
-            print(json.dumps(rows[-1]), flush=True)
+    if args.from_json:
+        with open(args.from_json) as f:
+            rows = json.load(f)["rows"]
+    else:
+        for variant in args.variants:
+            for length in args.lengths:
+                rows.append(run(variant, length, work, args.arch))
+                print(json.dumps(rows[-1]), flush=True)
     summary = {}
     for variant in args.variants:
-        mine = [r for r in rows if r["variant"] == variant]
-        _, per_token = fit_line([(r["tokens"], r["device_gb"] * 2**30) for r in mine])
+        # The two longest lengths: below them what does not grow with length (gradients, buffers) sets the peak.
+        mine = sorted((r for r in rows if r["variant"] == variant), key=lambda r: r["tokens"])[-2:]
+        device_at_zero, per_token = fit_line([(r["tokens"], r["device_gb"] * 2**30) for r in mine])
         intercept, slope = fit_line([(r["tokens"], r["peak_gb"]) for r in mine])
-        summary[variant] = {"device_bytes_per_token": per_token,
-                            "longest_under_budget": int((args.budget_gb - intercept) / slope)}
+        summary[variant] = {"device_bytes_per_token": per_token, "rss_bytes_per_token": slope * 2**30,
+                            "longest_under_budget": int((args.budget_gb - intercept) / slope) if slope > 0 else None,
+                            "longest_device_under_budget": int((args.budget_gb * 2**30 - device_at_zero) / per_token)
+                            if per_token > 0 else None}
     base = summary.get("checkpointed", {}).get("device_bytes_per_token")
     lines = ["# Long context on one device: memory against sequence length (CPU)", "",
              f"`python benchmarks/long_context.py --lengths {' '.join(map(str, args.lengths))} "
              f"--budget-gb {args.budget_gb}`: random Llama {json.dumps(args.arch)} (Llama-3.1-8B's proportions), "
              "fp32, ZeRO-2, ntp, one step of one sequence, sdpa attention, 2 CPU cores. Device bytes: the peak of "
              "what the step's forwards and backwards held (host copies of the offload not counted); per token: the "
-             "slope over the lengths. Peak RSS: resident memory, in which offloaded copies still count on CPU.", "",
+             "slope between the two longest lengths. Peak RSS: resident memory, in which offloaded copies still "
+             "count on CPU.", "",
              "| variant | settings | " + " | ".join(f"device GB @{n}" for n in args.lengths) +
              " | device bytes / token | vs checkpointed | " + " | ".join(f"RSS GB @{n}" for n in args.lengths) +
-             f" | longest under {args.budget_gb} GB RSS |",
-             "|---|---|" + "---|" * (2 * len(args.lengths) + 3)]
+             f" | longest under {args.budget_gb} GB RSS | longest under {args.budget_gb} GB of device bytes |",
+             "|---|---|" + "---|" * (2 * len(args.lengths) + 4)]
     for variant in args.variants:
         mine = {r["length"]: r for r in rows if r["variant"] == variant}
         s = summary[variant]
@@ -194,12 +297,13 @@ def main() -> None:
                      + " | ".join(f"{mine[n]['device_gb']:.3f}" for n in args.lengths)
                      + f" | {s['device_bytes_per_token']:.0f} | {ratio} | "
                      + " | ".join(f"{mine[n]['peak_gb']:.2f}" for n in args.lengths)
-                     + f" | {s['longest_under_budget']} |")
-    if "none" in summary and "all" in summary:
-        lines += ["", f"Longest sequence under {args.budget_gb} GB resident (straight-line fits, extrapolated past "
-                  f"the measured lengths): every switch {summary['all']['longest_under_budget']} tokens, none "
-                  f"{summary['none']['longest_under_budget']} tokens "
-                  f"({summary['all']['longest_under_budget'] / summary['none']['longest_under_budget']:.1f}x)."]
+                     + f" | {s['longest_under_budget']} | {s['longest_device_under_budget']} |")
+    for key, what in (("longest_under_budget", "resident memory (CPU: the offloaded copies count)"),
+                      ("longest_device_under_budget", "device bytes (what a GPU's allocator would hold)")):
+        every, none = (summary.get(v, {}).get(key) for v in ("all", "none"))
+        if every and none:
+            lines += ["", f"Longest sequence under {args.budget_gb} GB of {what}, extrapolated on the line through "
+                      f"the two longest lengths: every switch {every} tokens, none {none} ({every / none:.1f}x)."]
     lines += ["", f"Step time at {args.lengths[-1]} tokens: " + ", ".join(
         f"{r['variant']} {r['step_s']:.1f} s" for r in rows if r["length"] == args.lengths[-1]) + ".",
         "", "![memory against length](long_context_cpu.png)"]

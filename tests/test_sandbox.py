@@ -103,6 +103,14 @@ HOSTILE = {
         "        fence = chr(96) * 3  # no literal fence: the candidate itself arrives fenced\n"
         "        exec(record['completion'].split(fence + 'python', 1)[1].split(fence)[0])\n"
         "        break\n"),
+    "copies the canonical solution from the project's checkout": (
+        "import json\n"
+        "for line in open('CHECKOUTPATH'):\n"
+        "    record = json.loads(line)\n"
+        "    if record['entry_point'] == 'has_close_elements':\n"
+        "        fence = chr(96) * 3\n"
+        "        exec(record['completion'].split(fence + 'python', 1)[1].split(fence)[0])\n"
+        "        break\n"),
     "writes to inherited descriptors": WRONG + (
         "import os\n"
         "for fd in range(3, 256):\n"
@@ -170,6 +178,7 @@ def test_hostile_candidate_is_judged_wrong_and_leaves_nothing(name, problem, tmp
     try:
         code = HOSTILE[name].replace("PORT", str(listener.getsockname()[1])).replace(
             "SOCKPATH", os.path.join(sockets, "bus")).replace("GOLDPATH", os.path.join(gold, "humaneval.jsonl"))
+        code = code.replace("CHECKOUTPATH", os.path.join(ROOT, "sftmix_ds", "builtin_data", "humaneval.jsonl"))
         assert not python_tests(problem, f"```python\n{code}```", timeout_s=5)
         for server in (listener, unix):
             with pytest.raises(BlockingIOError):
@@ -230,7 +239,8 @@ def test_hostile_candidates_as_an_unprivileged_user(problem):
     if not os.access(python, os.X_OK):
         pytest.skip(f"{python} is missing: no interpreter an unprivileged user can run")
     cases = {n: c.replace("PORT", "9").replace("SOCKPATH", "/run/nonexistent").replace(
-        "GOLDPATH", os.path.join(ROOT, "sftmix_ds", "builtin_data", "humaneval.jsonl")) for n, c in HOSTILE.items()}
+        "GOLDPATH", os.path.join(ROOT, "sftmix_ds", "builtin_data", "humaneval.jsonl")).replace(
+        "CHECKOUTPATH", os.path.join(ROOT, "sftmix_ds", "builtin_data", "humaneval.jsonl")) for n, c in HOSTILE.items()}
     cases["the gold solution"] = problem["completion"].split("```python\n", 1)[1].rsplit("```", 1)[0]
     sources = {"sftmix_ds": "", "sftmix_ds.common": "common.py", "sftmix_ds.inference": "",
                "sftmix_ds.inference.sandbox": "inference/sandbox.py"}

@@ -2,9 +2,13 @@
 
 Isolation (`isolation()`, probed once): every check runs under `unshare` in new
 PID, mount, network and IPC namespaces, plus a user namespace when we are not
-root. Inside, a trusted setup step remounts every filesystem read-only, mounts
-fresh size-capped tmpfs over /tmp, /var/tmp and /dev/shm (the only writable
-places; the check's working directory is in /tmp), hides the project's own data,
+root. Inside, a trusted setup step remounts every filesystem read-only, pivots
+into a new root that holds only the system's folders (/usr, /bin, /lib*, /etc,
+/dev, /proc) and the interpreter's installation, so no file of the project or the
+user (checkout, home, data, outputs) is there, mounts fresh size-capped tmpfs
+over /tmp, /var/tmp and /dev/shm (the only writable places; the check's working
+directory is in /tmp), hides the project's own data where it is installed
+under /usr,
 starts a new session keyring, installs a seccomp filter against unix sockets
 and io_uring, drops to a fresh user id of no account (its own process limit and
 keyrings) when run as root, and drops every capability; then the check runs with time, memory
@@ -89,6 +93,31 @@ for point, options in points:
     for option in options:
         flags |= KEEP.get(option, 0)
     mount(None, point, None, flags, None)
+# A new root holding the system's folders and the interpreter's, read-only (a bind keeps its source's
+# flags): no file of the project, the user (home, checkout, data, outputs) or the machine's other
+# folders is reachable. It is built on a tmpfs over /tmp, then pivoted into.
+MS_REC, MNT_DETACH = 16384, 2
+pivot_root = {"x86_64": 155, "aarch64": 41}.get(os.uname().machine)
+if pivot_root is None:
+    raise OSError(f"the sandbox knows no pivot_root syscall of {os.uname().machine}")
+interpreter = os.path.dirname(os.path.dirname(os.path.realpath(sys.argv[2])))  # PREFIX of PREFIX/bin/python
+mount(b"tmpfs", "/tmp", b"tmpfs", MS_NOSUID | MS_NODEV, b"size=1m,mode=755")
+for path in ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/dev", "/proc", interpreter):
+    if path == "/":  # an interpreter in /bin (or none): nothing more to keep
+        continue
+    target = "/tmp" + path
+    if os.path.islink(path):  # merged /usr: /bin -> usr/bin
+        os.symlink(os.readlink(path), target)
+    elif os.path.isdir(path) and not os.path.exists(target):
+        os.makedirs(target)
+        mount(path.encode(), target, None, MS_BIND | MS_REC, None)
+for point in ("/tmp/tmp", "/tmp/var/tmp"):
+    os.makedirs(point)
+os.chdir("/tmp")
+if libc.syscall(ctypes.c_long(pivot_root), b".", b".") != 0 or libc.umount2(b".", MNT_DETACH) != 0:
+    raise OSError(ctypes.get_errno(), f"pivot_root: {os.strerror(ctypes.get_errno())}")
+os.chdir("/")
+mount(None, "/", None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, None)
 for point in ("/tmp", "/var/tmp", "/dev/shm"):
     if os.path.isdir(point):
         mount(b"tmpfs", point, b"tmpfs", MS_NOSUID | MS_NODEV, f"size={sys.argv[1]}m,mode=1777".encode())
@@ -251,9 +280,12 @@ def isolation() -> tuple:
         prefix += ["--user", "--map-root-user"]
     prefix += ["--", sys.executable, "-I", "-B", "-c", SETUP, str(TMPFS_MB)]
     env = {"PATH": "/usr/bin:/bin", **({"SANDBOX_UID": str(sandbox_uid())} if os.geteuid() == 0 else {})}
-    # an unprivileged user may not reach this venv's interpreter (say, under /root); the system's Python then serves.
+    # The check sees only the system's folders and its interpreter's installation, so a virtual environment's
+    # interpreter (in a checkout) is replaced by the Python it was made from; an unprivileged user may not
+    # reach that one either (say, under /root): the system's Python then serves.
     why = []
-    for python in dict.fromkeys([sys.executable, "/usr/bin/python3"]):
+    for python in dict.fromkeys([os.path.realpath(getattr(sys, "_base_executable", sys.executable)),
+                                 "/usr/bin/python3"]):
         # What run_tests needs: write in /tmp/work, and start this interpreter again from inside.
         probe = subprocess.run(prefix + [python, "-I", "-c", "import ctypes, json, pickle, subprocess, sys; "
                                          "open('/tmp/work/x', 'w').write('ok'); "
