@@ -2,8 +2,9 @@
 
 after_step and in_save (checkpoint files written, not yet marked complete) make that
 rank die by SIGKILL (no clean-up, as under the OOM killer or a node failure);
-nan_loss makes its loss NaN; enospc fails its checkpoint write; slow_publish:RANK:0 delays that
-rank's write of a stage's published file by DELAY_S (so readers on other ranks come first);
+nan_loss makes its loss NaN; enospc fails its checkpoint write (enospc_eval: the evaluation's
+results); slow_publish:RANK:0 delays that rank's write of a stage's published file by DELAY_S
+(so readers on other ranks come first);
 slow_build:RANK:0 delays that process's build of a shared cache (token cache, model folder) while it
 holds the build lock (RANK from the environment: these run before any process group).
 Unset, this does nothing."""
@@ -39,9 +40,9 @@ def maybe_delay_build() -> None:
     maybe_delay("slow_build", int(os.environ.get("RANK", "0")), 0)
 
 
-def maybe_disk_full(rank: int, step: int) -> None:
-    """enospc: the checkpoint write fails as on a full disk."""
-    if _armed("enospc", rank, step):
+def maybe_disk_full(rank: int, step: int, point: str = "enospc") -> None:
+    """enospc: the checkpoint write fails as on a full disk (enospc_eval:RANK:0: the evaluation's results)."""
+    if _armed(point, rank, step):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 

@@ -8,7 +8,7 @@ from typing import Optional
 
 from omegaconf import OmegaConf
 
-from .common import atomic_file, write_json_atomic
+from .common import atomic_file, out_of_space, write_json_atomic
 
 log = logging.getLogger(__name__)
 # Metrics that are measurements of the machine, not of the training: they differ run to run.
@@ -61,8 +61,12 @@ class MetricsLog:
 
 
 def append_jsonl(path: str, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    """One line at the end of `path` (a full disk: OutOfSpace; a torn line is dropped on resume)."""
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        raise out_of_space(path, e) or e from None
 
 
 def keep_steps_up_to(path: str, step: int) -> None:

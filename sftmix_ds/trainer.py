@@ -438,16 +438,24 @@ class Recipe:
         self.strategy.release()
         self.model = self.engine = None  # the stage's model goes with its engine, before evaluation loads one
         if done and cfg.eval is not None:
-            results = evaluate_model(cfg, cfg.eval.model_path or self.export_dir, os.path.join(cfg.output_dir, "eval"),
-                                     self.comm)
-            summary = {f"eval/{g}/{n}": r["accuracy"] for g in ("tasks", "general") for n, r in results[g].items()}
-            for task, r in results.get("harness", {}).items():
-                summary[f"eval/lm_eval/{task}"] = r["value"]
-                summary.update({f"eval/lm_eval/{task}/{key}": m["value"] for key, m in r["metrics"].items()})
-            if "perplexity" in results:
-                summary["eval/perplexity"] = results["perplexity"]["perplexity"]
-            self.metrics.log_summary(summary)
+            model = cfg.eval.model_path or self.export_dir
+            try:
+                self._evaluate_export(model)
+            except OutOfSpace as e:
+                raise OutOfSpace(f"the evaluation's results: {e}; the figures are in the log above, and the model "
+                                 f"at {model} is intact: free space and evaluate it again with launch/eval.py "
+                                 f"eval.model_path={model} (and this run's eval settings)") from None
         self.metrics.close()
+
+    def _evaluate_export(self, model: str) -> None:
+        results = evaluate_model(self.cfg, model, os.path.join(self.cfg.output_dir, "eval"), self.comm)
+        summary = {f"eval/{g}/{n}": r["accuracy"] for g in ("tasks", "general") for n, r in results[g].items()}
+        for task, r in results.get("harness", {}).items():
+            summary[f"eval/lm_eval/{task}"] = r["value"]
+            summary.update({f"eval/lm_eval/{task}/{key}": m["value"] for key, m in r["metrics"].items()})
+        if "perplexity" in results:
+            summary["eval/perplexity"] = results["perplexity"]["perplexity"]
+        self.metrics.log_summary(summary)
 
 
 def train(cfg) -> dict:

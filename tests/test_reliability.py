@@ -389,6 +389,22 @@ def test_a_full_disk_at_the_final_export_is_a_clean_error_naming_what_is_intact(
     assert not (run / "model").exists() and not list(run.glob("model*.tmp"))
 
 
+@pytest.mark.e2e
+def test_a_full_disk_at_the_evaluations_results_names_the_intact_model(tmp_path):
+    """The run trains and exports, its evaluation's results cannot be written: exit 2 naming the model
+    to evaluate again, every figure in the log, no half-written results."""
+    run = tmp_path / "run"
+    proc = train_cli(["model=tiny", "method=ntp", "train.max_steps=1", "eval=arith", "eval.tasks.0.limit=2",
+                      "eval.general.0.limit=2", "eval.max_new_tokens=2", "eval.perplexity_files=[]",
+                      f"output_dir={run}"], check=False, env={"SFTMIX_FAULT": "enospc_eval:0:0"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"the evaluation's results: {run}/eval/eval.json: no space left on its filesystem" in proc.stderr
+    assert f"the model at {run}/model is intact: free space and evaluate it again with launch/eval.py " \
+           f"eval.model_path={run}/model" in proc.stderr
+    assert "| arith accuracy |" in proc.stderr and "| capitals accuracy (general) |" in proc.stderr
+    assert (run / "model" / "model.safetensors").exists() and not list((run / "eval").iterdir())
+
+
 def test_a_full_disk_is_a_clean_error_and_loses_nothing(small_disk, tokenizer):
     """The token cache, a checkpoint save and the run after it, on a filesystem that fills up:
     clean errors naming the path, no half-written file, and the earlier checkpoint resumes."""

@@ -115,13 +115,17 @@ def test_build_on_two_ranks_once_each_and_resume_after_a_crash(tmp_path):
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("peft", ["none", "lora"])  # lora: the paper's own setting (rank 8, alpha 16, dropout 0.1)
+# lora: the paper's own setting (rank 8, alpha 16, dropout 0.1); long_context: with the one-device switches
+@pytest.mark.parametrize("peft", ["none", "lora", "lora_long_context"])
 def test_method_s3ft_trains_on_the_built_targets(peft, tmp_path):
     out = tmp_path / "run"
-    train_cli(["model=tiny", "method=s3ft", "data=jsonl", "data.judge=numeric",
-               f"data.train_files=[{_data(tmp_path, 8)}]", "method.max_new_tokens=4", "train.micro_batch_size=4",
-               "logger=wandb", f"peft={peft}", f"output_dir={out}"])
-    assert (out / "adapter" / "adapter_model.safetensors").exists() == (peft == "lora")
+    long_context = ["train.gradient_checkpointing=true", "train.mlp_tiles=3", "train.offload_activations=true"]
+    proc = train_cli(["model=tiny", "method=s3ft", "data=jsonl", "data.judge=numeric",
+                      f"data.train_files=[{_data(tmp_path, 8)}]", "method.max_new_tokens=4", "train.micro_batch_size=4",
+                      "logger=wandb", f"peft={peft.split('_')[0]}", f"output_dir={out}",
+                      *(long_context if peft.endswith("long_context") else [])])
+    assert ("saved activations moved to host memory" in proc.stderr) == peft.endswith("long_context")
+    assert (out / "adapter" / "adapter_model.safetensors").exists() == (peft != "none")
     assert list((out / "s3ft" / "wandb").glob("offline-run-*"))  # the target mix, as its own wandb run
     assert len(read_done(str(out / "s3ft" / "targets.jsonl"))) == 8
     with open(out / "metrics.jsonl") as f:

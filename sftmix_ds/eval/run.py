@@ -13,6 +13,7 @@ from typing import Optional
 from ..common import atomic_file, write_json_atomic
 from ..data import end_of_turn_token, load_conversations, load_split, require_final_answer
 from ..engine import Collectives, after_rank0_wrote
+from ..faults import maybe_disk_full
 from ..inference import Generator, across_ranks, resolve_judge, score_model
 from ..models import load_tokenizer
 from .harness import check_tasks, run_harness
@@ -75,12 +76,14 @@ def evaluate_model(cfg, model_path: str, out_dir: str, comm: Optional[Collective
         total, count = sum(s for s, _ in nll.values()), sum(c for _, c in nll.values())
         results["perplexity"] = {"perplexity": math.exp(total / count), "nll": total / count, "tokens": count,
                                  "n": len(nll)}
+    log.info("eval:\n%s", markdown_table(results))  # before the files: a full disk loses no figure
     if comm.rank == 0:
         os.makedirs(out_dir, exist_ok=True)
-        write_json_atomic(os.path.join(out_dir, "eval.json"), results, indent=1)
+        with atomic_file(os.path.join(out_dir, "eval.json")) as f:
+            maybe_disk_full(0, 0, "enospc_eval")
+            json.dump(results, f, indent=1)
         with atomic_file(os.path.join(out_dir, "eval.md")) as f:
             f.write(markdown_table(results))
-    log.info("eval:\n%s", markdown_table(results))
     return results
 
 
