@@ -3,14 +3,15 @@
     python benchmarks/long_context.py                            # lengths 1024 .. 8192
     python benchmarks/long_context.py --lengths 256 512 --variants checkpointed all
 
-For each variant and length, one optimizer step of ntp on one conversation of that many tokens
+For each variant and length, two optimizer steps of ntp on one conversation of that many tokens
 through the training entry point (one process, ZeRO-2, fp32). Two figures:
-- device bytes: the peak, over the step's forwards and backwards, of the bytes of every tensor the
-  step allocated and still held (a TorchDispatchMode follows each storage until it is freed), the
-  optimizer step and the host copies of train.offload_activations not counted. This is what a GPU's
-  allocator would hold for the step beyond the model, its gradients' buffers and its optimizer;
-  per token: the slope between the two longest lengths, which drops what does not grow with length
-  (gradients, the loss's chunk: at short lengths they set the peak);
+- device bytes: the peak, over the second step's forwards and backwards (the first allocates ZeRO's
+  gradient buffers, once), of the bytes of every tensor the step allocated and still held (a
+  TorchDispatchMode follows each storage until it is freed); views, gradients (tensors of a
+  parameter's shape, what ZeRO allocates for them), the optimizer step and the host copies of
+  train.offload_activations not counted: the activations a GPU's allocator would hold for the step.
+  Per token: the slope between the two longest lengths, which drops what does not grow with length
+  (the loss's chunk, at short lengths the peak);
 - peak resident memory (the run's peak_mem_gb, with MALLOC_MMAP_THRESHOLD_ fixed as in
   sequence_parallel.py). On CPU the offloaded copies stay in the same memory, so offloading lowers
   device bytes, not this.
@@ -62,28 +63,31 @@ from sftmix_ds.engine import long_context
 
 
 class Live(TorchDispatchMode):
-    counting, live, peak, seen = True, 0, 0, set()
+    counting, live, peak, held = True, 0, 0, {{}}  # held: storage address -> bytes counted
+    parameter_shapes = set()  # a tensor of a parameter's shape is its gradient (activations have tokens)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {{}}))
         if Live.counting:
-            tree_map_only(torch.Tensor, self.follow, out)
+            inputs = set()
+            tree_map_only(torch.Tensor, lambda t: inputs.add(t.untyped_storage().data_ptr()), (args, kwargs))
+            tree_map_only(torch.Tensor, lambda t: self.follow(t, inputs), out)
         return out
 
     @staticmethod
-    def follow(t):
+    def follow(t, inputs):
         storage = t.untyped_storage()
         key, size = storage.data_ptr(), storage.nbytes()
-        if key in Live.seen or not size:
-            return
-        Live.seen.add(key)
+        if key in inputs or key in Live.held or not size or tuple(t.shape) in Live.parameter_shapes:
+            return  # a view, an in-place result, known already, or a gradient
+        Live.held[key] = size
         Live.live += size
         Live.peak = max(Live.peak, Live.live)
+        weakref.finalize(storage, Live.drop, key)
 
-        def freed():
-            Live.live -= size
-            Live.seen.discard(key)
-        weakref.finalize(storage, freed)
+    @staticmethod
+    def drop(key):
+        Live.live -= Live.held.pop(key, 0)
 
 
 def paused(fn):
@@ -97,11 +101,28 @@ def paused(fn):
 
 
 deepspeed.runtime.engine.DeepSpeedEngine.step = paused(deepspeed.runtime.engine.DeepSpeedEngine.step)
+# Gradients are not activations: a tensor of a parameter's shape is not counted, nor what ZeRO allocates
+# for gradients, and a parameter's accumulated gradient leaves the count when ZeRO takes it.
+zero = deepspeed.runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer
+process_gradients = paused(zero.process_gradients)
+
+
+def taking_gradient(self, param, i):
+    if param.grad is not None:
+        Live.drop(param.grad.untyped_storage().data_ptr())
+    return process_gradients(self, param, i)
+
+
+zero.process_gradients = taking_gradient
+zero.update_hook_state_and_maybe_run_epilogue = paused(zero.update_hook_state_and_maybe_run_epilogue)
 long_context.ActivationOffload._pack = paused(long_context.ActivationOffload._pack)  # its host copies
 loss_step = trainer.Recipe._loss_step
 
 
 def measured(self, *args, **kwargs):
+    if self.step == 0:  # the first step allocates ZeRO's buffers once: measure the second
+        return loss_step(self, *args, **kwargs)
+    Live.parameter_shapes = {{tuple(p.shape) for p in self.model.parameters()}}
     with Live():
         return loss_step(self, *args, **kwargs)
 
@@ -126,19 +147,19 @@ def long_data(work: str, length: int, count: int) -> str:
     return data
 
 
-def run(variant: str, length: int, work: str, arch: dict) -> dict:
+def run(variant: str, length: int, work: str, arch: dict, loss_chunk_size: int = 32) -> dict:
     """One measured ntp step of one sequence on the CPU model (see the docstring)."""
     out = os.path.join(work, f"run_{variant}_{length}")
     args = ["model=tiny", "model.attn_implementation=sdpa", *(f"model.arch.{k}={v}" for k, v in arch.items()),
             # ZeRO-2's reduce bucket (DeepSpeed's default 5e8 elements: 2 GB in fp32) would dwarf the activations
             "+deepspeed.extra.zero_optimization.reduce_bucket_size=1000000",
             # and the fused loss's chunk (auto: 2^24 logits, 256 MB of temporaries) the blocks' activations
-            "train.loss_chunk_size=32", *VARIANTS[variant]]
+            f"train.loss_chunk_size={loss_chunk_size}", *VARIANTS[variant]]
     script = os.path.join(work, "train_measured.py")
     if not os.path.exists(script):
         with open(script, "w") as f:
             f.write(SHIM.format(root=ROOT))
-    proc, record = one_step(script, args, "ntp", length, work, out, {"MALLOC_MMAP_THRESHOLD_": "131072"})
+    proc, record = one_step(script, args, "ntp", length, work, out, {"MALLOC_MMAP_THRESHOLD_": "131072"}, steps=2)
     if proc.returncode != 0:
         sys.exit(f"{variant} at {length} failed:\n{proc.stderr[-4000:]}")
     device = [int(line.split()[1]) for line in proc.stderr.splitlines() if line.startswith("DEVICE_BYTES ")]
@@ -146,14 +167,15 @@ def run(variant: str, length: int, work: str, arch: dict) -> dict:
             "device_gb": device[0] / 2**30, "peak_gb": record["peak_mem_gb"], "step_s": record["step_s"]}
 
 
-def one_step(script: str, args: list, method: str, length: int, work: str, out: str, env: dict, timeout=None):
-    """(the process, its metrics record or None) of one optimizer step on sequences of `length` tokens
-    (sftmix: a pair of them)."""
+def one_step(script: str, args: list, method: str, length: int, work: str, out: str, env: dict, timeout=None,
+             steps: int = 1):
+    """(the process, its last metrics record or None) of `steps` optimizer steps on sequences of `length`
+    tokens (sftmix: a pair of them)."""
     count = 2 if method == "sftmix" else 1
     data = long_data(work, length, count)
     shutil.rmtree(out, ignore_errors=True)
     args = ["data=jsonl", f"data.train_files=[{data}]", f"data.max_length={length + 64}", f"method={method}",
-            "train.max_steps=1", f"train.micro_batch_size={count}", "train.export_final=false",
+            f"train.max_steps={steps}", f"train.micro_batch_size={count}", "train.export_final=false",
             "train.eval_every=0", "train.save_every_minutes=0", f"output_dir={out}", f"data.cache_dir={work}/cache",
             *([f"method.confidence_file={data}.confidence"] if method == "sftmix" else []), *args]
     proc = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
@@ -162,7 +184,7 @@ def one_step(script: str, args: list, method: str, length: int, work: str, out: 
     if proc.returncode != 0 or not os.path.exists(metrics):
         return proc, None
     with open(metrics) as f:
-        return proc, json.loads(f.readline())
+        return proc, json.loads(f.readlines()[-1])
 
 
 def grow(args) -> None:
@@ -233,6 +255,8 @@ def plot(rows, variants, path: str) -> None:
             ax.plot([r["tokens"] for r in mine], [r[key] for r in mine], "o-", label=variant)
         ax.set_xlabel("sequence length (tokens)")
         ax.set_ylabel("GB")
+        if key == "device_gb":  # the switches' lines lie near zero on a linear scale
+            ax.set_yscale("log")
         ax.set_title(title)
         ax.legend()
         ax.grid(alpha=0.3)
@@ -248,6 +272,7 @@ def main() -> None:
     parser.add_argument("--budget-gb", type=float, default=4.0, help="peak resident memory budget")
     parser.add_argument("--arch", type=json.loads, default=ARCH, help="the random Llama's model.arch (JSON)")
     parser.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results"))
+    parser.add_argument("--loss-chunk-size", type=int, default=32, help="rows per fused-loss chunk")
     parser.add_argument("--from-json", help="rewrite the report from this results JSON (no runs)")
     parser.add_argument("--grow", help="a model config (conf/model): find its longest sequence instead")
     parser.add_argument("--methods", nargs="+", default=["ntp", "sftmix"])
@@ -265,7 +290,7 @@ def main() -> None:
     else:
         for variant in args.variants:
             for length in args.lengths:
-                rows.append(run(variant, length, work, args.arch))
+                rows.append(run(variant, length, work, args.arch, args.loss_chunk_size))
                 print(json.dumps(rows[-1]), flush=True)
     summary = {}
     for variant in args.variants:
@@ -281,8 +306,9 @@ def main() -> None:
     lines = ["# Long context on one device: memory against sequence length (CPU)", "",
              f"`python benchmarks/long_context.py --lengths {' '.join(map(str, args.lengths))} "
              f"--budget-gb {args.budget_gb}`: random Llama {json.dumps(args.arch)} (Llama-3.1-8B's proportions), "
-             "fp32, ZeRO-2, ntp, one step of one sequence, sdpa attention, 2 CPU cores. Device bytes: the peak of "
-             "what the step's forwards and backwards held (host copies of the offload not counted); per token: the "
+             "fp32, ZeRO-2, ntp, one sequence, sdpa attention, fused-loss chunks of 32 rows, 2 CPU cores. Device "
+             "bytes: the peak of the activations the second step's forwards and backwards held (gradients, the "
+             "optimizer and the offload's host copies not counted: see the script's docstring); per token: the "
              "slope between the two longest lengths. Peak RSS: resident memory, in which offloaded copies still "
              "count on CPU.", "",
              "| variant | settings | " + " | ".join(f"device GB @{n}" for n in args.lengths) +

@@ -185,7 +185,8 @@ def free_memory_bytes(device: torch.device) -> int:
         return torch.cuda.mem_get_info(device)[0]
     with open("/proc/meminfo") as f:
         available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    return available // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    # torchrun's LOCAL_WORLD_SIZE, the deepspeed launcher's LOCAL_SIZE
+    return available // int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
 
 
 def check_fits(text_config, t, tokens: int, dtype_bytes: int, free: int, where: str) -> Optional[str]:
