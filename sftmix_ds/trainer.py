@@ -23,8 +23,7 @@ from tqdm import tqdm
 from .adapters import adapter_summary, apply_lora, check_lora_targets
 from .common import OutOfSpace, UserError, atomic_file, evenly_spaced, to_device, write_json_atomic
 from .config import ConfigError, resolve_zero_stage, validate
-from .data import load_split, train_split
-from .data.store import example_lengths
+from .data import example_lengths, load_split, train_split
 from .engine import (PREFIX, Checkpointer, Collectives, DeepSpeedStrategy, LossModule, check_data_parallel, check_head,
                      check_sequence_parallel, complete_checkpoints, dist_env, read_complete, sample_ids)
 from .engine.long_context import check_fits, free_memory_bytes

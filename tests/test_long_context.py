@@ -114,6 +114,7 @@ def test_offloaded_activations_give_the_plain_gradients_and_leave_the_device(til
     assert offload.offloaded_bytes >= 3 * 2 * 40 * 32 * 8
 
 
+@pytest.mark.e2e
 def test_combinations_that_cannot_work_are_refused_naming_the_key(tmp_path):
     proc = train_cli(["model=tiny", "train.offload_activations=true", f"output_dir={tmp_path}/a"], check=False)
     assert proc.returncode != 0 and "train.offload_activations=true: needs train.gradient_checkpointing=true" \

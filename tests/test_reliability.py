@@ -389,7 +389,6 @@ def test_a_full_disk_at_the_final_export_is_a_clean_error_naming_what_is_intact(
     assert not (run / "model").exists() and not list(run.glob("model*.tmp"))
 
 
-@pytest.mark.e2e
 def test_a_full_disk_at_the_evaluations_results_names_the_intact_model(tmp_path):
     """The run trains and exports, its evaluation's results cannot be written: exit 2 naming the model
     to evaluate again, every figure in the log, no half-written results."""
