@@ -99,6 +99,17 @@ def file_digest(path: str) -> str:
     return h.hexdigest()
 
 
+def process_alive(pid: str) -> bool:
+    """Whether process `pid` (a string, possibly malformed) runs on this machine."""
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:

@@ -382,3 +382,54 @@ def test_online_split_is_in_the_checkpoint_kill_9_in_epoch_2_resumes_bitwise(onl
     assert _online_split(run) == _online_split(clean)
     w, ref_w = (_weights(os.path.join(d, "model")) for d in (run, clean))
     assert w.keys() == ref_w.keys() and all(torch.equal(w[k], ref_w[k]) for k in w)
+
+
+@pytest.mark.e2e
+def test_two_jobs_racing_for_one_stage_1_build_it_once(stage1, tmp_path):
+    """Two sweep points sharing method.stage_dir start together: one runs the reference run and scores,
+    the other waits for its split and reuses it; the split is the one a lone run makes."""
+    import subprocess
+
+    from .helpers import PY
+
+    shared = tmp_path / "shared"
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    procs = [subprocess.Popen([PY, os.path.join(ROOT, "launch", "score.py"), *stage1["common"],
+                               f"method.stage_dir={shared}", f"output_dir={tmp_path}/point{i}"], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    logs = [p.communicate(timeout=600)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    assert sum("stage 1: reference run" in log for log in logs) == 1
+    assert sum("built by another job meanwhile" in log for log in logs) == 1
+    (folder,) = glob.glob(str(shared / "*"))
+    with open(os.path.join(folder, "confidence.jsonl")) as f:
+        assert {r["id"]: r for r in map(json.loads, list(f)[1:])} == _confidence(stage1["run"])
+
+
+def test_a_stage_claim_whose_process_is_gone_is_taken_over(tmp_path, monkeypatch):
+    """A claim left by a dead process on this machine is taken over at once; a live foreign claim is
+    waited for, until its result appears."""
+    import socket
+    import subprocess
+    import threading
+
+    from sftmix_ds.confidence import stage
+
+    monkeypatch.setattr(stage, "POLL_S", 0.05)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "1234")
+    folder, done = str(tmp_path / "fp"), str(tmp_path / "fp" / "confidence.jsonl")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    with open(folder + ".owner", "w") as f:
+        f.write(f"@10.0.0.9:999\n{socket.gethostname()} {dead.pid}")
+    with stage.owned(folder, done, rank=0) as mine:
+        assert mine and stage._read_owner(folder + ".owner")[0] == stage.job_identity()
+    assert not os.path.exists(folder + ".owner")  # released
+    with open(folder + ".owner", "w") as f:
+        f.write(f"@10.0.0.9:999\n{socket.gethostname()} {os.getppid()}")  # alive: waited for
+    finish = threading.Timer(0.5, lambda: (os.makedirs(folder), open(done, "w").close()))
+    finish.start()
+    with stage.owned(folder, done, rank=0) as mine:
+        assert mine is False and os.path.exists(done)
+    finish.join()

@@ -9,6 +9,7 @@ finds every finished piece and redoes nothing.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import glob
 import hashlib
@@ -16,6 +17,9 @@ import json
 import logging
 import math
 import os
+import socket
+import threading
+import time
 from typing import Optional
 
 from omegaconf import OmegaConf, open_dict
@@ -25,7 +29,7 @@ from ..data import example_ids, train_split
 from ..engine import Collectives, after_rank0_wrote, dist_env
 from ..faults import maybe_delay
 from ..models import load_tokenizer, prepare_model
-from ..common import write_json_atomic
+from ..common import process_alive, write_json_atomic
 from ..identity import examples_hash, kept_settings
 from ..inference import perplexities, score_model
 from ..tracking import log_stage_summary
@@ -86,8 +90,6 @@ def _step_of(path: str) -> int:
 
 def run_confidence_stage(cfg) -> str:
     """The confidence file for cfg's training data: the given one, a finished one, or a new one."""
-    from ..trainer import train  # the reference run is an ordinary training run
-
     if cfg.method.confidence_source == "online":
         raise ConfigError("method.confidence_source=online has no separate stage 1: the training run scores its "
                           "own warm-up epochs (launch/train.py)")
@@ -106,6 +108,16 @@ def run_confidence_stage(cfg) -> str:
     if os.path.exists(out_path):
         log.info("stage 1: reusing %s", out_path)
         return out_path
+    with owned(stage_dir, out_path, rank) as mine:
+        if not mine:
+            log.info("stage 1: reusing %s (built by another job meanwhile)", out_path)
+            return out_path
+        return build_stage(cfg, ref_model_cfg, examples, pad_id, stage_dir, fp, world_size)
+
+
+def build_stage(cfg, ref_model_cfg, examples, pad_id: int, stage_dir: str, fp: str, world_size: int) -> str:
+    """The reference run, its checkpoints' scores and the split, each piece reused when it is there."""
+    from ..trainer import train  # the reference run is an ordinary training run
 
     checkpoints = list(cfg.method.score_checkpoints)
     global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * world_size
@@ -126,6 +138,100 @@ def run_confidence_stage(cfg) -> str:
 
     perplexities = [score_checkpoint(cfg, path, examples, pad_id, stage_dir) for path in checkpoints]
     return publish_split(confidence_records(perplexities), stage_dir, fp, {"checkpoints": checkpoints}, cfg)
+
+
+def job_identity() -> str:
+    """What the ranks of one job share and no other running job has (after dist_env set the master)."""
+    return f"{os.environ.get('SLURM_JOB_ID', '')}@{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+
+
+@contextlib.contextmanager
+def owned(stage_dir: str, done: str, rank: int):
+    """One job at a time builds a stage folder (sweep points sharing method.stage_dir start together):
+    yields True in every rank of the job that owns it (rank 0 claims it in STAGE_DIR.owner, keeping the
+    file fresh while it builds), False once another job has finished it (`done` exists). A claim whose
+    process is gone (on this machine) or not kept fresh for STALE_S (elsewhere) is taken over; the same
+    job, requeued, continues its own."""
+    owner, me = stage_dir.rstrip("/") + ".owner", job_identity()
+    os.makedirs(os.path.dirname(owner), exist_ok=True)
+    last_said = 0.0
+    while not os.path.exists(done):
+        holder = _read_owner(owner)
+        if holder and holder[0] == me:
+            break
+        if rank == 0 and (holder is None or _abandoned(owner, holder)):
+            if holder is not None:
+                log.warning("stage 1: %s was claimed by %s, which is gone: taking it over", stage_dir, holder[0])
+                _remove(owner)
+            _claim(owner, f"{me}\n{socket.gethostname()} {os.getpid()}")
+            continue
+        if time.monotonic() - last_said > 300:
+            log.info("stage 1: %s is being built by another job (%s); waiting for %s", stage_dir,
+                     holder[0] if holder else "starting", done)
+            last_said = time.monotonic()
+        time.sleep(POLL_S)
+    else:
+        yield False
+        return
+    stop = threading.Event()
+    if rank == 0:
+        threading.Thread(target=_keep_fresh, args=(owner, stop), daemon=True).start()
+    try:
+        yield True
+    finally:
+        stop.set()
+        if rank == 0 and (_read_owner(owner) or [None])[0] == me:
+            _remove(owner)
+
+
+STALE_S, POLL_S = 180, 2.0
+
+
+def _read_owner(path: str) -> Optional[list]:
+    """[job, "HOST PID"] of a claim, or None."""
+    try:
+        with open(path) as f:
+            return f.read().split("\n")
+    except FileNotFoundError:
+        return None
+
+
+def _abandoned(path: str, holder: list) -> bool:
+    host, _, pid = holder[-1].partition(" ")
+    if host == socket.gethostname():
+        return not process_alive(pid)
+    try:
+        return time.time() - os.path.getmtime(path) > STALE_S
+    except FileNotFoundError:
+        return False
+
+
+def _claim(path: str, me: str) -> None:
+    """Create `path` holding `me`, whole, unless it exists (a hard link fails on an existing name)."""
+    tmp = f"{path}.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(me)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        os.remove(tmp)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def _keep_fresh(path: str, stop: threading.Event) -> None:
+    while not stop.wait(STALE_S / 6):
+        try:
+            os.utime(path)
+        except OSError:
+            pass
 
 
 def publish_split(records, stage_dir: str, fp: str, extra: dict, cfg=None) -> str:

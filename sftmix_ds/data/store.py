@@ -29,7 +29,7 @@ from typing import Iterable, List, Optional, Tuple
 
 import numpy as np
 
-from ..common import IGNORE, file_digest, out_of_space
+from ..common import IGNORE, file_digest, out_of_space, process_alive
 
 STORE_VERSION = 2  # 2: meta.json records its key, the vocabulary and every file's digest
 FILES = {"tokens": None, "spans": "<i4", "id_bytes": "u1", "index": "<i8"}  # tokens: meta["token_dtype"]
@@ -220,16 +220,6 @@ def unpack_chunk(chunk: Chunk) -> List[Example]:
             for name, ids, spans in chunk_examples(chunk)]
 
 
-def _alive(pid: str) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
 class StoreWriter:
     """Appends chunks to a temporary folder beside `folder`; publish() renames it into place."""
 
@@ -239,7 +229,7 @@ class StoreWriter:
         host = os.uname().nodename
         prefix = f"{folder}.tmp-{host}-"
         for stale in glob.glob(glob.escape(prefix) + "*"):  # left by a killed builder on this host
-            if not _alive(stale[len(prefix):]):
+            if not process_alive(stale[len(prefix):]):
                 shutil.rmtree(stale, ignore_errors=True)
         self.tmp = f"{prefix}{os.getpid()}"
         os.makedirs(self.tmp)
