@@ -61,6 +61,24 @@ def test_tiled_feed_forward_gives_the_plain_loss_and_gradients(tiles, checkpoint
     torch.testing.assert_close(tiled, tile_free(input_ids=ids).logits, rtol=1e-12, atol=1e-12)
 
 
+def test_a_tiled_mixture_of_experts_gives_the_plain_gradients():
+    """Routing is per token, so an MoE block tiles exactly too (Mixtral's block wants [batch, tokens, d])."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(MixtralConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                             num_experts_per_tok=2))
+    ids, labels = batch()
+    want_loss, want = loss_and_grads(model, ids, labels)
+    tile_feed_forwards(decoder_blocks(model), 5, every_tile=True)
+    assert all(block.mlp.forward.func.__name__ == "_tiled_forward" for block in decoder_blocks(model))
+    got_loss, got = loss_and_grads(model, ids, labels)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=0)
+    for name in want:  # float32: the experts' grouped matmul has no float64 kernel
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_a_recomputed_tile_draws_the_forwards_dropout_masks():
     """Dropout inside the feed-forward: each tile's recomputation in backward uses the masks its forward
     drew, so the gradients are those of the very function the forward computed (here: the tiles run

@@ -21,7 +21,6 @@ offload_activations.py); they are not used here, for three reasons:
 from __future__ import annotations
 
 import functools
-import logging
 import os
 from typing import Optional
 
@@ -29,7 +28,6 @@ import torch
 
 from ..common import ConfigError, UserError
 
-log = logging.getLogger(__name__)
 FEED_FORWARD_NAMES = ("mlp", "feed_forward", "block_sparse_moe", "ffn")
 
 
@@ -62,7 +60,7 @@ class TiledFeedForward(torch.autograd.Function):
                     p.ds_grad_is_ready = i == len(pieces) - 1
                 tile = tile.detach().requires_grad_(x.requires_grad)
                 with torch.enable_grad():
-                    out = ctx.feed_forward(tile)
+                    out = _apply(ctx.feed_forward, tile)
                 torch.autograd.backward(out, tile_grad)
                 if tile.grad is not None:
                     tile_x_grad.copy_(tile.grad)
@@ -78,12 +76,18 @@ def tiled(feed_forward, x: torch.Tensor, tiles: int, every_tile: bool) -> torch.
     every_tile: call it on empty tiles too (ZeRO-3 gathering module by module: every rank must make the
     same calls, whatever its length)."""
     rows = x.reshape(-1, x.shape[-1])
-    outs = [feed_forward(tile) for tile in _split(rows, tiles) if every_tile or len(tile)]
-    out = torch.cat(outs) if outs else feed_forward(rows)
-    if not isinstance(out, torch.Tensor):
-        raise ConfigError(f"train.mlp_tiles: the feed-forward returns {type(out).__name__}, not one tensor; tiling "
-                          "supports feed-forwards that map hidden states to hidden states")
+    outs = [_apply(feed_forward, tile) for tile in _split(rows, tiles) if every_tile or len(tile)]
+    out = torch.cat(outs) if outs else _apply(feed_forward, rows)
     return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def _apply(feed_forward, rows: torch.Tensor) -> torch.Tensor:
+    """The feed-forward of [rows, d] tokens, given as one sequence [1, rows, d] (MoE blocks want 3 dims)."""
+    out = feed_forward(rows[None])
+    if not isinstance(out, torch.Tensor):  # e.g. an MoE layer that also returns its router's logits
+        raise ConfigError(f"train.mlp_tiles: the feed-forward returns {type(out).__name__}, not one tensor; "
+                          "tiling supports feed-forwards that map hidden states to hidden states")
+    return out[0]
 
 
 def _rng_state(device: torch.device):
