@@ -118,15 +118,17 @@ def method_args(method, confidence_file):
 @pytest.fixture(scope="module")
 def sp_runs(tmp_path_factory, confidence_file):
     root = tmp_path_factory.mktemp("sequence_parallel")
-    out = {}
+    out, refs = {}, {}  # refs: one reference run per distinct setting (several layouts share one)
     for name, (method, extra, nproc) in RUNS.items():
         lora = [a for a in extra if a.startswith("peft")]
-        ref, sp = str(root / f"{name}_ref"), str(root / name)
-        train_cli(BASE + method_args(method, confidence_file) + lora + ["train.micro_batch_size=4",
-                                                                        "train.grad_accum=1", f"output_dir={ref}"])
+        args = BASE + method_args(method, confidence_file) + lora + ["train.micro_batch_size=4", "train.grad_accum=1"]
+        if tuple(args) not in refs:
+            refs[tuple(args)] = str(root / f"{name}_ref")
+            train_cli(args + [f"output_dir={refs[tuple(args)]}"])
+        sp = str(root / name)
         proc = train_cli(BASE + method_args(method, confidence_file) + extra + ["train.sequence_parallel=2",
                                                                                 f"output_dir={sp}"], nproc=nproc)
-        out[name] = (ref, sp, proc)
+        out[name] = (refs[tuple(args)], sp, proc)
     return out
 
 
