@@ -69,6 +69,23 @@ def missing_value_message(error) -> str:
     return f"{key}: required and not set; give it on the command line ({key}=...)"
 
 
+def exit_now(code: int) -> None:
+    """End the process as Python's own exit would (other threads joined, exit handlers run, logs and
+    streams flushed) but without the interpreter's teardown: freeing torch's, transformers' and
+    DeepSpeed's modules takes another 0.5-1.5 s in every process, after all the work is written."""
+    import atexit
+    import threading
+
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def hydra_entry(fn, config_name: str) -> None:
     """Run fn(cfg) under Hydra; bad config or data ends with one clear line, exit code 2."""
     import hydra
@@ -94,7 +111,7 @@ def hydra_entry(fn, config_name: str) -> None:
             message = str(e) if isinstance(e, UserError) else missing_value_message(e)
             logging.getLogger("sftmix_ds").error("%s", message)
             print(f"error: {message}", file=sys.stderr)
-            sys.exit(2)
+            exit_now(2)
         except Exception:
             # A collective that failed because a peer is gone says so, naming it (engine/peers.py).
             from .engine.peers import current_watch
@@ -104,6 +121,7 @@ def hydra_entry(fn, config_name: str) -> None:
             raise
 
     main()
+    exit_now(0)
 
 
 def _train(cfg):

@@ -43,7 +43,7 @@ def runs(tmp_path_factory):
         extra = {"m4a1r1z3": ["logger=wandb", "train.padding_mask=true", "deepspeed.gather_per_block=false"],
                  "m4a1r1z3_speed": SPEED}.get(name, [])
         proc = train_cli(BASE + [f"train.micro_batch_size={mb}", f"train.grad_accum={accum}", f"deepspeed=zero{zero}",
-                                 f"output_dir={out[name]}"] + extra, nproc=nproc)
+                                 f"output_dir={out[name]}"] + extra, nproc=nproc, runner=True)  # the README's way
         # The compiled blocks (ZeRO-3, each block gathered whole) compile once for all widths.
         assert "recompil" not in proc.stderr, proc.stderr[-3000:]
     return out
