@@ -26,6 +26,17 @@ def strip_local_rank(argv: list[str]) -> list[str]:
     return out
 
 
+def check_signal_delay(launcher) -> None:
+    """A Slurm sweep point's time-limit signal must come after it starts (hydra.launcher of submitit)."""
+    from .common import ConfigError
+
+    delay, limit = launcher.get("signal_delay_s"), launcher.get("timeout_min")
+    if delay is not None and limit is not None and delay >= 60 * limit:
+        raise ConfigError(f"hydra.launcher.signal_delay_s={delay}: Slurm would send the time-limit signal as soon as "
+                          f"each point starts (hydra.launcher.timeout_min={limit}), and the point would be requeued "
+                          "until hydra.launcher.max_num_timeout runs out; give a signal delay below the time limit")
+
+
 def in_sweep(cfg) -> None:
     """In a Hydra multirun (-m), each point writes to its own sweep folder (hydra.sweep.dir/N),
     with its overrides beside it; its wandb run joins the sweep's group; SFTMix points share
@@ -37,6 +48,7 @@ def in_sweep(cfg) -> None:
     hc = HydraConfig.get()
     if hc.mode != RunMode.MULTIRUN:
         return
+    check_signal_delay(hc.launcher)
     with open_dict(cfg):
         cfg.output_dir = hc.runtime.output_dir
         if cfg.logger.group is None:
@@ -92,7 +104,7 @@ def hydra_entry(fn, config_name: str) -> None:
 
     from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
 
-    from .common import UserError
+    from .common import Preempted, UserError
     from .config import CONF_DIR, check_output_dir, register_configs
 
     sys.argv = strip_local_rank(sys.argv)
@@ -107,6 +119,9 @@ def hydra_entry(fn, config_name: str) -> None:
             check_output_dir(cfg.output_dir)
             setup_logging(dist_env()[0], cfg.output_dir)
             return fn(cfg)
+        except Preempted as e:
+            logging.getLogger("sftmix_ds").info("%s", e)
+            exit_now(0)
         except (UserError, MissingMandatoryValue, InterpolationToMissingValueError) as e:
             message = str(e) if isinstance(e, UserError) else missing_value_message(e)
             logging.getLogger("sftmix_ds").error("%s", message)

@@ -15,6 +15,12 @@ class UserError(Exception):
     points print the message as one `error:` line and exit with status 2, no traceback."""
 
 
+class Preempted(Exception):
+    """A run stopped for a preemption or time-limit signal after saving a checkpoint: the entry points
+    exit 0 for the requeue, and nothing after the stopped run (a stage-1 reference run's scoring, the
+    next sweep point) starts."""
+
+
 class ConfigError(UserError, ValueError):
     """A config value is wrong; the message names the key."""
 

@@ -2,7 +2,8 @@
 
 after_step and in_save (checkpoint files written, not yet marked complete) make that
 rank die by SIGKILL (no clean-up, as under the OOM killer or a node failure);
-nan_loss makes its loss NaN; enospc fails its checkpoint write (enospc_eval: the evaluation's
+nan_loss makes its loss NaN; usr1 sends that rank SIGUSR1 after the step (a time-limit warning);
+enospc fails its checkpoint write (enospc_eval: the evaluation's
 results); slow_publish:RANK:0 delays that rank's write of a stage's published file by DELAY_S
 (so readers on other ranks come first);
 slow_build:RANK:0 delays that process's build of a shared cache (token cache, model folder) while it
@@ -29,6 +30,11 @@ def _armed(point: str, rank: int, step: int) -> bool:
 def maybe_die(point: str, rank: int, step: int) -> None:
     if _armed(point, rank, step):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def maybe_signal(rank: int, step: int) -> None:
+    if _armed("usr1", rank, step):
+        os.kill(os.getpid(), signal.SIGUSR1)
 
 
 def maybe_delay(point: str, rank: int, step: int) -> None:

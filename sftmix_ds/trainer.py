@@ -21,7 +21,7 @@ from omegaconf import OmegaConf, open_dict
 from tqdm import tqdm
 
 from .adapters import adapter_summary, apply_lora, check_lora_targets
-from .common import OutOfSpace, UserError, atomic_file, evenly_spaced, to_device, write_json_atomic
+from .common import OutOfSpace, Preempted, UserError, atomic_file, evenly_spaced, to_device, write_json_atomic
 from .config import ConfigError, resolve_zero_stage, validate
 from .data import example_lengths, load_split, train_split
 from .engine import (PREFIX, Checkpointer, Collectives, DeepSpeedStrategy, LossModule, check_data_parallel, check_head,
@@ -31,7 +31,7 @@ from .eval import eval_sets, evaluate_model
 from .inference import score, score_nll, scoring_plan
 from .methods.base import build_method
 from .models import attention_implementation, load_tokenizer, prepare_model
-from .faults import maybe_die, maybe_poison
+from .faults import maybe_die, maybe_poison, maybe_signal
 from .resume import (RUN_FILE, check_finished_run, find_resume, finished, fit_layout, run_identity, run_record,
                      same_run_problem)
 from .tracking import MetricsLog, append_jsonl, keep_steps_up_to
@@ -75,15 +75,42 @@ class NonFiniteGuard:
 
 
 class PreemptionFlag:
-    """Set by SIGUSR1 (Slurm's --signal before a time limit, or scancel --signal=USR1): the
-    loop then saves a checkpoint at the end of the step and returns, for a requeue."""
+    """Set by SIGUSR1 (Slurm's --signal before a time limit, or scancel --signal=USR1) and, in a job that
+    submitit started (a sweep point of hydra/launcher=slurm), by submitit's own signal (USR2 unless
+    SUBMITIT_PREEMPT_SIGNAL says otherwise): the loop then saves a checkpoint at the end of the step and
+    returns, for a requeue. Submitit's handler, which requeues the point, runs only after that checkpoint
+    (hand_over): left to itself it would requeue at once and the steps since the last save would be lost.
+    One flag per process (`installed`), from the start of the run: a stage-1 reference run and the training
+    after it share it, so a signal during setup or between the two stops the next step."""
+
+    _installed = None
+
+    @classmethod
+    def installed(cls) -> "PreemptionFlag":
+        if cls._installed is None:
+            cls._installed = cls()
+        return cls._installed
 
     def __init__(self):
-        self.raised = False
+        self.raised, self.name = False, "SIGUSR1"
+        self.submitit = None  # (its signal, its handler)
         signal.signal(signal.SIGUSR1, self._set)
+        if os.environ.get("SUBMITIT_EXECUTOR"):
+            number = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"))
+            if callable(signal.getsignal(number)):
+                self.submitit = (number, signal.getsignal(number))
+            signal.signal(number, self._set)
 
-    def _set(self, *_):
-        self.raised = True
+    def _set(self, number, _frame):
+        self.raised, self.name = True, signal.Signals(number).name
+
+    def hand_over(self) -> None:
+        """After the loop stopped for the signal and saved: submitit's handler requeues the point on rank 0
+        (the other ranks' return at once), which resumes from that checkpoint in its own output folder."""
+        if self.submitit is not None:
+            number, handler = self.submitit
+            log.info("handing %s over to submitit, which requeues this sweep point", self.name)
+            handler(number, None)
 
 
 def evaluate(engine, comm, examples, batch_size: int, pad_id: int, chunk_size: int) -> float:
@@ -105,6 +132,7 @@ class Recipe:
         self.rank, _, self.world_size = dist_env()
         self.ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
         self.export_dir = os.path.join(cfg.output_dir, "model")
+        self.preempted = PreemptionFlag.installed()
 
     # -- setup -----------------------------------------------------------------------------------
 
@@ -238,7 +266,7 @@ class Recipe:
             for path in (self.metrics.path, self.samples_path):  # steps after the checkpoint run again
                 keep_steps_up_to(path, self.step)
         self.guard = NonFiniteGuard(t.nonfinite, t.max_nonfinite_steps, t.grad_accum)
-        self.preempted = PreemptionFlag()
+        self.signalled = False
         self.last_save = time.monotonic()  # train.save_every_minutes counts from here
         self.bar = tqdm(total=self.total_steps, initial=self.step, disable=self.rank != 0,
                         desc=f"train {cfg.method.name}", dynamic_ncols=True)
@@ -301,6 +329,7 @@ class Recipe:
         grad_norm = None if skipped else got["grad_norm"]  # a skipped step's is DeepSpeed's inf, or the last one's
         self.guard.check_grad_norm(self.step, grad_norm, skipped or overflow, self.ckpt_root)
         maybe_die("after_step", self.rank, self.step)
+        maybe_signal(self.rank, self.step)
         elapsed = time.perf_counter() - started
         record = {"step": self.step, "epoch": epoch + (in_epoch + 1) / plan.steps_per_epoch, "lr": lr,
                   "grad_norm": grad_norm, "tokens_per_s": got["tokens"] / elapsed,
@@ -394,7 +423,7 @@ class Recipe:
                                         "micro_batch_size": t.micro_batch_size, "grad_accum": t.grad_accum})
             self.last_save = time.monotonic()
         if stopping:
-            why = "SIGUSR1 (preemption or time limit)" if self.signalled else "train.stop_after_steps"
+            why = f"{self.preempted.name} (preemption or time limit)" if self.signalled else "train.stop_after_steps"
             log.info("stopping at step %d after a checkpoint, for %s; resume=auto continues", step, why)
         return bool(stopping)
 
@@ -464,4 +493,7 @@ def train(cfg) -> dict:
         return {}
     record = recipe.train()
     recipe.cleanup(record)
+    if recipe.signalled and recipe.step < recipe.total_steps:
+        recipe.preempted.hand_over()
+        raise Preempted(f"exiting for a requeue: {cfg.output_dir} continues from step {recipe.step} (resume=auto)")
     return record

@@ -172,6 +172,11 @@ class Cluster:
             raise AssertionError(f"{' '.join(args)}: exit {proc.returncode}\n{proc.stderr[-3000:]}")
         return proc
 
+    def run_in_background(self, args: list[str], env: dict | None = None) -> subprocess.Popen:
+        """A client command on the head node, not waited for."""
+        return subprocess.Popen(self._in("head", args), env={**self.env, **(env or {})}, cwd=self.cwd,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
     def job_field(self, job: str, field: str):
         out = self.run(["scontrol", "show", "job", job], check=False).stdout
         for token in out.split():

@@ -102,8 +102,8 @@ def _confidence(run_dir):
         return {r["id"]: r for r in map(json.loads, list(f)[1:])}
 
 
-def score_cli(overrides, nproc=0):
-    return launch_cli("score.py", overrides, nproc)
+def score_cli(overrides, nproc=0, env=None):
+    return launch_cli("score.py", overrides, nproc, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -404,6 +404,24 @@ def test_two_jobs_racing_for_one_stage_1_build_it_once(stage1, tmp_path):
     (folder,) = glob.glob(str(shared / "*"))
     with open(os.path.join(folder, "confidence.jsonl")) as f:
         assert {r["id"]: r for r in map(json.loads, list(f)[1:])} == _confidence(stage1["run"])
+
+
+@pytest.mark.e2e
+def test_a_time_limit_in_the_reference_run_stops_stage_1_and_the_requeued_job_continues_it(stage1, tmp_path):
+    """SIGUSR1 during the reference run: it checkpoints and the process exits 0 with no split (nothing is
+    scored from an unfinished run); run again, the reference run resumes and the split is stage 1's."""
+    run = str(tmp_path / "run")
+    stopped = score_cli(stage1["common"] + [f"output_dir={run}"], env={"SFTMIX_FAULT": "usr1:0:2"})
+    assert "stopping at step 3 after a checkpoint, for SIGUSR1" in stopped.stderr
+    assert "continues from step 3 (resume=auto)" in stopped.stderr and "score model_step" not in stopped.stderr
+    assert not glob.glob(os.path.join(run, "confidence", "*", "confidence.jsonl"))
+    again = score_cli(stage1["common"] + [f"output_dir={run}"])
+    assert "resumed from" in again.stderr and "step_3 at step 3" in again.stderr
+    got, ref = _confidence(run), _confidence(stage1["run"])
+    assert got.keys() == ref.keys()
+    for i in ref:
+        assert got[i]["split"] == ref[i]["split"]
+        assert got[i]["perplexities"] == pytest.approx(ref[i]["perplexities"], rel=1e-6)
 
 
 def test_a_stage_claim_whose_process_is_gone_is_taken_over(tmp_path, monkeypatch):

@@ -60,6 +60,22 @@ def test_a_slurm_sweep_point_runs_one_task_per_gpu_set_in_one_place():
             assert (launcher.tasks_per_node, launcher.gpus_per_node) == (tasks, 8 if extra else 0)
 
 
+def test_a_slurm_sweep_points_time_limit_signal_must_come_after_it_starts():
+    """The shipped launcher requeues a point at its time limit (max_num_timeout > 0) with its signal 300 s
+    ahead; a delay as long as the limit would signal every point as it starts, and is refused."""
+    from sftmix_ds.cli import check_signal_delay
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        config = compose(config_name="train", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+        launcher = config.hydra.launcher
+        assert (launcher.signal_delay_s, launcher.max_num_timeout) == (300, 20)
+        check_signal_delay(launcher)
+        launcher.timeout_min = 5
+        with pytest.raises(ConfigError, match=r"hydra.launcher.signal_delay_s=300: .*timeout_min=5"):
+            check_signal_delay(launcher)
+
+
 RECIPES = sorted(f[:-len(".yaml")] for f in os.listdir(os.path.join(CONF_DIR, "recipe")))
 
 

@@ -165,6 +165,38 @@ def test_the_sbatch_script_as_written_runs_from_a_fresh_clone(both_nodes, tmp_pa
     assert (clone / "outputs" / f"slurm-sftmix-{job}" / "model" / "model.safetensors").exists(), read_log(log)[-4000:]
 
 
+def test_a_sweep_point_at_its_time_limit_saves_and_submitit_requeues_it_into_its_own_folder(both_nodes, tmp_path):
+    """Submitit's time-limit signal (USR2, which Slurm sends hydra.launcher.signal_delay_s before the limit;
+    sent here by scancel) reaches a two-node point mid-run: both ranks save at the end of the step, then
+    submitit (rank 0) requeues the point, counted as a time-out since a 10-minute limit leaves no
+    guaranteed time, and it resumes from that checkpoint in its own folder and finishes."""
+    sweep = tmp_path / "sweep"
+    parent = both_nodes.run_in_background([
+        sys.executable, os.path.join(ROOT, "launch", "train.py"), "-m", "hydra/launcher=slurm",
+        "hydra.launcher.nodes=2", "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=10",
+        f"hydra.sweep.dir={sweep}", *RUN])
+    point = sweep / "0"
+    metrics = point / "metrics.jsonl"
+    try:
+        wait_for("training", lambda: metrics.exists() and len(lines(metrics)) >= 3, 300, poll_s=0.2)
+        (job,) = both_nodes.run(["squeue", "-h", "-o", "%i"]).stdout.split()
+        both_nodes.run(["scancel", "--signal=USR2", job])
+        wait_for("requeued", lambda: both_nodes.job_field(job, "Restarts") == "1", 120)
+        start_now(both_nodes, job)
+        _, err = parent.communicate(timeout=600)
+    finally:
+        parent.kill()
+    assert parent.returncode == 0, err[-3000:]
+    log = (point / "train.log").read_text()
+    stopped = int(log.split("stopping at step ")[1].split()[0])
+    assert log.count("after a checkpoint, for SIGUSR2") == 1 and "handing SIGUSR2 over to submitit" in log
+    assert f"resumed from {point}/checkpoints/step_{stopped} at step {stopped}" in log
+    assert [r["step"] for r in lines(metrics)] == list(range(1, 61))  # every step once, in the point's folder
+    assert (point / "model" / "model.safetensors").exists()
+    submitit_log = "".join(p.read_text() for p in (sweep / ".submitit").glob("*/*_0_log.err"))
+    assert "this job is timed-out" in submitit_log and "19 remaining timeouts" in submitit_log
+
+
 def test_hydra_multirun_through_submitit_with_two_node_points(both_nodes, tmp_path):
     sweep = tmp_path / "sweep"
     both_nodes.run([sys.executable, os.path.join(ROOT, "launch", "train.py"), "-m", "hydra/launcher=slurm",
