@@ -106,7 +106,7 @@ class PreemptionFlag:
 
     def hand_over(self) -> None:
         """After the loop stopped for the signal and saved: submitit's handler requeues the point on rank 0
-        (the other ranks' return at once), which resumes from that checkpoint in its own output folder."""
+        (the other ranks return at once), which resumes from that checkpoint in its own output folder."""
         if self.submitit is not None:
             number, handler = self.submitit
             log.info("handing %s over to submitit, which requeues this sweep point", self.name)

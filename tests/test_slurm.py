@@ -149,20 +149,83 @@ def test_usr1_with_two_nodes_saves_once_and_requeues(both_nodes, tmp_path):
     assert (out / "model" / "model.safetensors").exists()
 
 
-def test_the_sbatch_script_as_written_runs_from_a_fresh_clone(both_nodes, tmp_path):
-    """Only the resources this cluster lacks are overridden on the command line (no GPUs, 2 cores a
-    node); the log goes where the script says, logs/ in the clone, which Slurm does not create."""
+def readme_commands(section: str) -> list[list[str]]:
+    """The commands of the README's bash block under `## section`, as argument lists."""
+    import shlex
+
+    with open(os.path.join(ROOT, "README.md")) as f:
+        body = f.read().split(f"\n## {section}\n", 1)[1]
+    block = body.split("```bash\n", 1)[1].split("```", 1)[0].replace("\\\n", " ")
+    return [shlex.split(line, comments=True) for line in block.splitlines() if line.strip()]
+
+
+def on_this_cluster(argv: list[str], data: str) -> list[str]:
+    """A README command as a user of this cluster runs it: the user's data for /data/train.jsonl, the tiny
+    model standing in (model=tiny), and on the command line only the resources this cluster lacks (no
+    GPUs, 2 nodes of 2 cores)."""
+    argv = [a.replace("/data/train.jsonl", data) for a in argv]
+    if argv[0] == "python":
+        argv[0] = sys.executable
+    if argv[0] == "sbatch":
+        argv = ["sbatch", "--parsable", "--wait", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1",
+                *["--nodes=2" if a.startswith("--nodes=") else a for a in argv[1:]]]
+    argv = [a.replace("hydra.launcher.gpus_per_node=8", "hydra.launcher.gpus_per_node=0") for a in argv]
+    return argv + ["model=tiny"]
+
+
+def test_the_readmes_cluster_journeys_run_as_written_in_a_fresh_clone(both_nodes, tmp_path):
+    """From a fresh clone, with a user's chat file: the README's two sbatch lines (the recipe on one node,
+    SFTMix on two), its Slurm sweep over method.mu (three points, one stage 1) and the sweep table, then
+    its evaluation of the export and its lm-eval line. gsm8k (that line's second task) needs its data from
+    the Hub, which this machine cannot reach: the shipped chain-of-thought task stands in. The script's
+    log goes to logs/ in the clone, which Slurm does not create."""
+    import glob
+    import json
     import subprocess
 
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", ROOT, str(clone)], check=True)
-    proc = both_nodes.run(["sbatch", "--parsable", "--wait", "--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=0",
-                           "--cpus-per-task=1", "launch/slurm/train.sbatch", "model=tiny", "method=ntp",
-                           "train.max_steps=2", "data.eval_files=[]"], check=False, cwd=str(clone))  # as a user would
-    job = proc.stdout.strip().split(";")[0]
-    log = clone / "logs" / f"sftmix-{job}.out"
-    assert proc.returncode == 0 and log.exists(), f"{proc.stderr[-2000:]}\n{read_log(log)[-4000:]}"
-    assert (clone / "outputs" / f"slurm-sftmix-{job}" / "model" / "model.safetensors").exists(), read_log(log)[-4000:]
+    data = tmp_path / "train.jsonl"  # the user's own chat data: 64 conversations
+    with open(os.path.join(ROOT, "sftmix_ds", "builtin_data", "arith_train.jsonl")) as f:
+        records = [json.loads(line) for line in f][:64]
+    data.write_text("".join(json.dumps({"id": r["id"], "messages": [
+        {"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output"]}]}) + "\n"
+                            for r in records))
+
+    exports = []
+    for argv in readme_commands("Slurm"):
+        proc = both_nodes.run(on_this_cluster(argv, str(data)), check=False, cwd=str(clone))
+        job = proc.stdout.strip().split(";")[0]
+        log = clone / "logs" / f"sftmix-{job}.out"
+        assert proc.returncode == 0 and log.exists(), f"{argv}\n{proc.stderr[-2000:]}\n{read_log(log)[-4000:]}"
+        exports.append(clone / "outputs" / f"slurm-sftmix-{job}" / "model")
+        assert (exports[-1] / "model.safetensors").exists(), read_log(log)[-4000:]
+        assert "64 train" in read_log(log)  # the user's data, not the built-in set
+    assert "on node[1-2]: 2 tasks" in read_log(log)  # the second line: two nodes
+
+    _, slurm_sweep, table = readme_commands("Sweeps")
+    both_nodes.run(on_this_cluster(slurm_sweep, str(data)), cwd=str(clone))
+    (sweep,) = glob.glob(str(clone / "multirun" / "*"))  # multirun/<date_time>
+    for point in ("0", "1", "2"):
+        assert os.path.exists(os.path.join(sweep, point, "model", "model.safetensors"))
+    assert len(glob.glob(os.path.join(sweep, "confidence", "*", "confidence.jsonl"))) == 1  # one stage 1
+    table = subprocess.run([sys.executable, *table[1:-1], sweep], cwd=clone, capture_output=True, text=True)
+    assert table.returncode == 0 and table.stdout.count("method.mu=") == 3, table.stderr
+
+    trained = os.path.relpath(exports[0], clone)
+    for argv in readme_commands("Evaluation"):
+        if "..." in argv:
+            continue  # the after-training form, which the first line of this journey's runs already took
+        argv = [a.replace("outputs/sftmix-smollm2_135m-arith/model", trained).replace("gsm8k", "sftmix_arith_cot")
+                for a in argv]
+        proc = subprocess.run(on_this_cluster(argv, str(data)), cwd=clone, capture_output=True, text=True,
+                              env={**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}, timeout=900)
+        assert proc.returncode == 0, f"{argv}\n{proc.stderr[-3000:]}"
+    (results,) = glob.glob(str(clone / "outputs" / "*" / "eval" / "base" / "eval.json"))
+    with open(results) as f:
+        harness = json.load(f)["harness"]
+    assert set(harness) == {"sftmix_arith", "sftmix_arith_cot"}
+    assert glob.glob(str(clone / "outputs" / "*" / "eval" / "*" / "eval.json"))
 
 
 def test_a_sweep_point_at_its_time_limit_saves_and_submitit_requeues_it_into_its_own_folder(both_nodes, tmp_path):
