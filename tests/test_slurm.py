@@ -2,7 +2,8 @@
 network and UTS namespace, one slurmctld): launch/slurm/train.sbatch across both nodes equals one
 node; a node lost mid-run ends the survivor within deepspeed.peer_timeout_s, naming the lost rank,
 and the requeued job finishes on the node left as if uninterrupted; SIGUSR1 with two nodes saves
-once and requeues; a Hydra multirun through submitit with two-node points."""
+once and requeues; a Hydra multirun through submitit with two-node points, and a point at its time
+limit requeued into its own folder; the README's cluster journeys, as written, from a fresh clone."""
 import os
 import random
 import sys
@@ -215,7 +216,7 @@ def test_the_readmes_cluster_journeys_run_as_written_in_a_fresh_clone(both_nodes
     trained = os.path.relpath(exports[0], clone)
     for argv in readme_commands("Evaluation"):
         if "..." in argv:
-            continue  # the after-training form, which the first line of this journey's runs already took
+            continue  # '...' stands for a training run's overrides: training with evaluation is test_eval's
         argv = [a.replace("outputs/sftmix-smollm2_135m-arith/model", trained).replace("gsm8k", "sftmix_arith_cot")
                 for a in argv]
         proc = subprocess.run(on_this_cluster(argv, str(data)), cwd=clone, capture_output=True, text=True,
