@@ -97,8 +97,9 @@ class PreemptionFlag:
         signal.signal(signal.SIGUSR1, self._set)
         if os.environ.get("SUBMITIT_EXECUTOR"):
             number = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"))
-            if callable(signal.getsignal(number)):
-                self.submitit = (number, signal.getsignal(number))
+            handler = signal.getsignal(number)
+            if callable(handler):
+                self.submitit = (number, handler)
             signal.signal(number, self._set)
 
     def _set(self, number, _frame):

@@ -122,13 +122,14 @@ def sp_runs(tmp_path_factory, confidence_file):
     for name, (method, extra, nproc) in RUNS.items():
         lora = [a for a in extra if a.startswith("peft")]
         args = BASE + method_args(method, confidence_file) + lora + ["train.micro_batch_size=4", "train.grad_accum=1"]
-        if tuple(args) not in refs:
-            refs[tuple(args)] = str(root / f"{name}_ref")
-            train_cli(args + [f"output_dir={refs[tuple(args)]}"])
+        key = tuple(args)
+        if key not in refs:
+            refs[key] = str(root / f"{name}_ref")
+            train_cli(args + [f"output_dir={refs[key]}"])
         sp = str(root / name)
         proc = train_cli(BASE + method_args(method, confidence_file) + extra + ["train.sequence_parallel=2",
                                                                                 f"output_dir={sp}"], nproc=nproc)
-        out[name] = (refs[tuple(args)], sp, proc)
+        out[name] = (refs[key], sp, proc)
     return out
 
 
