@@ -13,14 +13,17 @@ rewrites OUT/summary.md after every stage, so a session cut short keeps what it 
      fp32 weight-gradient accumulation, CUDA chunk sizes) and the speed switches' equality tests;
   3. speed switches on llama1b_random at 2,048 tokens, micro-batch 4 (benchmarks/levers.py): TRL's
      SFTTrainer without DeepSpeed and under ZeRO-3, sftmix_ds ntp at its defaults and with each switch
-     set back (ZeRO-3, the padding mask, no width rounding) or turned on (packing, compile, LoRA), and
-     sftmix; every step's time, tokens/s and MFU (6 x (parameters - input embedding) + 6 x layers x
+     set back (ZeRO-3, the padding mask, no width rounding) or turned on (packing, compile, LoRA),
+     sftmix, stage-1 scoring (forward only: its tokens/s against training's) and packing with the
+     varlen kernel; every step's time, tokens/s and MFU (6 x (parameters - input embedding) + 6 x layers x
      hidden x sequence FLOPs per token against 989 TFLOP/s, H100/H200 dense bf16), in order of value,
      each run started only while the stage's deadline leaves a minute;
   4. memory: ntp on llama1b_random at micro-batch 16 x 2,048 tokens with the default settings (peak
      allocated and reserved);
-  5. kernel checks at SmolLM2's and Llama-3's head shapes (benchmarks/sftmix.py --full), if time is left;
-  6. long context on one device (benchmarks/long_context.py --grow): the longest ntp and sftmix sequence
+  5. S3FT generation on llama1b_random (benchmarks/s3ft.py --generation-only): the stage's batched,
+     length-sorted generation against plain `generate` one prompt at a time, new tokens/s;
+  6. kernel checks at SmolLM2's and Llama-3's head shapes (benchmarks/sftmix.py --full), if time is left;
+  7. long context on one device (benchmarks/long_context.py --grow): the longest ntp and sftmix sequence
      of llama1b_random, then of llama8b_random with LoRA, every long-context switch on, one step at
      doubling lengths from 16K tokens with peak memory at each, until a step fails or the stage's time
      is up (a session with --deadline 540 reaches them only when the stages before finish early).
@@ -54,6 +57,9 @@ STAGES = [  # (name, command, timeout s, result files it writes under the repo)
                                               "--methods", "ntp", "--no-peer", "--out",
                                               "benchmarks/results/memory_gpu.md"], 150,
      ["benchmarks/results/memory_gpu.md", "benchmarks/results/memory_gpu.json"]),
+    ("generation llama1b_random", [PY, "benchmarks/s3ft.py", "--model", "llama1b_random", "--generation-only",
+                                   "--prompts", "16", "--max-new-tokens", "64", "--batch-size", "16"], 120,
+     ["benchmarks/results/s3ft_gpu_llama1b_random.md"]),
     ("kernel checks (V=49152, 128256)", [PY, "benchmarks/sftmix.py", "--full", "--model", "tiny"], 150,
      ["benchmarks/results/sftmix_gpu.md"]),
     ("long context llama1b_random", [PY, "benchmarks/long_context.py", "--grow", "llama1b_random", "--deadline",

@@ -9,8 +9,10 @@ this proxy does not see where a GPU's host waits for the device; the same script
 a stage of benchmarks/gpu_session.py). Every run is its own process (benchmarks/throughput.py's
 runners), in order of value, each started only while --deadline leaves a minute for it: TRL without
 DeepSpeed (the plain Trainer, its fastest on one device), sftmix_ds at its defaults and with one
-switch at a time set back to its old value (or, for compile and LoRA, turned on), SFTMix, and TRL
-under ZeRO-3. Every step's time is kept (the first step, and any step slower than 1.5x the median, show).
+switch at a time set back to its old value (or, for compile and LoRA, turned on), SFTMix, SFTMix's
+stage-1 scoring pass (forward only, over 256 examples of the same lengths: its tokens/s against
+training's), and TRL under ZeRO-3. Every step's time is kept (the first step, and any step slower
+than 1.5x the median, show).
 Writes benchmarks/results/levers_<cpu|gpu>.md (and .json), rewritten after every run.
 """
 import argparse
@@ -27,12 +29,17 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import throughput  # noqa: E402
 
+SCORING = "sftmix_ds stage-1 scoring (forward only, launch/score.py)"
+SCORED_EXAMPLES = 256  # a scoring pass over this many examples of the same lengths: seconds of work, not a few batches
 # In order of value: (name, "trl" and its ZeRO stage (0: no DeepSpeed), or a sftmix_ds method and overrides).
 RUNS = [("TRL SFTTrainer, no DeepSpeed", "trl", 0),
         ("sftmix_ds ntp (defaults: ZeRO-2 on one rank, no padding mask)", "ntp", []),
         ("sftmix_ds ntp, deepspeed.zero_stage=3", "ntp", ["deepspeed.zero_stage=3"]),
         ("sftmix_ds ntp, train.padding_mask=true", "ntp", ["train.padding_mask=true"]),
         ("sftmix_ds sftmix (defaults)", "sftmix", []),
+        (SCORING, "score", []),
+        ("sftmix_ds ntp, train.packing=true model.attn_implementation=varlen", "ntp",
+         ["train.packing=true", "model.attn_implementation=varlen"]),
         ("sftmix_ds ntp, train.compile=true", "ntp", ["train.compile=true"]),
         ("sftmix_ds ntp, deepspeed.zero_stage=3 deepspeed.gather_per_block=false", "ntp",
          ["deepspeed.zero_stage=3", "deepspeed.gather_per_block=false"]),
@@ -83,6 +90,10 @@ def main():
             if "failed" in r:
                 rows.append(f"| {name} | {r['failed']} | | | | | |")
                 continue
+            if name == SCORING:
+                rows.append(f"| {name} | | | {r['tokens_per_s']:.0f} | | | {r['tokens']} tokens in "
+                            f"{r['seconds']:.2f} s |")
+                continue
             ratio = f"{r['step_s'] / best:.2f}x" if best else "n/a"
             mfu = f"{100 * r['tokens_per_s'] * flops / peak:.1f}%" if peak else "n/a"
             times = ", ".join(f"{t:.3f}" for t in r["step_times"])
@@ -106,15 +117,25 @@ def main():
             if "step_s" in mix:
                 out.append(f"- sftmix / ntp time per token {ntp['tokens_per_s'] / mix['tokens_per_s']:.3f}x "
                            "(bar: <= 1.02x)")
+            if "tokens_per_s" in results.get(SCORING, {}):
+                out.append(f"- stage-1 scoring tokens/s / ntp training tokens/s: "
+                           f"{results[SCORING]['tokens_per_s'] / ntp['tokens_per_s']:.2f}x (bar: >= 2.5x)")
         return out
 
     with tempfile.TemporaryDirectory(prefix="levers-") as folder:
         data = throughput.make_data(folder, path, args.steps * args.micro_batch, args.seq)
+        os.makedirs(os.path.join(folder, "scoring"))
+        scoring_data = throughput.make_data(os.path.join(folder, "scoring"), path, SCORED_EXAMPLES, args.seq)
         for name, trainer, setting in RUNS:
             if args.deadline - (time.monotonic() - started) < RUN_S:
                 results[name] = {"failed": "skipped: the deadline"}
                 continue
             try:
+                if trainer == "score":
+                    r = throughput.run_scoring(argparse.Namespace(**base), args.model, path, scoring_data, folder)
+                    results[name] = r
+                    write()
+                    continue
                 if trainer == "trl":
                     r = throughput.run_trl(argparse.Namespace(**{**base, "trl_zero": setting}), args.model, data,
                                            folder, "padded")

@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -109,6 +110,17 @@ def run_sftmix_ds(a, model: str, method: str, data: str, folder: str) -> dict:
             "peak_reserved_gb": max(r.get("peak_mem_reserved_gb", 0.0) for r in records) or None}
 
 
+def run_scoring(a, model: str, model_path: str, data: str, folder: str) -> dict:
+    """SFTMix's stage-1 scoring pass (forward only, launch/score.py) of the model's own folder over `data`:
+    the tokens/s per device it logs, engine build and model load not counted."""
+    cmd = [sys.executable, os.path.join(ROOT, "launch", "score.py"), f"output_dir={os.path.join(folder, 'score')}",
+           f"method.score_checkpoints=[{model_path}]", *common_overrides(a, model, data), *a.overrides]
+    found = re.search(r"(\d+) tokens, \d+ forward passes a rank, in ([\d.]+) s: (\d+) tokens/s per device", _run(cmd))
+    if not found:
+        raise SystemExit(f"{' '.join(cmd[:3])}: no scoring throughput in its log")
+    return {"tokens": int(found[1]), "seconds": float(found[2]), "tokens_per_s": float(found[3])}
+
+
 def run_trl(a, model: str, data: str, folder: str, variant: str) -> dict:
     result = os.path.join(folder, f"trl_{variant}.json")
     _run([sys.executable, os.path.abspath(__file__), "--trl-worker",
@@ -117,11 +129,13 @@ def run_trl(a, model: str, data: str, folder: str, variant: str) -> dict:
         return json.load(f)
 
 
-def _run(cmd):
+def _run(cmd) -> str:
+    """The command's stderr (where the entry points log); SystemExit with its tail if it failed."""
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc.stderr
 
 
 def trl_worker(spec: dict) -> None:

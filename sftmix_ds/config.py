@@ -39,7 +39,8 @@ class ModelConfig:
     init_seed: int = 0
     # transformers attention kernel: auto (sdpa where the architecture has it, else eager) | sdpa
     # (PyTorch's flash / memory-efficient kernels) | eager | flash_attention_2 (needs the flash-attn
-    # package) | flex_attention
+    # package) | flex_attention | varlen (train.packing=true: torch's variable-length flash kernel, each
+    # example attending to itself with no mask built; sdpa for unpacked rows)
     attn_implementation: str = "auto"
     # The chat template, replacing the tokenizer's (needed where it has none): a Jinja file, or a
     # format shipped in sftmix_ds/chat_templates (chatml, qwen3).
@@ -301,6 +302,24 @@ def model_config_path(name: str) -> str:
     return os.path.join(CONF_DIR, "model", f"{name}.yaml")
 
 
+def check_varlen(t) -> None:
+    """model.attn_implementation=varlen: what its kernel needs."""
+    if t.sequence_parallel > 1:
+        raise ConfigError("model.attn_implementation=varlen: not with train.sequence_parallel > 1 (each rank attends "
+                          "over its slice through the sequence-parallel wrapper); use sdpa or flash_attention_2")
+    if _cuda_available():
+        from .engine import varlen
+
+        if not varlen.available():
+            import torch
+
+            raise ConfigError(f"model.attn_implementation=varlen: torch {torch.__version__} has no "
+                              "torch.nn.attention.varlen (torch 2.10 on); use sdpa or flash_attention_2")
+        if resolve_precision(t.precision) == "fp32":
+            raise ConfigError("model.attn_implementation=varlen: its flash kernel runs in bf16 or fp16 only, and "
+                              f"train.precision={t.precision} trains in fp32; set train.precision=bf16 or use sdpa")
+
+
 def load_model_config(name: str):
     """A model group option by name, checked against ModelConfig, outside Hydra's composition."""
     node = OmegaConf.load(model_config_path(name))
@@ -503,7 +522,9 @@ def validate(cfg) -> None:
     one_of("train.nonfinite", t.nonfinite, ("stop", "skip"))
     one_of("train.loss_backend", t.loss_backend, ("auto", "triton", "torch"))
     one_of("model.attn_implementation", m.attn_implementation,
-           ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention"))
+           ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention", "varlen"))
+    if m.attn_implementation == "varlen":
+        check_varlen(t)
     if m.attn_implementation == "flash_attention_2" and resolve_precision(t.precision) == "fp32":
         raise ConfigError("model.attn_implementation=flash_attention_2: flash attention runs in bf16 or fp16 only, and "
                           f"train.precision={t.precision} trains in fp32; set train.precision=bf16 or use sdpa")

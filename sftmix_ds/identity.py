@@ -9,7 +9,8 @@ import hashlib
 # fingerprint ignores them.
 SPEED_SWITCHES = ("train.gradient_checkpointing", "train.compile", "train.loss_backend", "train.loss_chunk_size",
                   "train.pad_to_multiple_of", "train.padding_mask", "model.attn_implementation",
-                  "deepspeed.gather_per_block", "train.mlp_tiles", "train.offload_activations")
+                  "deepspeed.gather_per_block", "train.mlp_tiles", "train.offload_activations",
+                  "method.score_batch_size", "method.score_batch_tokens")
 
 
 def examples_hash(examples) -> "hashlib._Hash":

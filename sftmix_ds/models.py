@@ -139,6 +139,13 @@ def attention_implementation(model_path: str, requested: str) -> str:
     supported = [name for name, flag in ATTENTION_SUPPORT.items() if flag is None or getattr(model_class, flag, False)]
     if requested == "auto":
         return "sdpa" if "sdpa" in supported else "eager"
+    if requested == "varlen":  # transformers' attention interface, with sdpa for unpacked rows
+        if not ("sdpa" in supported and getattr(model_class, "_supports_attention_backend", False)):
+            raise ConfigError(f"model.attn_implementation=varlen: {model_class.__name__} does not dispatch its "
+                              "attention through transformers' attention interface with sdpa; use sdpa")
+        from .engine import varlen
+
+        return varlen.register()
     if requested not in supported:
         raise ConfigError(f"model.attn_implementation={requested}: {model_class.__name__} does not support it; it "
                           f"supports {', '.join(supported)} (auto picks sdpa where it can, else eager)")

@@ -433,13 +433,13 @@ class Recipe:
         return {key: evaluate(self.engine, self.comm, examples, self.t.micro_batch_size, self.pad_id,
                               self.t.loss_chunk_size) for key, examples in self.eval_sets.items()}
 
-    def _score_train_set(self, batch_size: int) -> dict:
+    def _score_train_set(self, batch_size: int, max_tokens: int) -> dict:
         """{id: response perplexity} of every training example under the weights now; all ranks."""
         n_batches = len(scoring_plan(self.train_set, batch_size, self.comm.data_parallel_size,
-                                     self.comm.data_parallel_rank))
+                                     self.comm.data_parallel_rank, max_tokens))
         with tqdm(total=n_batches, desc=f"score step {self.step}", disable=self.rank != 0, leave=False) as bar:
             return score(self.engine, self.comm, self.train_set, batch_size, self.pad_id, progress=bar,
-                         chunk_size=self.t.loss_chunk_size)
+                         chunk_size=self.t.loss_chunk_size, max_tokens=max_tokens)
 
     # -- cleanup ---------------------------------------------------------------------------------
 

@@ -44,15 +44,25 @@ def test_perplexity_equals_naive_full_logits(smollm2_path, tokenizer):
                 math.exp(nll.item()), rel=1e-4)
 
 
-@pytest.mark.parametrize("n,bs,world", [(13, 4, 2), (5, 2, 3), (1, 8, 2), (16, 4, 4)])
-def test_scoring_plan_covers_every_example_once(n, bs, world):
+@pytest.mark.parametrize("n,bs,world,max_tokens", [(13, 4, 2, 0), (5, 2, 3, 0), (1, 8, 2, 0), (16, 4, 4, 0),
+                                                    (40, 64, 2, 120), (40, 3, 3, 100), (9, 64, 2, 10)])
+def test_scoring_plan_covers_every_example_once(n, bs, world, max_tokens):
     examples = [Example(f"e{i}", [0] * random.Random(i).randint(1, 50), [0]) for i in range(n)]
-    plans = [scoring_plan(examples, bs, world, r) for r in range(world)]
+    plans = [scoring_plan(examples, bs, world, r, max_tokens) for r in range(world)]
     assert len({len(p) for p in plans}) == 1  # same number of forward passes on every rank
     flat = [i for p in plans for b in p for i in b]
     assert sorted(flat) == list(range(n))
     lengths = [len(examples[i].input_ids) for b in plans[0] for i in b]
     assert lengths == sorted(lengths, reverse=True)
+    batches = [b for p in plans for b in p if b]
+    for b in batches:
+        width = max(len(examples[i].input_ids) for i in b)
+        assert len(b) <= bs and (len(b) == 1 or not max_tokens or len(b) * width <= max_tokens)
+    # Greedy: a batch ends only when its next example would break a limit.
+    everything = sorted(batches, key=lambda b: (-len(examples[b[0]].input_ids), examples[b[0]].id))
+    for b, after in zip(everything, everything[1:]):
+        width = len(examples[b[0]].input_ids)
+        assert len(b) == bs or (max_tokens and (len(b) + 1) * width > max_tokens)
 
 
 def test_median_split_invariants_and_determinism():

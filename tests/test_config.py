@@ -213,6 +213,8 @@ def test_each_method_module_registers_its_own_schema():
     (["train.precision=fp16"], r"train\.precision=fp16: needs a CUDA GPU"),
     (["model.attn_implementation=flash_attention_2", "train.precision=fp32"],
      r"flash_attention_2: flash attention runs in bf16 or fp16 only, and train\.precision=fp32"),
+    (["model.attn_implementation=varlen", "train.sequence_parallel=2"],
+     r"attn_implementation=varlen: not with train\.sequence_parallel > 1"),
     (["deepspeed.build_lock_wait_minutes=-1"], r"deepspeed\.build_lock_wait_minutes"),
     (["eval=arith", "eval.batch_size=0"], r"eval\.batch_size=0"),
     (["+data.eval_sets.unseen=[]"], r"data\.eval_sets\.unseen: a set needs .* at least one file"),

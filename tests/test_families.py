@@ -52,6 +52,9 @@ def test_auto_attention_is_what_the_architecture_supports(models):
         attention_implementation(models["gemma2"], "sdpa")
     with pytest.raises(ConfigError, match="model.attn_implementation=flex_attention: GPT2LMHeadModel"):
         attention_implementation(models["gpt2"], "flex_attention")
+    assert attention_implementation(models["llama"], "varlen") == "sftmix_varlen"
+    with pytest.raises(ConfigError, match="model.attn_implementation=varlen: Gemma2ForCausalLM does not dispatch"):
+        attention_implementation(models["gemma2"], "varlen")
 
 
 def test_an_unsupported_attention_is_refused_by_validate_and_auto_passes(models):

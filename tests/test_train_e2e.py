@@ -23,7 +23,7 @@ BASE = ["model=tiny", "method=ntp", "train.max_steps=2", "train.lr=1e-3", "train
         "train.eval_every=0", "train.export_dtype=fp32", "train.seed=7"]
 # The same global batch of 4 split four ways: (micro, accum, ranks, zero stage).
 LAYOUTS = {"m4a1r1z3": (4, 1, 0, 3), "m2a2r1z2": (2, 2, 0, 2), "m1a2r2z3": (1, 2, 2, 3), "m2a1r2z2": (2, 1, 2, 2),
-           "m4a1r1z3_speed": (4, 1, 0, 3)}
+           "m4a1r1z3_speed": (4, 1, 0, 3), "m4a1r1z2_varlen": (4, 1, 0, 2)}
 # The speed switches change how the same math is computed, not the result (the reference runs them as they
 # were before they existed: the padding mask passed, ZeRO-3 hooks on every layer).
 SPEED = ["train.packing=true", "train.gradient_checkpointing=true", "train.compile=true",
@@ -41,7 +41,8 @@ def runs(tmp_path_factory):
     for name, (mb, accum, nproc, zero) in LAYOUTS.items():
         out[name] = str(root / name)
         extra = {"m4a1r1z3": ["logger=wandb", "train.padding_mask=true", "deepspeed.gather_per_block=false"],
-                 "m4a1r1z3_speed": SPEED}.get(name, [])
+                 "m4a1r1z3_speed": SPEED,
+                 "m4a1r1z2_varlen": ["train.packing=true", "model.attn_implementation=varlen"]}.get(name, [])
         proc = train_cli(BASE + [f"train.micro_batch_size={mb}", f"train.grad_accum={accum}", f"deepspeed=zero{zero}",
                                  f"output_dir={out[name]}"] + extra, nproc=nproc, runner=True)  # the README's way
         # The compiled blocks (ZeRO-3, each block gathered whole) compile once for all widths.

@@ -272,6 +272,7 @@ def score_checkpoint(cfg, model_path: str, examples, pad_id: int, stage_dir: str
     comm = Collectives(cfg.deepspeed, cfg.train.precision, cfg.train.sequence_parallel)
     perplexity = perplexities(score_model(cfg.deepspeed, cfg.train, comm, model_path, examples,
                                           batch_size=cfg.method.score_batch_size, pad_id=pad_id,
+                                          max_tokens=cfg.method.score_batch_tokens,
                                           attn_implementation=cfg.model.attn_implementation,
                                           desc=f"score {os.path.basename(model_path)}"))
     if comm.rank == 0:

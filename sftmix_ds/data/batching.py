@@ -154,11 +154,13 @@ def pack(examples: Sequence[Optional[Example]], pad_id: int, width: int, multipl
     example, which tells the model (attention_mask=None) to attend within each example only; each
     example's first label is ignored so nothing is predicted across a boundary (unpacked, position
     0 is never a target either). The padded tail of a row is a sequence of its own.
-    placements[i] = (row, start, length) of examples[i] (None for an empty slot)."""
+    placements[i] = (row, start, length) of examples[i] (None for an empty slot); cu_seq_lens: where
+    each of those sequences starts in the rows flattened to one, for a variable-length attention kernel."""
     real = sorted((e for e in examples if e is not None), key=lambda e: -len(e.input_ids))
     if not real:
         empty = collate(examples[:1], pad_id, multiple)
-        return {**empty, "position_ids": torch.zeros(empty["input_ids"].shape, dtype=torch.long),
+        position_ids = torch.zeros(empty["input_ids"].shape, dtype=torch.long)
+        return {**empty, "position_ids": position_ids, "cu_seq_lens": cu_seq_lens(position_ids),
                 "placements": [None] * len(examples)}
     width = max(width, len(real[0].input_ids))
     n_rows = math.ceil(sum(len(e.input_ids) for e in real) / width)
@@ -189,8 +191,16 @@ def pack(examples: Sequence[Optional[Example]], pad_id: int, width: int, multipl
         attention_mask[r, :start] = 1
         position_ids[r, start:] = torch.arange(longest - start)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "position_ids": position_ids,
-            "response_index": response_index(labels), "ids": [e.id if e is not None else None for e in examples],
+            "cu_seq_lens": cu_seq_lens(position_ids), "response_index": response_index(labels),
+            "ids": [e.id if e is not None else None for e in examples],
             "placements": [where[id(e)] if e is not None else None for e in examples]}
+
+
+def cu_seq_lens(position_ids: torch.Tensor) -> torch.Tensor:
+    """[n + 1] int32: where each of the n sequences of packed rows [B, T] (position ids restart at 0
+    for each) starts in the rows flattened to one, then the total."""
+    flat = position_ids.reshape(-1)
+    return torch.cat([(flat == 0).nonzero().reshape(-1), flat.new_tensor([flat.numel()])]).to(torch.int32)
 
 
 def response_index(labels: torch.Tensor) -> torch.Tensor:

@@ -16,8 +16,10 @@ import torch
 from torch import nn
 
 from ..config import ConfigError
+from ..data.batching import cu_seq_lens as cu_seq_lens_of
 from ..losses import Head, head_logits
 from ..models import head_contract
+from . import varlen
 
 
 class LossModule(nn.Module):
@@ -37,13 +39,14 @@ class LossModule(nn.Module):
         self.sequence = strategy.sequence  # train.sequence_parallel > 1: every forward runs on a slice
         if self.sequence is not None:
             self.sequence.install(lm)
+        self.varlen = getattr(lm.config, "_attn_implementation", None) == varlen.NAME
 
     def head(self) -> Head:
         out = self.lm.get_output_embeddings()
         return Head(out.weight, out.bias, self.scale, self.softcap)
 
     def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None, compare_logits=False,
-                loss_terms=None, **extra):
+                loss_terms=None, cu_seq_lens=None, **extra):
         """loss_terms: another function of the same signature for this call (scoring during training)."""
         if compare_logits:
             return self._logit_error(input_ids)
@@ -56,7 +59,7 @@ class LossModule(nn.Module):
             # Right padding needs no mask: causal attention never lets a real token see the padding after it.
             input_ids, position_ids, batch["shard"] = self.sequence.split(input_ids, labels, position_ids)
             attention_mask = None
-        hidden = self.hidden_states(input_ids, attention_mask, position_ids)
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids, cu_seq_lens)
         return (loss_terms or self.loss_terms)(hidden, self.head(), batch)
 
     def _flash(self) -> bool:
@@ -64,18 +67,27 @@ class LossModule(nn.Module):
 
         return is_flash_attention_requested(self.lm.config)
 
-    def hidden_states(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
+    def hidden_states(self, input_ids, attention_mask, position_ids, cu_seq_lens=None) -> torch.Tensor:
         """The decoder's last hidden states [B, T, d]. Flash-attention kernels find the examples of
         packed rows from position_ids only in a batch of one row (transformers' _is_packed_sequence;
         with several rows a plain causal kernel would let packed examples attend to each other), so
-        several packed rows run as one and are split back."""
+        several packed rows run as one and are split back. The varlen attention is given the examples'
+        bounds (cu_seq_lens, from the host: packed rows) or None (plain causal rows)."""
         shape = input_ids.shape
         flatten = position_ids is not None and shape[0] > 1 and self._flash()
         if flatten:
             input_ids, position_ids = input_ids.reshape(1, -1), position_ids.reshape(1, -1)
+        if position_ids is not None and cu_seq_lens is None and self.varlen:  # packed elsewhere: found on the device
+            cu_seq_lens = cu_seq_lens_of(position_ids)
+        extra = self._varlen_bounds(cu_seq_lens if position_ids is not None else None)
         hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                       use_cache=False).last_hidden_state
+                                       use_cache=False, **extra).last_hidden_state
         return hidden.reshape(*shape, -1) if flatten else hidden
+
+    def _varlen_bounds(self, cu_seq_lens) -> dict:
+        if not self.varlen:
+            return {}
+        return {varlen.KEY: cu_seq_lens}
 
     def _logit_error(self, input_ids) -> torch.Tensor:
         """max |our logits - the model's own| / max |the model's own|, dropout off; whole sequences
@@ -84,9 +96,10 @@ class LossModule(nn.Module):
         self.lm.eval()
         try:
             with self.sequence.unsharded() if self.sequence is not None else contextlib.nullcontext():
-                hidden = self.lm.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
+                hidden = self.lm.get_decoder()(input_ids=input_ids, use_cache=False,
+                                               **self._varlen_bounds(None)).last_hidden_state
                 ours = head_logits(hidden[0], self.head())
-                theirs = self.lm(input_ids=input_ids, use_cache=False).logits[0].float()
+                theirs = self.lm(input_ids=input_ids, use_cache=False, **self._varlen_bounds(None)).logits[0].float()
         finally:
             self.lm.train(was_training)
         return (ours - theirs).abs().max() / theirs.abs().max().clamp_min(1e-6)

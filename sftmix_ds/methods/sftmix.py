@@ -45,7 +45,10 @@ class SFTMixConfig(MethodConfig):
     warmup_epochs: int = 1  # online only
     # A model group option (conf/model/NAME.yaml) for the reference run; null: the target model.
     reference_model: Optional[str] = None
-    score_batch_size: int = 8
+    # Scoring passes: examples sorted by length fill each forward up to score_batch_tokens padded tokens
+    # (0: no token budget), score_batch_size examples at most.
+    score_batch_size: int = 64
+    score_batch_tokens: int = 16384
     # Where stage-1 outputs live, one folder per fingerprint; null: OUTPUT_DIR/confidence.
     stage_dir: Optional[str] = None
     # Score these model folders instead of training a reference run.
@@ -79,6 +82,7 @@ class SFTMix(NTP):
                               "memory and, with the online source, in every checkpoint) and, with the reference "
                               "source, one exported model on disk; the paper scores at a handful (default 4)")
         positive("method.score_batch_size", m.score_batch_size)
+        positive("method.score_batch_tokens", m.score_batch_tokens, zero_ok=True)
         positive("method.alpha", m.alpha)
         positive("method.mu", m.mu, zero_ok=True)
         one_of("method.lam_per", m.lam_per, ("pair", "batch"))
@@ -157,7 +161,7 @@ class SFTMix(NTP):
     def after_step(self, step: int, score) -> dict:
         if not (self.online and self.online.due(step)):
             return {}
-        return self.online.add(step, score(self.config.score_batch_size))
+        return self.online.add(step, score(self.config.score_batch_size, self.config.score_batch_tokens))
 
     def state(self) -> dict:
         return self.online.state() if self.online else {}
