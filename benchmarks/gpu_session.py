@@ -23,7 +23,10 @@ rewrites OUT/summary.md after every stage, so a session cut short keeps what it 
   5. S3FT generation on llama1b_random (benchmarks/s3ft.py --generation-only): the stage's batched,
      length-sorted generation against plain `generate` one prompt at a time, new tokens/s;
   6. kernel checks at SmolLM2's and Llama-3's head shapes (benchmarks/sftmix.py --full), if time is left;
-  7. long context on one device (benchmarks/long_context.py --grow): the longest ntp and sftmix sequence
+  7. llama8b_random (Llama-3.1-8B's shape, random) trained on the one device with the README's one-GPU
+     recipe (recipe=sftmix_llama3_8b_lora: LoRA, micro-batch 4 x accumulation 8, gradient
+     checkpointing, 2,048 tokens), SFTMix: memory and tokens/s;
+  8. long context on one device (benchmarks/long_context.py --grow): the longest ntp and sftmix sequence
      of llama1b_random, then of llama8b_random with LoRA, every long-context switch on, one step at
      doubling lengths from 16K tokens with peak memory at each, until a step fails or the stage's time
      is up (a session with --deadline 540 reaches them only when the stages before finish early).
@@ -62,6 +65,11 @@ STAGES = [  # (name, command, timeout s, result files it writes under the repo)
      ["benchmarks/results/s3ft_gpu_llama1b_random.md"]),
     ("kernel checks (V=49152, 128256)", [PY, "benchmarks/sftmix.py", "--full", "--model", "tiny"], 150,
      ["benchmarks/results/sftmix_gpu.md"]),
+    ("llama8b_random one GPU, recipe=sftmix_llama3_8b_lora", [
+        PY, "benchmarks/throughput.py", "--models", "llama8b_random", "--seq", "2048", "--steps", "3", "--warmup", "1",
+        "--micro-batch", "4", "--grad-accum", "8", "--gradient-checkpointing", "--methods", "sftmix", "--no-peer",
+        "--out", "benchmarks/results/llama8b_lora_one_gpu_gpu.md", "recipe=sftmix_llama3_8b_lora"], 400,
+     ["benchmarks/results/llama8b_lora_one_gpu_gpu.md", "benchmarks/results/llama8b_lora_one_gpu_gpu.json"]),
     ("long context llama1b_random", [PY, "benchmarks/long_context.py", "--grow", "llama1b_random", "--deadline",
                                      "240"], 250, ["benchmarks/results/long_context_gpu_llama1b_random.md"]),
     ("long context llama8b_random LoRA", [PY, "benchmarks/long_context.py", "--grow", "llama8b_random", "--lora",
@@ -89,6 +97,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "results", "gpu"))
     ap.add_argument("--deadline", type=float, default=540, help="seconds for the whole session")
+    ap.add_argument("--only", nargs="+", help="run only the stages whose names contain one of these (the environment "
+                                              "always runs), e.g. a second call for what the first did not reach")
     a = ap.parse_args()
     started = time.monotonic()
     os.makedirs(a.out, exist_ok=True)
@@ -100,7 +110,8 @@ def main() -> int:
             f.write("# GPU session\n\n| stage | result | wall (s) |\n|---|---|---|\n")
             f.writelines(f"| {name} | {result} | {wall:.0f} |\n" for name, result, wall in rows)
 
-    for name, cmd, timeout, results in STAGES:
+    stages = [s for s in STAGES if not a.only or s[0] == "environment" or any(o in s[0] for o in a.only)]
+    for name, cmd, timeout, results in stages:
         left = a.deadline - (time.monotonic() - started) - 10
         if left < 20:
             rows.append((name, "skipped: the deadline", 0.0))

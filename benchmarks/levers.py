@@ -35,6 +35,7 @@ SCORED_EXAMPLES = 256  # a scoring pass over this many examples of the same leng
 RUNS = [("TRL SFTTrainer, no DeepSpeed", "trl", 0),
         ("sftmix_ds ntp (defaults: ZeRO-2 on one rank, no padding mask)", "ntp", []),
         ("sftmix_ds ntp, deepspeed.zero_stage=3", "ntp", ["deepspeed.zero_stage=3"]),
+        ("sftmix_ds ntp, deepspeed.zero_stage=0", "ntp", ["deepspeed.zero_stage=0"]),
         ("sftmix_ds ntp, train.padding_mask=true", "ntp", ["train.padding_mask=true"]),
         ("sftmix_ds sftmix (defaults)", "sftmix", []),
         (SCORING, "score", []),
