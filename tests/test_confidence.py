@@ -325,7 +325,7 @@ def online(tmp_path_factory):
 
 
 def _online_split(run_dir):
-    path = os.path.join(run_dir, "confidence", "online", "confidence.jsonl")
+    [path] = glob.glob(os.path.join(run_dir, "confidence", "online-*", "confidence.jsonl"))
     records = read_confidence_file(path)
     return {r["id"]: r for r in records}
 
@@ -461,3 +461,28 @@ def test_a_stage_claim_whose_process_is_gone_is_taken_over(tmp_path, monkeypatch
     with stage.owned(folder, done, rank=0) as mine:
         assert mine is False and os.path.exists(done)
     finish.join()
+
+
+def test_online_splits_of_runs_that_differ_in_their_math_are_published_apart(tmp_path):
+    """A sweep's points share method.stage_dir: each publishes its own online split, and a resumed run
+    (settings it may change, such as the output folder) finds its own again."""
+    from hydra import compose, initialize_config_dir
+
+    from sftmix_ds.config import CONF_DIR, register_configs
+    from sftmix_ds.confidence.online import OnlineSplit
+    from sftmix_ds.methods.base import RunOptions
+
+    register_configs()
+
+    def folder(*overrides):
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            options = RunOptions.of(compose(config_name="train", overrides=["method.confidence_source=online",
+                                                                            *overrides]))
+        split = OnlineSplit(str(tmp_path), options.seed, options.run_digest)
+        split.plan(["a", "b"], [1, 2])
+        return split.folder()
+
+    base = folder()
+    assert os.path.dirname(base) == str(tmp_path) and os.path.basename(base).startswith("online-")
+    assert folder("output_dir=/elsewhere", "train.log_every=7") == base
+    assert len({base, folder("train.lr=1e-3"), folder("method.mu=0.5"), folder("train.seed=1")}) == 4

@@ -14,9 +14,11 @@ from .stage import CONFIDENCE_FILE, publish_split
 
 
 class OnlineSplit:
-    def __init__(self, stage_dir: str, seed: int):
-        """stage_dir: where the split is published (STAGE_DIR/online); seed: the run's train.seed."""
-        self.stage_dir, self.seed = stage_dir, seed
+    def __init__(self, root: str, seed: int, run_digest: str = ""):
+        """root: STAGE_DIR, where the split is published in a folder of its own, online-<fingerprint>;
+        seed: the run's train.seed; run_digest: RunOptions.run_digest (the points of a sweep sharing
+        STAGE_DIR each publish their own split)."""
+        self.root, self.seed, self.run_digest = root, seed, run_digest
         self.ids: List[str] = []
         self.score_steps: List[int] = []
         self.scores: Dict[int, dict] = {}  # step -> {id: perplexity} at each scoring point reached
@@ -43,12 +45,19 @@ class OnlineSplit:
     def load_state(self, state: dict) -> None:
         self.scores = dict(state.get("online_scores", {}))
         if len(self.scores) == len(self.score_steps):
-            self._make_split(publish=not os.path.exists(os.path.join(self.stage_dir, CONFIDENCE_FILE)))
+            self._make_split(publish=not os.path.exists(os.path.join(self.folder(), CONFIDENCE_FILE)))
+
+    def fingerprint(self) -> str:
+        identity = [self.seed, self.ids, self.score_steps, self.run_digest]
+        return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
+
+    def folder(self) -> str:
+        return os.path.join(self.root, f"online-{self.fingerprint()}")
 
     def _make_split(self, publish: bool) -> dict:
         records = confidence_records([self.scores[s] for s in self.score_steps])
         self.split = {r["id"]: r["split"] for r in records}
         if publish:
-            fp = hashlib.sha256(json.dumps([self.seed, self.ids, self.score_steps]).encode()).hexdigest()[:16]
-            publish_split(records, self.stage_dir, fp, {"source": "online", "scored_at_steps": self.score_steps})
+            publish_split(records, self.folder(), self.fingerprint(),
+                          {"source": "online", "scored_at_steps": self.score_steps})
         return summarize(records)

@@ -33,15 +33,26 @@ class RunOptions:
     pad_multiple: int = 1  # pad widths up to a multiple of this (train.pad_to_multiple_of, resolved)
     seed: int = 0  # train.seed
     output_dir: str = "."  # where the run's outputs go
+    # A digest of every setting of the run but those a resumed run may change (identity.py): it keys what
+    # the run publishes where other runs publish too (a sweep's shared method.stage_dir).
+    run_digest: str = ""
 
     @classmethod
     def of(cls, cfg) -> "RunOptions":
+        import hashlib
+        import json
+
+        from omegaconf import OmegaConf
+
         from ..config import resolve_pad_multiple
+        from ..identity import kept_settings
 
         t = cfg.train
+        kept = kept_settings(OmegaConf.to_container(cfg, resolve=True))
         return cls(chunk_size=t.loss_chunk_size, loss_backend=t.loss_backend,
                    pack_width=cfg.data.max_length if t.packing else 0,
-                   pad_multiple=resolve_pad_multiple(t.pad_to_multiple_of), seed=t.seed, output_dir=cfg.output_dir)
+                   pad_multiple=resolve_pad_multiple(t.pad_to_multiple_of), seed=t.seed, output_dir=cfg.output_dir,
+                   run_digest=hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest())
 
 
 def build_method(cfg) -> "Method":

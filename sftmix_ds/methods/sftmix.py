@@ -69,8 +69,8 @@ class SFTMix(NTP):
         self.split = None  # id -> confident | unconfident
         self.online = None
         if c.confidence_source == "online":  # the split comes from this run's own warm-up epochs
-            self.online = OnlineSplit(os.path.join(stage_root(c.stage_dir, self.options.output_dir), "online"),
-                                      self.options.seed)
+            self.online = OnlineSplit(stage_root(c.stage_dir, self.options.output_dir), self.options.seed,
+                                      self.options.run_digest)
 
     @staticmethod
     def check_config(cfg) -> None:
