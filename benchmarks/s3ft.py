@@ -46,20 +46,19 @@ def main():
     prompts = [c.messages[:-1] for c in convs[::max(1, len(convs) // args.prompts)][:args.prompts]]
     gen = Generator(path, device, torch.bfloat16 if gpu else torch.float32, max_new_tokens=args.max_new_tokens,
                     batch_size=args.batch_size)
-    count = lambda texts: sum(len(gen.tokenizer(t, add_special_tokens=False).input_ids) + 1 for t in texts)
     gen(prompts[:2], progress=False)  # warm-up
     start = time.perf_counter()
     batched = gen(prompts, progress=False)
-    t_batched = time.perf_counter() - start
-    naive, start = [], time.perf_counter()
+    t_batched, tok_b = time.perf_counter() - start, gen.new_tokens
+    naive, tok_n, start = [], 0, time.perf_counter()
     with torch.no_grad():
         for p in prompts:  # the naive loop: one prompt at a time, as a first script would
             ids = gen.tokenizer(gen.render(p), return_tensors="pt", add_special_tokens=False).to(device)
             out = gen.model.generate(**ids, **gen.kwargs)
+            tok_n += int((out[0, ids["input_ids"].shape[1]:] != gen.pad_id).sum())
             naive.append(gen.tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
     t_naive = time.perf_counter() - start
     same = sum(a == b for a, b in zip(batched, naive))
-    tok_b, tok_n = count(batched), count(naive)
     name = torch.cuda.get_device_name() if gpu else f"CPU ({os.cpu_count()} cores)"
     text = [f"# S3FT stage: {name}", "", f"`python benchmarks/s3ft.py {' '.join(sys.argv[1:])}`; {args.model}, greedy, "
             f"batch size {args.batch_size}, torch {torch.__version__}.", "",

@@ -24,6 +24,8 @@ class Generator:
         self.tokenizer, pad_id = load_tokenizer(model_path, chat_template, padding_side="left")
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
         self.device, self.batch_size, self.stop_strings = device, batch_size, list(stop_strings)
+        self.pad_id = pad_id
+        self.new_tokens = 0  # tokens the last call generated (padding not counted)
         end_of_turn = end_of_turn_token(self.tokenizer)
         self.kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, use_cache=True, pad_token_id=pad_id,
                            eos_token_id=stop_ids(self.model.generation_config.eos_token_id,
@@ -49,11 +51,13 @@ class Generator:
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         out: List[str] = [""] * len(texts)
         batches = [order[s:s + self.batch_size] for s in range(0, len(order), self.batch_size)]
+        self.new_tokens = 0
         for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
             enc = self.tokenizer([texts[i] for i in batch], return_tensors="pt", padding=True,
                                  add_special_tokens=False).to(self.device)
             extra = {"stop_strings": self.stop_strings, "tokenizer": self.tokenizer} if self.stop_strings else {}
             generated = self.model.generate(**enc, **self.kwargs, **extra)
+            self.new_tokens += int((generated[:, enc["input_ids"].shape[1]:] != self.pad_id).sum())
             for i, row in zip(batch, generated[:, enc["input_ids"].shape[1]:]):
                 out[i] = self.cut_at_stop(self.tokenizer.decode(row, skip_special_tokens=True))
         return out
