@@ -13,7 +13,7 @@ rewrites OUT/summary.md after every stage, so a session cut short keeps what it 
      fp32 weight-gradient accumulation, CUDA chunk sizes) and the speed switches' equality tests;
   3. speed switches on llama1b_random at 2,048 tokens, micro-batch 4 (benchmarks/levers.py): TRL's
      SFTTrainer without DeepSpeed and under ZeRO-3, sftmix_ds ntp at its defaults and with each switch
-     set back (ZeRO-3, the padding mask, no width rounding) or turned on (packing, compile, LoRA),
+     set back (ZeRO-3, the padding mask, no width rounding) or changed (ZeRO-0, packing, compile, LoRA),
      sftmix, stage-1 scoring (forward only: its tokens/s against training's) and packing with the
      varlen kernel; every step's time, tokens/s and MFU (6 x (parameters - input embedding) + 6 x layers x
      hidden x sequence FLOPs per token against 989 TFLOP/s, H100/H200 dense bf16), in order of value,

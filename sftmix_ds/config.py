@@ -375,6 +375,17 @@ def resolve_pad_multiple(pad_to_multiple_of: int) -> int:
     return 128 if torch.cuda.is_available() else 1
 
 
+def resolve_score_batch_tokens(score_batch_tokens: int) -> int:
+    """method.score_batch_tokens, 0 resolved: 16384 where CUDA is (few large forwards keep the device
+    busy), else 512 (a CPU scores fastest in cache-sized forwards: SmolLM2 scored 1.6x faster at 512
+    tokens than at 64 rows of its ~95-token examples)."""
+    if score_batch_tokens:
+        return score_batch_tokens
+    import torch
+
+    return 16384 if torch.cuda.is_available() else 512
+
+
 def resolve_precision(precision: str) -> str:
     """auto: bf16 where CUDA is, fp32 on CPU."""
     if precision != "auto":

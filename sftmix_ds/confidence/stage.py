@@ -24,7 +24,7 @@ from typing import Optional
 
 from omegaconf import OmegaConf, open_dict
 
-from ..config import ConfigError, load_model_config, resolve_precision
+from ..config import ConfigError, load_model_config, resolve_precision, resolve_score_batch_tokens
 from ..data import example_ids, train_split
 from ..engine import Collectives, after_rank0_wrote, dist_env
 from ..faults import maybe_delay
@@ -272,7 +272,7 @@ def score_checkpoint(cfg, model_path: str, examples, pad_id: int, stage_dir: str
     comm = Collectives(cfg.deepspeed, cfg.train.precision, cfg.train.sequence_parallel)
     perplexity = perplexities(score_model(cfg.deepspeed, cfg.train, comm, model_path, examples,
                                           batch_size=cfg.method.score_batch_size, pad_id=pad_id,
-                                          max_tokens=cfg.method.score_batch_tokens,
+                                          max_tokens=resolve_score_batch_tokens(cfg.method.score_batch_tokens),
                                           attn_implementation=cfg.model.attn_implementation,
                                           desc=f"score {os.path.basename(model_path)}"))
     if comm.rank == 0:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..common import evenly_spaced
-from ..config import ConfigError, model_config_path, one_of, positive
+from ..config import ConfigError, model_config_path, one_of, positive, resolve_score_batch_tokens
 from ..confidence import CONFIDENT, OnlineSplit, read_confidence_file, run_confidence_stage, stage_root
 from ..data import example_ids
 from ..data.batching import PairBatches, Phases, aligned_pairs, response_rows
@@ -46,9 +46,9 @@ class SFTMixConfig(MethodConfig):
     # A model group option (conf/model/NAME.yaml) for the reference run; null: the target model.
     reference_model: Optional[str] = None
     # Scoring passes: examples sorted by length fill each forward up to score_batch_tokens padded tokens
-    # (0: no token budget), score_batch_size examples at most.
+    # (0: 16384 on a GPU, 512 on CPU), score_batch_size examples at most.
     score_batch_size: int = 64
-    score_batch_tokens: int = 16384
+    score_batch_tokens: int = 0
     # Where stage-1 outputs live, one folder per fingerprint; null: OUTPUT_DIR/confidence.
     stage_dir: Optional[str] = None
     # Score these model folders instead of training a reference run.
@@ -161,7 +161,8 @@ class SFTMix(NTP):
     def after_step(self, step: int, score) -> dict:
         if not (self.online and self.online.due(step)):
             return {}
-        return self.online.add(step, score(self.config.score_batch_size, self.config.score_batch_tokens))
+        return self.online.add(step, score(self.config.score_batch_size,
+                                                resolve_score_batch_tokens(self.config.score_batch_tokens)))
 
     def state(self) -> dict:
         return self.online.state() if self.online else {}
