@@ -486,3 +486,16 @@ def test_online_splits_of_runs_that_differ_in_their_math_are_published_apart(tmp
     assert os.path.dirname(base) == str(tmp_path) and os.path.basename(base).startswith("online-")
     assert folder("output_dir=/elsewhere", "train.log_every=7") == base
     assert len({base, folder("train.lr=1e-3"), folder("method.mu=0.5"), folder("train.seed=1")}) == 4
+
+
+def test_checkpoints_of_the_same_folder_name_keep_their_scores_apart(tmp_path):
+    from sftmix_ds.confidence.stage import scores_cache
+
+    stage = str(tmp_path / "stage")
+    one, two = scores_cache(stage, "/runs/a/model"), scores_cache(stage, "/runs/b/model/")
+    assert one != two and os.path.basename(one).startswith("scores_model_")
+    assert scores_cache(stage, "/runs/a/./model") == one
+    # The reference run's exports live in the stage folder: their names do not change when it moves.
+    moved = str(tmp_path / "moved")
+    inside = os.path.basename(scores_cache(stage, os.path.join(stage, "reference", "model_step_4")))
+    assert inside == os.path.basename(scores_cache(moved, os.path.join(moved, "reference", "model_step_4")))

@@ -2,7 +2,7 @@
 
 Outputs live in STAGE_DIR/<fingerprint>/ (STAGE_DIR defaults to
 OUTPUT_DIR/confidence): reference/ (the run, with model_step_N exports),
-scores_<checkpoint>.json per checkpoint, confidence.jsonl, confidence.png and
+scores_<checkpoint>_<path digest>.json per checkpoint, confidence.jsonl, confidence.png and
 summary.json. The fingerprint covers the tokenized data, the reference model,
 C, the training settings and the rank count, so a re-run with the same inputs
 finds every finished piece and redoes nothing.
@@ -263,9 +263,19 @@ def random_confidence_file(cfg) -> str:
                          {"source": "random", "seed": cfg.train.seed}, cfg)
 
 
+def scores_cache(stage_dir: str, model_path: str) -> str:
+    """Where a checkpoint's scores are kept: named by its folder and a digest of its path (relative to
+    stage_dir for the reference run's exports, so a moved stage folder keeps them), since the folders
+    given to method.score_checkpoints often share a name (run1/model, run2/model)."""
+    path, root = os.path.abspath(model_path), os.path.abspath(stage_dir)
+    key = os.path.relpath(path, root) if path.startswith(root + os.sep) else path
+    digest = hashlib.sha256(key.encode()).hexdigest()[:8]
+    return os.path.join(stage_dir, f"scores_{os.path.basename(path)}_{digest}.json")
+
+
 def score_checkpoint(cfg, model_path: str, examples, pad_id: int, stage_dir: str) -> dict:
     """{id: perplexity} under one checkpoint; cached in stage_dir."""
-    cache = os.path.join(stage_dir, f"scores_{os.path.basename(os.path.normpath(model_path))}.json")
+    cache = scores_cache(stage_dir, model_path)
     if os.path.exists(cache):
         with open(cache) as f:
             return json.load(f)
