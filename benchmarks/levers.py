@@ -134,10 +134,7 @@ def main():
             try:
                 if trainer == "score":
                     r = throughput.run_scoring(argparse.Namespace(**base), args.model, path, scoring_data, folder)
-                    results[name] = r
-                    write()
-                    continue
-                if trainer == "trl":
+                elif trainer == "trl":
                     r = throughput.run_trl(argparse.Namespace(**{**base, "trl_zero": setting}), args.model, data,
                                            folder, "padded")
                 else:
@@ -147,7 +144,8 @@ def main():
                 results[name] = {"failed": "failed: see the .json", "error": str(e)[-2000:]}
                 write()
                 continue
-            r["step_s"] = statistics.median(r["step_times"][args.warmup:])
+            if "step_times" in r:  # a training run (scoring has tokens/s only)
+                r["step_s"] = statistics.median(r["step_times"][args.warmup:])
             results[name] = r
             write()
     print(open(args.out).read())
